@@ -1,0 +1,260 @@
+"""The ``paintseg`` command.
+
+Exit codes: 0 success, 1 some input failed (each is reported, the others are still written),
+2 nothing could be done (bad model, bad arguments, unwritable output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL = 0, 1, 2
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().rstrip("ib").rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2G, 512M)") from None
+
+
+def _tile_arg(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile must be 'auto' or a number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--tile must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="paintseg",
+        description="Interactive microscopy segmentation with a U-Net: segment TIFF images "
+        "and stacks with a paintseg model.",
+    )
+    parser.add_argument("--version", action="version", version=f"paintseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment TIFF images (2D, 2D + channels, 3D, time series) into label TIFFs",
+        description="Segment each INPUT and write OUT/<name>_labels.tif (and, with "
+        "--probabilities, OUT/<name>_probabilities.tif). Outputs appear only when complete.",
+    )
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF / OME-TIFF files")
+    seg.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint file (.pt), or 'new' for a freshly initialised 2D U-Net "
+        "(untrained: for trying the pipeline only)",
+    )
+    seg.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    seg.add_argument("--tile", type=_tile_arg, default=None, metavar="auto|N",
+                     help="tile edge in pixels (default auto: the whole image when it fits)")
+    seg.add_argument("--tile-mode", choices=("blend", "exact"), default="blend",
+                     help="blend: modest blended overlap (default); exact: halo covers the "
+                     "receptive field, identical to untiled inference")
+    seg.add_argument("--memory", type=_parse_size, default=None, metavar="SIZE",
+                     help="working memory for inference, e.g. 2G (default: a quarter of free "
+                     "memory, at most 8G)")
+    seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    seg.add_argument("--axes", default=None,
+                     help="axes of the inputs when the metadata is missing or wrong, e.g. ZYX, "
+                     "YXC, TZCYX")
+    seg.add_argument("--probabilities", action="store_true",
+                     help="also write class probabilities (float32, classes first)")
+    seg.add_argument("--background-class", type=int, default=1, metavar="VALUE",
+                     help="class value written as 0 in the labels (default 1; -1 keeps all)")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    info = sub.add_parser("info", help="describe a model, or this installation")
+    info.add_argument("model", nargs="?", help="checkpoint file")
+    return parser
+
+
+def _progress_printer(enabled: bool, label: str):
+    state = {"last": 0.0}
+    enabled = enabled and sys.stderr.isatty()
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not enabled or (now - state["last"] < 0.5 and done < total):
+            return
+        state["last"] = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tiles")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def _load_model_arg(spec: str, *, image_channels: int | None = None):
+    from .config import ModelConfig
+    from .model import load_model, new_model
+
+    if spec == "new":
+        return new_model(ModelConfig(dims=2, in_channels=image_channels or 1), seed=0), True
+    return load_model(spec), False
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .config import TileConfig
+    from .devices import describe_device, resolve_device
+    from .errors import PaintsegError
+    from .inference import output_axes, segment
+    from .io import OutputTiff, check_output_folder, read_image
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    try:
+        device = resolve_device(args.device)
+        tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
+                           batch_size=args.batch_size)
+        out_dir = check_output_folder(args.out)
+        model = None
+        if args.model != "new":
+            model, _ = _load_model_arg(args.model)
+    except (PaintsegError, ValueError) as exc:
+        print(f"paintseg: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    say(f"paintseg: device {describe_device(device)}" + (" (auto)" if args.device == "auto" else ""))
+    background = None if args.background_class < 0 else args.background_class
+    failures: list[tuple[str, str]] = []
+    written = 0
+    for k, inp in enumerate(args.inputs, 1):
+        src = Path(inp)
+        stem = src.name
+        for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+            if stem.lower().endswith(ext):
+                stem = stem[: -len(ext)]
+                break
+        labels_path = out_dir / f"{stem}_labels.tif"
+        probs_path = out_dir / f"{stem}_probabilities.tif"
+        if not args.overwrite and labels_path.exists():
+            say(f"[{k}/{len(args.inputs)}] {src}: {labels_path} exists, skipped (use --overwrite)")
+            continue
+        outputs: list[OutputTiff] = []
+        try:
+            image = read_image(src, axes=args.axes)
+            if model is None:
+                model, _ = _load_model_arg("new", image_channels=image.channels)
+                say("paintseg: WARNING: --model new is a freshly initialised, UNTRAINED U-Net; "
+                    "its labels show the pipeline works, not a real segmentation")
+            say(f"[{k}/{len(args.inputs)}] {src}: {image.describe()}")
+            if model.config.dims == 3 and "Z" not in image.axes:
+                raise PaintsegError(f"{src}: the model is 3D but the image has no Z axis")
+            if image.channels != model.config.in_channels:
+                raise PaintsegError(
+                    f"{src}: image has {image.channels} channel(s) (axes {image.axes}, shape "
+                    f"{image.shape}) but the model expects {model.config.in_channels}"
+                )
+            axes = output_axes(image.axes, model.config)
+            sizes = dict(zip(image.axes, image.shape))
+            lshape = tuple(sizes[a] for a in axes)
+            values = [0 if v == background else v for v in model.class_values]
+            ldtype = "uint8" if max(values) < 256 else "uint16"
+            labels_file = OutputTiff(labels_path, lshape, ldtype, axes=axes)
+            outputs.append(labels_file)
+            probs_file = None
+            if args.probabilities:
+                probs_file = OutputTiff(probs_path, (model.config.classes, *lshape), "float32",
+                                        axes="C" + axes)
+                outputs.append(probs_file)
+            result = segment(
+                image,
+                model,
+                tiles=tiles,
+                device=device,
+                background_class=background,
+                labels_out=labels_file.array,
+                probabilities_out=probs_file.array if probs_file else None,
+                progress=_progress_printer(not args.quiet, src.name),
+            )
+            for msg in result.messages:
+                say(f"  note: {msg}")
+            for out in outputs:
+                out.commit()
+            written += 1
+            px = math.prod(lshape)
+            say(f"  wrote {labels_path} ({ldtype}, axes {axes}, class values {values}) in "
+                f"{result.seconds:.1f} s ({px / result.seconds / 1e6:.2f} Mpx/s, tile "
+                f"{result.plan.window[-1]} px window, {result.plan.n_tiles} windows, batch "
+                f"{result.batch_size}, {result.device})")
+        except (PaintsegError, ValueError, OSError, MemoryError) as exc:
+            for out in outputs:
+                out.abort()
+            msg = str(exc) if isinstance(exc, PaintsegError) else f"{src}: {exc}"
+            print(f"paintseg: error: {msg}", file=sys.stderr)
+            failures.append((str(src), msg))
+        except KeyboardInterrupt:
+            for out in outputs:
+                out.abort()
+            print("paintseg: interrupted; no partial output was left", file=sys.stderr)
+            return 130
+    if failures:
+        say(f"paintseg: {written} written, {len(failures)} failed")
+        return EXIT_SOME_FAILED if written or len(args.inputs) > 1 else EXIT_FATAL
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .devices import describe_device, resolve_device
+    from .errors import PaintsegError
+    from .model import load_model
+
+    if args.model:
+        try:
+            model = load_model(args.model)
+        except PaintsegError as exc:
+            print(f"paintseg: error: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+        print(f"{args.model}:")
+        print(model.describe())
+        return EXIT_OK
+    dev = resolve_device("auto")
+    print(f"paintseg {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    print(f"device (auto): {describe_device(dev)}")
+    print(f"CUDA build: {torch.version.cuda or 'no'}; CPU threads: {torch.get_num_threads()}")
+    print(json.dumps({"bundled_models": []}))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``paintseg`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "segment":
+        return cmd_segment(args)
+    if args.command == "info":
+        return cmd_info(args)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_FATAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

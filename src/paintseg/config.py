@@ -1,0 +1,167 @@
+"""Frozen configuration dataclasses with a JSON round trip.
+
+These are the settings a checkpoint stores (:class:`ModelConfig`, :class:`NormConfig`) and the
+settings of tiled inference (:class:`TileConfig`). They are plain data: no torch, no arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+__all__ = ["ModelConfig", "NormConfig", "TileConfig", "to_json", "from_json"]
+
+T = TypeVar("T")
+
+NORMS = ("layer", "batch", "group", "none")
+UPSAMPLINGS = ("transpose", "upsample")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a U-Net.
+
+    Parameters
+    ----------
+    dims : int
+        2 for a 2D (YX) network, 3 for a 3D (ZYX) network.
+    in_channels : int
+        Number of image channels the network takes.
+    classes : int
+        Number of output classes (channels of the probability map).
+    depth : int
+        Number of 2x down-sampling steps. Spatial sizes are padded to a multiple of
+        ``2**depth`` internally.
+    base_features : int
+        Feature maps at full resolution; doubled at every level.
+    norm : str
+        ``"layer"`` (per-pixel normalisation over channels: independent of tile size, batch
+        and patch content, so tiled inference can reproduce untiled inference exactly),
+        ``"batch"``, ``"group"`` (statistics over the whole tile: tiled output then depends on
+        the tile) or ``"none"``.
+    upsampling : str
+        ``"transpose"`` (2x transposed convolution) or ``"upsample"`` (nearest + 1x1 conv).
+    """
+
+    dims: int = 2
+    in_channels: int = 1
+    classes: int = 2
+    depth: int = 4
+    base_features: int = 32
+    norm: str = "layer"
+    upsampling: str = "transpose"
+
+    def __post_init__(self) -> None:
+        _check_int("dims", self.dims, 2, 3)
+        _check_int("in_channels", self.in_channels, 1, 64)
+        _check_int("classes", self.classes, 1, 255)
+        _check_int("depth", self.depth, 0, 6)
+        _check_int("base_features", self.base_features, 1, 512)
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {self.upsampling!r}")
+
+    @property
+    def align(self) -> int:
+        """Spatial sizes and tile origins must be multiples of this (``2**depth``)."""
+        return 2**self.depth
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """Intensity normalisation applied to every image before the network.
+
+    ``(x - p_low) / (p_high - p_low)`` per channel, where the percentiles are computed on the
+    whole image (on a strided subsample of at most ``max_samples`` values for big stacks).
+
+    Parameters
+    ----------
+    low, high : float
+        Percentiles, ``0 <= low < high <= 100``.
+    max_samples : int
+        Largest number of values per channel the percentiles are computed from.
+    """
+
+    low: float = 1.0
+    high: float = 99.8
+    max_samples: int = 4_000_000
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= float(self.low) < float(self.high) <= 100.0):
+            raise ValueError(
+                f"percentiles must satisfy 0 <= low < high <= 100, got low={self.low}, "
+                f"high={self.high}"
+            )
+        _check_int("max_samples", self.max_samples, 1000)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How an image is cut into windows for inference.
+
+    Parameters
+    ----------
+    tile : int or None
+        Edge of the core of each tile, in pixels (rounded up to the model's alignment).
+        ``None`` chooses it from ``memory_budget``: the whole image when it fits.
+    halo : int or None
+        Context added on each side of a core. ``None`` takes the model's receptive-field
+        radius in ``"exact"`` mode and a small blended overlap otherwise.
+    mode : str
+        ``"blend"`` (default: moderate overlap, cores blended with a linear taper so no seam
+        shows) or ``"exact"`` (halo covers the receptive field and cores are cropped: the
+        output equals untiled inference up to float rounding).
+    batch_size : int or None
+        Tiles per forward pass; ``None`` chooses from the memory budget.
+    memory_budget : int or None
+        Bytes of working memory inference may use for activations; ``None`` takes a quarter
+        of the available memory (of the GPU when running on one), at most 8 GiB.
+    """
+
+    tile: int | None = None
+    halo: int | None = None
+    mode: str = "blend"
+    batch_size: int | None = None
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tile is not None:
+            _check_int("tile", self.tile, 1)
+        if self.halo is not None:
+            _check_int("halo", self.halo, 0)
+        if self.mode not in ("blend", "exact"):
+            raise ValueError(f"mode must be 'blend' or 'exact', got {self.mode!r}")
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1)
+        if self.memory_budget is not None:
+            _check_int("memory_budget", self.memory_budget, 1)
+
+
+def to_json(obj: Any) -> str:
+    """Serialise a config dataclass to a JSON string."""
+    return json.dumps(dataclasses.asdict(obj), sort_keys=True)
+
+
+def from_json(cls: type[T], text: str | dict[str, Any]) -> T:
+    """Build a config dataclass from JSON (a string or an already parsed dict).
+
+    Unknown keys are refused with a message naming them, so that a checkpoint from a newer
+    paintseg is not silently misread.
+    """
+    data = json.loads(text) if isinstance(text, str) else dict(text)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**data)

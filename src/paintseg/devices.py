@@ -1,0 +1,82 @@
+"""Choosing the torch device: CUDA, then Apple MPS, then the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import PaintsegError
+
+__all__ = ["resolve_device", "describe_device", "memory_available", "amp_dtype"]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"`` into a usable device.
+
+    ``"auto"`` picks CUDA when a GPU is visible, then MPS, then the CPU. Asking for a device
+    this machine lacks raises :class:`PaintsegError` saying why.
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = str(name).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA support (install a CUDA build of torch, see README)"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise PaintsegError(f"device {name!r} requested but {why}")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PaintsegError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+        return dev
+    if name == "mps":
+        if not _mps_available():
+            raise PaintsegError("device 'mps' requested but Apple MPS is not available here")
+        return torch.device("mps")
+    raise PaintsegError(f"unknown device {name!r}; use one of {', '.join(DEVICE_CHOICES)}")
+
+
+def describe_device(device: torch.device) -> str:
+    """A short human-readable name, e.g. ``cuda:0 (NVIDIA H100, 80 GiB)`` or ``cpu (2 threads)``."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        return f"cuda:{idx} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+    if device.type == "mps":
+        return "mps (Apple GPU)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def memory_available(device: torch.device) -> int:
+    """Bytes of memory free for work on ``device`` (host memory for CPU and MPS)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed-precision type for inference: bf16 or fp16 on CUDA, none (float32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

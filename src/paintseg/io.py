@@ -1,0 +1,398 @@
+"""TIFF input and output.
+
+Inputs are opened memory-mapped when the file allows it (uncompressed, contiguous), through
+zarr when it is compressed and large, and read into memory otherwise; nothing is loaded until a
+window of it is needed. Outputs are written to a temporary file in the destination folder and
+renamed into place when complete, so a file with the final name is always whole.
+
+Axes use the letters ``T`` (time), ``Z``, ``C`` (channels), ``Y``, ``X``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from .errors import InputError, OutputError
+
+__all__ = [
+    "ImageData",
+    "read_image",
+    "parse_axes",
+    "guess_axes",
+    "label_dtype",
+    "OutputTiff",
+    "write_tiff",
+    "list_images",
+    "check_output_folder",
+    "publish",
+]
+
+AXES = "TZCYX"
+_IN_MEMORY_LIMIT = 1 << 30  # compressed files above this are read lazily through zarr
+_BIGTIFF_LIMIT = 2**32 - 2**25
+
+
+@dataclass
+class ImageData:
+    """An image as read from disk, not yet loaded.
+
+    Attributes
+    ----------
+    data : array-like
+        Numpy array, ``numpy.memmap`` or zarr array, axes in file order.
+    axes : str
+        One letter of ``"TZCYX"`` per axis of ``data``.
+    path : Path or None
+        The file it came from.
+    storage : str
+        ``"memmap"``, ``"zarr"`` or ``"memory"``.
+    """
+
+    data: Any
+    axes: str
+    path: Path | None = None
+    storage: str = "memory"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data.shape)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.axes.index("C")] if "C" in self.axes else 1
+
+    def describe(self) -> str:
+        dims = " x ".join(f"{a}={s}" for a, s in zip(self.axes, self.shape))
+        return f"{dims}, {np.dtype(self.data.dtype).name}, {self.storage}"
+
+
+def parse_axes(axes: str, ndim: int, *, where: str = "image") -> str:
+    """Check a user-given axes string (letters of ``TZCYX``, each once, ending with ``YX``)."""
+    axes = axes.upper().replace("S", "C")
+    if len(axes) != ndim:
+        raise InputError(f"{where}: axes {axes!r} have {len(axes)} letters for {ndim} dimensions")
+    if set(axes) - set(AXES) or len(set(axes)) != len(axes):
+        raise InputError(f"{where}: axes {axes!r} must use each of T, Z, C, Y, X at most once")
+    if "Y" not in axes or "X" not in axes:
+        raise InputError(f"{where}: axes {axes!r} must contain Y and X")
+    return axes
+
+
+def guess_axes(shape: Sequence[int], *, rgb: bool = False) -> str:
+    """Axes of an array without metadata: YX, ZYX, TZYX (plus a last C axis when ``rgb``)."""
+    n = len(shape) - (1 if rgb else 0)
+    base = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(n)
+    if base is None:
+        raise InputError(f"cannot guess the axes of an array of shape {tuple(shape)}")
+    return base + ("C" if rgb else "")
+
+
+def _axes_from_tiff(file_axes: str, shape: Sequence[int], path: Path) -> str:
+    """Map tifffile's axes letters to TZCYX; unknown leading axes become Z, then T."""
+    out: list[str | None] = []
+    for letter in file_axes:
+        if letter in "YX":
+            out.append(letter)
+        elif letter in "SC":
+            out.append("C")
+        elif letter in "ZT":
+            out.append(letter)
+        else:
+            out.append(None)
+    # two channel-like axes (e.g. RGB samples in a multi-channel file) cannot be handled
+    if out.count("C") > 1:
+        raise InputError(f"{path}: more than one channel axis in {file_axes!r}; pass --axes")
+    for i in reversed(range(len(out))):
+        if out[i] is None:
+            for candidate in "ZT":
+                if candidate not in out:
+                    out[i] = candidate
+                    break
+            else:
+                raise InputError(
+                    f"{path}: cannot tell what the axes {file_axes!r} of shape {tuple(shape)} "
+                    "are; pass them explicitly (e.g. --axes TZYX)"
+                )
+    axes = "".join(a for a in out if a is not None)
+    return parse_axes(axes, len(shape), where=str(path))
+
+
+def read_image(
+    path: str | os.PathLike[str], *, axes: str | None = None, lazy: bool = True
+) -> ImageData:
+    """Open a TIFF / OME-TIFF image without loading it.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    axes : str, optional
+        Override the axes found in the metadata (letters of ``TZCYX``, e.g. ``"ZCYX"``).
+    lazy : bool
+        If False, load the data into memory.
+
+    Raises
+    ------
+    InputError
+        Missing file, not a TIFF, corrupt or truncated TIFF, empty image, unsupported dtype.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image file")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: file is empty (0 bytes)")
+    log = _TiffLog()
+    try:
+        with log, tifffile.TiffFile(path) as tif:
+            series = tif.series[0] if tif.series else None
+            if series is None or len(series.shape) == 0:
+                detail = f" ({log.messages[-1][:200]})" if log.messages else ""
+                raise InputError(f"{path}: corrupt TIFF: no readable image{detail}")
+            shape = tuple(int(s) for s in series.shape)
+            dtype = np.dtype(series.dtype)
+            file_axes = series.axes
+            offset = series.dataoffset
+    except InputError:
+        raise
+    except tifffile.TiffFileError as exc:
+        raise InputError(f"{path}: not a TIFF file or its header is corrupt ({exc})") from None
+    except Exception as exc:
+        raise InputError(f"{path}: corrupt TIFF ({exc.__class__.__name__}: {exc})") from None
+    if log.messages and offset is None:
+        raise InputError(f"{path}: corrupt TIFF ({log.messages[0][:200]})")
+    if min(shape) == 0:
+        raise InputError(f"{path}: empty image (shape {shape})")
+    if dtype.kind not in "buif":
+        raise InputError(f"{path}: unsupported pixel type {dtype}")
+    axes = (
+        parse_axes(axes, len(shape), where=str(path))
+        if axes
+        else _axes_from_tiff(file_axes, shape, path)
+    )
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if offset is not None and offset + nbytes > size:
+        raise InputError(
+            f"{path}: truncated TIFF: the image needs {nbytes:,} bytes from offset {offset:,} "
+            f"but the file has {size:,} bytes"
+        )
+    data: Any
+    storage = "memory"
+    if offset is not None:
+        try:
+            data = tifffile.memmap(path, mode="r")
+            storage = "memmap"
+        except Exception:
+            data = None
+    else:
+        data = None
+    if data is None:
+        if nbytes > _IN_MEMORY_LIMIT and lazy:
+            try:
+                import zarr
+
+                store = tifffile.imread(path, aszarr=True)
+                data = zarr.open(store, mode="r")
+                storage = "zarr"
+            except Exception as exc:
+                raise InputError(f"{path}: cannot open lazily: {exc}") from None
+        else:
+            data = _read_all(path)
+    if tuple(data.shape) != shape:
+        data = np.asarray(data).reshape(shape)
+    if not lazy and storage != "memory":
+        data = np.asarray(data[...])
+        storage = "memory"
+    return ImageData(data=data, axes=axes, path=path, storage=storage)
+
+
+class _TiffLog(logging.Handler):
+    """Collects tifffile's error log (instead of letting it flood stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _TiffLog:
+        self._logger = logging.getLogger("tifffile")
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
+
+
+def _read_all(path: Path) -> np.ndarray:
+    with _TiffLog() as log:
+        try:
+            data = tifffile.imread(path)
+        except Exception as exc:
+            raise InputError(f"{path}: corrupt TIFF ({exc.__class__.__name__}: {exc})") from None
+    if log.messages:
+        raise InputError(f"{path}: corrupt TIFF ({log.messages[0][:200]})")
+    return data
+
+
+def _default_mode() -> int:
+    """Permissions a newly created file would get (mkstemp creates files with 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Give ``tmp`` normal permissions and rename it to ``path`` atomically."""
+    os.chmod(tmp, _default_mode())
+    os.replace(tmp, path)
+    return Path(path)
+
+
+def label_dtype(max_value: int) -> np.dtype:
+    """Smallest unsigned integer type holding ``0..max_value``."""
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError(f"label value {max_value} too large")
+
+
+def check_output_folder(folder: str | os.PathLike[str], *, create: bool = True) -> Path:
+    """Make sure ``folder`` exists (creating it if asked) and is writable."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output {folder} exists and is not a folder")
+    if not folder.exists():
+        if not create:
+            raise OutputError(f"output folder {folder} does not exist")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {folder}: {exc.strerror}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".paintseg-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"output folder {folder} is not writable: {exc.strerror}") from None
+    return folder
+
+
+class OutputTiff:
+    """A TIFF being written in place through a memory map, renamed when committed.
+
+    Use as a context manager: on an exception the temporary file is removed and nothing
+    appears under the final name.
+
+    Parameters
+    ----------
+    path : path-like
+        Final name.
+    shape : sequence of int
+        Array shape.
+    dtype : numpy dtype
+        Pixel type.
+    axes : str
+        Axes letters, stored in the metadata.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], shape: Sequence[int], dtype: Any, *, axes: str
+    ) -> None:
+        self.path = Path(path)
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".partial.tif", dir=self.path.parent
+        )
+        os.close(fd)
+        self.tmp = Path(tmp)
+        try:
+            self.array: np.memmap = tifffile.memmap(
+                self.tmp,
+                shape=tuple(shape),
+                dtype=dtype,
+                bigtiff=nbytes > _BIGTIFF_LIMIT,
+                photometric="minisblack",
+                metadata={"axes": axes},
+            )
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def commit(self) -> Path:
+        """Flush and rename to the final name."""
+        self.array.flush()
+        mm = getattr(self.array, "_mmap", None)
+        del self.array
+        if mm is not None:
+            mm.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        return publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Remove the temporary file."""
+        if hasattr(self, "array"):
+            del self.array
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> OutputTiff:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_tiff(
+    path: str | os.PathLike[str], array: np.ndarray, *, axes: str, compression: str | None = None
+) -> Path:
+    """Write an in-memory array atomically (temporary name, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.tif", dir=path.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(
+            tmp,
+            array,
+            bigtiff=array.nbytes > _BIGTIFF_LIMIT,
+            photometric="minisblack",
+            metadata={"axes": axes},
+            compression=compression,
+        )
+        publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def list_images(
+    folder: str | os.PathLike[str], *, pattern: str = "*.tif*", recursive: bool = True
+) -> Iterator[Path]:
+    """TIFF files under ``folder`` matching ``pattern``, sorted, hidden and partial files skipped."""
+    folder = Path(folder)
+    paths = folder.rglob("*") if recursive else folder.glob("*")
+    for p in sorted(paths):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if fnmatch.fnmatch(p.name.lower(), pattern.lower()):
+            yield p

@@ -1,0 +1,424 @@
+"""U-Net for 2D and 3D images, and paintseg checkpoints.
+
+A checkpoint is one file holding the weights, the :class:`~paintseg.config.ModelConfig`, the
+:class:`~paintseg.config.NormConfig`, the class values and names, and provenance. It is written
+atomically and read with ``torch.load(weights_only=True)``, so loading never executes pickled
+code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, NormConfig, from_json
+from .errors import CheckpointError
+from .io import publish
+
+__all__ = [
+    "UNet",
+    "PaintsegModel",
+    "new_model",
+    "save_model",
+    "load_model",
+    "receptive_field",
+    "exact_halo",
+    "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "paintseg-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class ChannelNorm(nn.Module):
+    """Layer normalisation over the channels of each pixel.
+
+    Unlike batch or group normalisation it uses no statistics across pixels or samples, so
+    the network is translation-equivariant (tiles reproduce the whole image) and behaves the
+    same in training and evaluation, whatever the patches look like.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nd = x.ndim
+        perm = (0, *range(2, nd), 1)
+        inv = (0, nd - 1, *range(1, nd - 1))
+        y = F.layer_norm(x.permute(perm), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(inv)
+
+
+def _norm(kind: str, channels: int, dims: int) -> nn.Module:
+    if kind == "layer":
+        return ChannelNorm(channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class _Block(nn.Sequential):
+    def __init__(self, cin: int, cout: int, dims: int, norm: str) -> None:
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        bias = norm == "none"
+        super().__init__(
+            conv(cin, cout, 3, padding=1, bias=bias),
+            _norm(norm, cout, dims),
+            nn.ReLU(inplace=True),
+            conv(cout, cout, 3, padding=1, bias=bias),
+            _norm(norm, cout, dims),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """The U-Net of Ronneberger et al. (2015) with same-padded convolutions.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Architecture. The network returns logits of shape ``(N, classes, *spatial)`` for an
+        input of shape ``(N, in_channels, *spatial)``; spatial sizes that are not multiples of
+        ``2**depth`` are padded internally and the output cropped back.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, n = config.dims, config.norm
+        conv = nn.Conv2d if d == 2 else nn.Conv3d
+        feats = [config.base_features * 2**i for i in range(config.depth + 1)]
+        self.down = nn.ModuleList()
+        cin = config.in_channels
+        for f in feats[:-1]:
+            self.down.append(_Block(cin, f, d, n))
+            cin = f
+        self.bottom = _Block(cin, feats[-1], d, n)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(config.depth)):
+            if config.upsampling == "transpose":
+                tconv = nn.ConvTranspose2d if d == 2 else nn.ConvTranspose3d
+                self.up.append(tconv(feats[i + 1], feats[i], 2, stride=2))
+            else:
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2.0), conv(feats[i + 1], feats[i], 1))
+                )
+            self.dec.append(_Block(2 * feats[i], feats[i], d, n))
+        self.head = conv(feats[0], config.classes, 1)
+        self._pool = F.max_pool2d if d == 2 else F.max_pool3d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.ndim != cfg.dims + 2:
+            raise ValueError(
+                f"expected a {cfg.dims + 2}-D tensor (N, C, *spatial), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} channels, got {x.shape[1]}")
+        spatial = x.shape[2:]
+        a = cfg.align
+        pads = [(-s) % a for s in spatial]
+        if any(pads):
+            # F.pad takes pairs from the last axis backwards; replicate works for any size.
+            pad_arg: list[int] = []
+            for p in reversed(pads):
+                pad_arg += [0, p]
+            x = F.pad(x, pad_arg, mode="replicate")
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self._pool(x, 2)
+        x = self.bottom(x)
+        for up, block in zip(self.up, self.dec, strict=True):
+            x = up(x)
+            x = block(torch.cat([skips.pop(), x], dim=1))
+        x = self.head(x)
+        if any(pads):
+            x = x[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+        return x
+
+
+def receptive_field(config: ModelConfig) -> int:
+    """Size of the receptive field of one output pixel along each axis, in pixels."""
+    r, j = 1, 1
+    for _ in range(config.depth):
+        r += 4 * j  # two 3-wide convolutions
+        r += j  # 2-wide max pool
+        j *= 2
+    r += 4 * j  # bottom block
+    for _ in range(config.depth):
+        j //= 2  # up-sampling maps one input pixel to a 2-wide block: no growth
+        r += 4 * j
+    return r
+
+
+def exact_halo(config: ModelConfig) -> int:
+    """Context needed on each side of a tile for tiled inference to equal untiled inference.
+
+    Half the receptive field, plus the asymmetry of aligned pooling (at most ``2**depth - 1``),
+    rounded up to a multiple of ``2**depth`` so that tiles stay on the pooling grid.
+    """
+    a = config.align
+    need = receptive_field(config) // 2 + a - 1
+    return int(math.ceil(need / a) * a)
+
+
+@dataclass
+class PaintsegModel:
+    """A network together with everything needed to apply it to new images.
+
+    Attributes
+    ----------
+    network : UNet
+        The torch module (on the CPU unless moved).
+    config : ModelConfig
+        Its architecture.
+    normalization : NormConfig
+        Intensity normalisation the network was trained with.
+    class_values : tuple of int
+        Label value of each output class (the painted values, 1..K).
+    class_names : tuple of str
+        A name per class, for display.
+    provenance : dict
+        Versions, creation time and training history.
+    """
+
+    network: UNet
+    config: ModelConfig
+    normalization: NormConfig = field(default_factory=NormConfig)
+    class_values: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = ()
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = self.config.classes
+        if not self.class_values:
+            self.class_values = tuple(range(1, k + 1))
+        if not self.class_names:
+            self.class_names = ("background",) + tuple(
+                f"class {v}" for v in self.class_values[1:]
+            )
+        self.class_values = tuple(int(v) for v in self.class_values)
+        self.class_names = tuple(str(n) for n in self.class_names)
+        if len(self.class_values) != k or len(self.class_names) != k:
+            raise ValueError(
+                f"the model has {k} classes but {len(self.class_values)} class values and "
+                f"{len(self.class_names)} class names were given"
+            )
+        if len(set(self.class_values)) != k or min(self.class_values) < 1:
+            raise ValueError(f"class values must be distinct and >= 1, got {self.class_values}")
+
+    def describe(self) -> str:
+        """A few human-readable lines saying what this model is."""
+        c = self.config
+        lines = [
+            f"{c.dims}D U-Net, {c.in_channels} input channel(s), {c.classes} classes, "
+            f"depth {c.depth}, {c.base_features} base features, {c.norm} norm",
+            "classes: "
+            + ", ".join(f"{v}={n}" for v, n in zip(self.class_values, self.class_names)),
+            f"parameters: {sum(p.numel() for p in self.network.parameters()):,}",
+            f"normalisation: percentiles {self.normalization.low}-{self.normalization.high}",
+        ]
+        prov = self.provenance
+        if prov.get("created"):
+            lines.append(
+                f"created {prov['created']} with paintseg {prov.get('paintseg', '?')}, "
+                f"torch {prov.get('torch', '?')}"
+            )
+        if prov.get("note"):
+            lines.append(f"note: {prov['note']}")
+        for entry in prov.get("training", []):
+            lines.append(f"trained: {json.dumps(entry, sort_keys=True)}")
+        return "\n".join(lines)
+
+
+def new_model(
+    config: ModelConfig,
+    *,
+    class_values: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    normalization: NormConfig | None = None,
+    seed: int | None = None,
+) -> PaintsegModel:
+    """Create a freshly initialised model.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Architecture.
+    class_values, class_names : sequence, optional
+        Default ``1..K`` and ``("background", "class 2", ...)``.
+    normalization : NormConfig, optional
+        Default percentiles 1-99.8.
+    seed : int, optional
+        Seed for the weight initialisation (reproducible weights).
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = UNet(config)
+    else:
+        net = UNet(config)
+    net.eval()
+    return PaintsegModel(
+        network=net,
+        config=config,
+        normalization=normalization or NormConfig(),
+        class_values=tuple(class_values or ()),
+        class_names=tuple(class_names or ()),
+        provenance=_provenance(),
+    )
+
+
+def _provenance() -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "paintseg": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "training": [],
+    }
+
+
+def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, then rename).
+
+    Returns
+    -------
+    Path
+        The path written.
+    """
+    path = Path(path)
+    meta = {
+        "model_config": dataclasses.asdict(model.config),
+        "normalization": dataclasses.asdict(model.normalization),
+        "class_values": list(model.class_values),
+        "class_names": list(model.class_names),
+        "provenance": model.provenance,
+    }
+    state = {k: v.detach().to("cpu").clone() for k, v in model.network.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "metadata": json.dumps(meta, sort_keys=True),
+        "state_dict": state,
+    }
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot save model to {path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    in_channels: int | None = None,
+    dims: int | None = None,
+) -> PaintsegModel:
+    """Read a checkpoint written by :func:`save_model`.
+
+    Parameters
+    ----------
+    path : path-like
+        The checkpoint file.
+    in_channels : int, optional
+        If given, refuse a model made for another number of image channels.
+    dims : int, optional
+        If given, refuse a model of another dimensionality.
+
+    Raises
+    ------
+    CheckpointError
+        With a message naming the file: missing, not a checkpoint, truncated, or a mismatch.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"model path {path} is a folder, not a checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a paintseg checkpoint (not a torch save file; truncated or another "
+            "format)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged or foreign files
+        raise CheckpointError(
+            f"{path} cannot be read as a paintseg checkpoint (damaged, truncated, or it holds "
+            f"code rather than plain weights): {exc.__class__.__name__}: {str(exc)[:200]}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is a torch file but not a paintseg checkpoint (no '{CHECKPOINT_FORMAT}' "
+            "marker)"
+        )
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this paintseg reads up to "
+            f"{CHECKPOINT_VERSION}: update paintseg"
+        )
+    try:
+        meta = json.loads(payload["metadata"])
+        config = from_json(ModelConfig, meta["model_config"])
+        norm = from_json(NormConfig, meta["normalization"])
+        net = UNet(config)
+        net.load_state_dict(payload["state_dict"], strict=True)
+        model = PaintsegModel(
+            network=net,
+            config=config,
+            normalization=norm,
+            class_values=tuple(meta["class_values"]),
+            class_names=tuple(meta["class_names"]),
+            provenance=dict(meta.get("provenance", {})),
+        )
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is a damaged paintseg checkpoint: {exc.__class__.__name__}: "
+            f"{str(exc)[:300]}"
+        ) from None
+    net.eval()
+    if dims is not None and config.dims != dims:
+        raise CheckpointError(
+            f"{path} is a {config.dims}D model but a {dims}D model is needed here"
+        )
+    if in_channels is not None and config.in_channels != in_channels:
+        raise CheckpointError(
+            f"{path} expects images with {config.in_channels} channel(s) but the image has "
+            f"{in_channels}"
+        )
+    return model

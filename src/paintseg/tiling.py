@@ -1,0 +1,376 @@
+"""N-dimensional tiled inference for arrays of any size, larger than memory included.
+
+The image is seen as extended to infinity by mirror reflection (numpy's ``"reflect"`` mode).
+It is cut into *cores* of ``tile`` pixels per axis; each core is run through the predictor
+inside a *window* that adds ``halo`` pixels of context on every side. Core origins lie on
+multiples of ``align`` (the U-Net's ``2**depth``), so every window sees the same pooling grid
+as a single window over the whole image.
+
+Each window's output is weighted by a linear taper of half-width ``blend`` centred on its core
+edges (the weights of two neighbours sum to one across their shared edge), accumulated, and
+normalised. With ``blend=0`` the weights are a box on the core: the output is the cropped core,
+and when the halo covers the receptive field the result equals untiled inference.
+
+Only a slab of the output along the first axis is held in memory: once every window that can
+touch a range of the first axis has been run, that range is normalised and handed to ``sink``,
+so peak memory is set by the tile and the other axes, not by the length of the first axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import StopRequested
+
+__all__ = ["TilePlan", "plan_tiles", "reflect_indices", "read_window", "predict_tiled"]
+
+Sink = Callable[[tuple[slice, ...], torch.Tensor], None]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def _per_axis(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, (int, np.integer)):
+        return (int(value),) * n
+    out = tuple(int(v) for v in value)
+    if len(out) != n:
+        raise ValueError(f"{name} has {len(out)} entries for {n} spatial axes")
+    return out
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of an image lie.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Spatial shape of the image.
+    tile : tuple of int
+        Core size per axis.
+    halo : tuple of int
+        Context on each side of a core, per axis.
+    blend : tuple of int
+        Half-width of the linear taper at core edges, per axis (0: crop).
+    starts : tuple of tuple of int
+        Core origins along each axis.
+    """
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    halo: tuple[int, ...]
+    blend: tuple[int, ...]
+    starts: tuple[tuple[int, ...], ...]
+
+    @property
+    def window(self) -> tuple[int, ...]:
+        """Size of the array given to the predictor, per axis."""
+        return tuple(t + 2 * h for t, h in zip(self.tile, self.halo))
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of windows."""
+        return int(np.prod([len(s) for s in self.starts]))
+
+    def tiles(self) -> Iterator[tuple[int, ...]]:
+        """Core origins in C order (first axis slowest)."""
+        for idx in np.ndindex(*[len(s) for s in self.starts]):
+            yield tuple(self.starts[a][i] for a, i in enumerate(idx))
+
+
+def plan_tiles(
+    shape: Sequence[int],
+    *,
+    tile: int | Sequence[int],
+    halo: int | Sequence[int] = 0,
+    align: int | Sequence[int] = 1,
+    blend: int | Sequence[int] = 0,
+) -> TilePlan:
+    """Lay a grid of tiles over an image.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Spatial shape of the image (every entry >= 1).
+    tile : int or sequence of int
+        Wanted core size; rounded up to ``align`` and capped at the image (rounded up).
+    halo : int or sequence of int
+        Context per side; rounded up to ``align``.
+    align : int or sequence of int
+        Core origins and sizes are multiples of this.
+    blend : int or sequence of int
+        Taper half-width; capped at the halo and at half the core.
+
+    Returns
+    -------
+    TilePlan
+    """
+    shape = tuple(int(s) for s in shape)
+    n = len(shape)
+    if n == 0 or min(shape) < 1:
+        raise ValueError(f"cannot tile an image of shape {shape}")
+    tile_, halo_, align_, blend_ = (
+        _per_axis(tile, n, "tile"),
+        _per_axis(halo, n, "halo"),
+        _per_axis(align, n, "align"),
+        _per_axis(blend, n, "blend"),
+    )
+    tiles, halos, blends, starts = [], [], [], []
+    for s, t, h, a, b in zip(shape, tile_, halo_, align_, blend_):
+        if t < 1 or h < 0 or a < 1 or b < 0:
+            raise ValueError(f"invalid tiling tile={t} halo={h} align={a} blend={b}")
+        t = min(_round_up(t, a), _round_up(s, a))
+        h = _round_up(h, a)
+        b = min(b, h, t // 2)
+        if s <= t:
+            st = [0]
+        else:
+            st = list(range(0, s - t, t))
+            last = _round_up(s - t, a)
+            if last > st[-1]:
+                st.append(last)
+        tiles.append(t)
+        halos.append(h)
+        blends.append(b)
+        starts.append(tuple(st))
+    return TilePlan(shape, tuple(tiles), tuple(halos), tuple(blends), tuple(starts))
+
+
+def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Indices into an axis of ``size`` for positions ``start..stop-1`` under mirror reflection.
+
+    Matches ``numpy.pad(mode="reflect")`` (the edge pixel is not repeated), for any distance
+    outside the axis; an axis of size 1 repeats its only pixel.
+    """
+    pos = np.arange(start, stop)
+    if size == 1:
+        return np.zeros_like(pos)
+    period = 2 * (size - 1)
+    pos = np.mod(pos, period)
+    return np.where(pos >= size, period - pos, pos)
+
+
+def read_window(image: Any, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Read ``image[:, start:start+size]`` from a ``(C, *spatial)`` array-like, reflecting at edges.
+
+    Only the bounding box of the needed pixels is read, so this works on memory-mapped,
+    zarr and dask arrays without loading them.
+    """
+    spatial = image.shape[1:]
+    key: list[slice] = [slice(None)]
+    takes: list[tuple[int, np.ndarray] | None] = []
+    for axis, (s0, n, dim) in enumerate(zip(start, size, spatial)):
+        if s0 >= 0 and s0 + n <= dim:
+            key.append(slice(s0, s0 + n))
+            takes.append(None)
+        else:
+            idx = reflect_indices(s0, s0 + n, dim)
+            lo, hi = int(idx.min()), int(idx.max()) + 1
+            key.append(slice(lo, hi))
+            takes.append((axis + 1, idx - lo))
+    block = image[tuple(key)]
+    if hasattr(block, "compute"):  # dask
+        block = block.compute()
+    block = np.asarray(block)
+    for take in takes:
+        if take is not None:
+            block = np.take(block, take[1], axis=take[0])
+    return block
+
+
+def _axis_weight(t: int, h: int, b: int) -> np.ndarray:
+    x = np.arange(t + 2 * h) + 0.5
+    d = np.minimum(x - h, (h + t) - x)  # signed distance into the core
+    if b == 0:
+        return (d > 0).astype(np.float32)
+    return np.clip(0.5 + d / (2 * b), 0.0, 1.0).astype(np.float32)
+
+
+def window_weight(plan: TilePlan) -> np.ndarray:
+    """Blending weight of one window: an outer product of per-axis tapers."""
+    w = np.ones((), dtype=np.float32)
+    for t, h, b in zip(plan.tile, plan.halo, plan.blend):
+        w = np.multiply.outer(w, _axis_weight(t, h, b))
+    return w
+
+
+def predict_tiled(
+    image: Any,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    classes: int,
+    plan: TilePlan,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    transform: Callable[[np.ndarray, tuple[int, ...]], np.ndarray] | None = None,
+    sink: Sink | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray | None:
+    """Run ``predictor`` over an image window by window and blend the results.
+
+    Parameters
+    ----------
+    image : array-like
+        ``(C, *spatial)``: numpy array, memory map, zarr or dask array. Never modified.
+    predictor : callable
+        Takes a float32 tensor ``(B, C, *window)`` on ``device`` and returns per-class
+        values ``(B, classes, *window)`` (probabilities, typically).
+    classes : int
+        Number of output channels of ``predictor``.
+    plan : TilePlan
+        From :func:`plan_tiles` for ``image.shape[1:]``.
+    batch_size : int
+        Windows per call of ``predictor``.
+    device : str or torch.device
+        Where windows are sent and where blending happens.
+    transform : callable, optional
+        Applied to each window (float32 numpy ``(C, *window)``) and its origin before it is
+        sent to the device (normalisation, validation).
+    sink : callable, optional
+        Called as ``sink(region, block)`` with ``region`` a tuple of slices into the spatial
+        axes and ``block`` a ``(classes, *region)`` tensor on ``device``, once per finished
+        slab. If omitted, a ``(classes, *spatial)`` float32 numpy array is returned.
+    progress : callable, optional
+        Called as ``progress(done, total)`` in windows after every batch.
+    should_stop : callable, optional
+        Polled between batches; when it returns True, :class:`StopRequested` is raised.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        The blended output when no ``sink`` is given.
+    """
+    device = torch.device(device)
+    spatial = tuple(int(s) for s in image.shape[1:])
+    if spatial != plan.shape:
+        raise ValueError(f"plan is for shape {plan.shape}, image has spatial shape {spatial}")
+    result: np.ndarray | None = None
+    if sink is None:
+        result = np.zeros((classes, *spatial), dtype=np.float32)
+
+        def sink(region: tuple[slice, ...], block: torch.Tensor) -> None:
+            result[(slice(None), *region)] = block.to("cpu").numpy()
+
+    window = plan.window
+    weight = torch.from_numpy(window_weight(plan)).to(device)
+    total = plan.n_tiles
+    done = 0
+    s0 = plan.shape[0]
+    b0 = plan.blend[0]
+    rest = spatial[1:]
+    use_pinned = device.type == "cuda"
+
+    def load(origins: list[tuple[int, ...]]) -> torch.Tensor:
+        arrays = []
+        for core in origins:
+            start = tuple(c - h for c, h in zip(core, plan.halo))
+            win = read_window(image, start, window).astype(np.float32, copy=False)
+            if transform is not None:
+                win = transform(win, start)
+            arrays.append(win)
+        batch = torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+        if use_pinned:
+            batch = batch.pin_memory()
+        return batch
+
+    # Rows along the first axis; each row's windows in batches. Reading of the next batch
+    # overlaps with the predictor on the current one.
+    rows = plan.starts[0]
+    other_starts = [tuple(o) for o in np.ndindex(*[len(s) for s in plan.starts[1:]])]
+    batches: list[tuple[int, list[tuple[int, ...]]]] = []
+    for r, z in enumerate(rows):
+        origins = [
+            (z, *(plan.starts[a + 1][i] for a, i in enumerate(o))) for o in other_starts
+        ]
+        for k in range(0, len(origins), batch_size):
+            batches.append((r, origins[k : k + batch_size]))
+
+    lo = 0  # first index of axis 0 not yet flushed
+    acc: torch.Tensor | None = None
+    wsum: torch.Tensor | None = None
+    acc_lo = 0
+
+    def ensure(hi: int) -> None:
+        nonlocal acc, wsum, acc_lo
+        if acc is None:
+            acc_lo = lo
+            acc = torch.zeros((classes, hi - lo, *rest), dtype=torch.float32, device=device)
+            wsum = torch.zeros((hi - lo, *rest), dtype=torch.float32, device=device)
+        elif acc_lo + acc.shape[1] < hi:
+            extra = hi - (acc_lo + acc.shape[1])
+            acc = torch.cat(
+                [acc, torch.zeros((classes, extra, *rest), dtype=acc.dtype, device=device)], 1
+            )
+            wsum = torch.cat(
+                [wsum, torch.zeros((extra, *rest), dtype=wsum.dtype, device=device)], 0
+            )
+
+    def flush(upto: int) -> None:
+        nonlocal acc, wsum, acc_lo, lo
+        if upto <= lo or acc is None:
+            return
+        n = upto - acc_lo
+        block = acc[:, :n] / wsum[:n].clamp_min(1e-12)
+        sink((slice(acc_lo, upto), *(slice(0, s) for s in rest)), block)
+        acc = acc[:, n:].clone() if n < acc.shape[1] else None
+        wsum = wsum[n:].clone() if acc is not None else None
+        acc_lo = upto
+        lo = upto
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paintseg-read")
+    try:
+        pending: Future[torch.Tensor] | None = None
+        if batches:
+            pending = executor.submit(load, batches[0][1])
+        for bi, (r, origins) in enumerate(batches):
+            if should_stop is not None and should_stop():
+                raise StopRequested("stopped by the user")
+            assert pending is not None
+            batch = pending.result()
+            if bi + 1 < len(batches):
+                pending = executor.submit(load, batches[bi + 1][1])
+            out = predictor(batch.to(device, non_blocking=True))
+            if out.shape[:2] != (len(origins), classes) or tuple(out.shape[2:]) != window:
+                raise ValueError(
+                    f"predictor returned shape {tuple(out.shape)}, expected "
+                    f"{(len(origins), classes, *window)}"
+                )
+            for core, pred in zip(origins, out):
+                # window coordinates -> image coordinates, clipped to the image and to the
+                # part where the weight can be non-zero
+                src, dst = [], []
+                for a, (c, t, h, b, s) in enumerate(
+                    zip(core, plan.tile, plan.halo, plan.blend, spatial)
+                ):
+                    g0 = max(c - b, 0)
+                    g1 = min(c + t + b, s)
+                    src.append(slice(g0 - (c - h), g1 - (c - h)))
+                    dst.append((g0, g1))
+                ensure(dst[0][1])
+                assert acc is not None and wsum is not None
+                w = weight[tuple(src)]
+                region = (slice(dst[0][0] - acc_lo, dst[0][1] - acc_lo),) + tuple(
+                    slice(g0, g1) for g0, g1 in dst[1:]
+                )
+                acc[(slice(None), *region)] += pred[(slice(None), *src)].float() * w
+                wsum[region] += w
+            done += len(origins)
+            if progress is not None:
+                progress(done, total)
+            last_of_row = bi + 1 == len(batches) or batches[bi + 1][0] != r
+            if last_of_row:
+                nxt = rows[r + 1] - b0 if r + 1 < len(rows) else s0
+                flush(min(max(nxt, 0), s0))
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+    return result
