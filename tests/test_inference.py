@@ -1,0 +1,138 @@
+"""segment(): the shared entry point of CLI, batch and GUI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from paintseg.config import ModelConfig, TileConfig
+from paintseg.errors import InputError, StopRequested
+from paintseg.inference import AxesView, choose_tiling, segment
+from paintseg.io import read_image
+from paintseg.model import new_model
+
+
+def test_2d_model_on_stack_is_slice_by_slice(nuclei3d_path, small_model):
+    stack = read_image(nuclei3d_path)
+    data = np.asarray(stack.data[20:26])
+    res = segment(data, small_model, axes="ZYX", return_probabilities=True)
+    assert res.axes == "ZYX" and res.labels.shape == (6, 256, 256)
+    assert res.batch_size > 1  # slices are batched together
+    lazy = segment(zarr.array(data, chunks=(1, 64, 64)), small_model, axes="ZYX",
+                   return_probabilities=True)
+    np.testing.assert_array_equal(lazy.labels, res.labels)
+
+
+def test_stack_slices_equal_individual_images_with_same_normalisation(small_model):
+    rng = np.random.default_rng(0)
+    stack = rng.normal(size=(4, 70, 90)).astype(np.float32)
+    stack[:, 0, 0] = -10  # same percentiles in every slice and in the whole stack
+    stack[:, 0, 1] = 10
+    small_model.normalization = type(small_model.normalization)(low=0, high=100)
+    res = segment(stack, small_model, axes="ZYX", return_probabilities=True)
+    for z in range(4):
+        one = segment(stack[z], small_model, axes="YX", return_probabilities=True)
+        np.testing.assert_allclose(res.probabilities[:, z], one.probabilities, atol=1e-5)
+
+
+def test_3d_model_on_volume(small_model_3d, nuclei3d_path):
+    vol = np.asarray(read_image(nuclei3d_path).data[:12, :64, :80])
+    res = segment(vol, small_model_3d, axes="ZYX", tiles=TileConfig(tile=32, mode="exact"),
+                  return_probabilities=True)
+    whole = segment(vol, small_model_3d, axes="ZYX", tiles=TileConfig(tile=1000, mode="exact"),
+                    return_probabilities=True)
+    assert res.plan.n_tiles > 1 and whole.plan.n_tiles == 1
+    np.testing.assert_allclose(res.probabilities, whole.probabilities, atol=1e-4)
+    tzyx = np.stack([vol, vol[::-1]])
+    both = segment(tzyx, small_model_3d, axes="TZYX")
+    assert both.axes == "TZYX" and both.labels.shape == (2, 12, 64, 80)
+
+
+def test_channels(small_model):
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3)).astype(np.uint8)
+    with pytest.raises(InputError, match=r"image has 3 channel\(s\).*model expects 1"):
+        segment(rgb, small_model, axes="YXC")
+    model3 = new_model(ModelConfig(in_channels=3, depth=2, base_features=4), seed=0)
+    res = segment(rgb, model3, axes="YXC")
+    assert res.labels.shape == (40, 50) and res.axes == "YX"
+    res2 = segment(np.moveaxis(rgb, -1, 0), model3, axes="CYX")
+    np.testing.assert_array_equal(res.labels, res2.labels)
+
+
+def test_wrong_dimensional_model(small_model_3d):
+    with pytest.raises(InputError, match="model is 3D but the image has no Z axis"):
+        segment(np.zeros((30, 30), np.float32), small_model_3d, axes="YX")
+
+
+def test_nan_and_empty(small_model):
+    a = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    a[5, 5] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        segment(a, small_model)
+    with pytest.raises(InputError, match="empty image"):
+        segment(np.zeros((0, 5), np.float32), small_model)
+
+
+def test_nan_outside_percentile_sample_is_caught_per_tile(small_model):
+    from paintseg.config import NormConfig
+
+    small_model.normalization = NormConfig(max_samples=1000)
+    a = np.random.default_rng(0).normal(size=(8, 128, 128)).astype(np.float32)
+    a[3, 1, 1] = np.inf  # strided sample skips odd rows/columns
+    with pytest.raises(InputError, match="tile at"):
+        segment(a, small_model, axes="ZYX")
+
+
+def test_input_never_modified_and_labels_mapped(nuclei2d):
+    model = new_model(ModelConfig(depth=2, base_features=4, classes=3), seed=0,
+                      class_values=(1, 4, 9))
+    before = nuclei2d.copy()
+    res = segment(nuclei2d, model, return_probabilities=True)
+    np.testing.assert_array_equal(nuclei2d, before)
+    assert set(np.unique(res.labels)) <= {0, 4, 9}
+    keep = segment(nuclei2d, model, background_class=None)
+    assert set(np.unique(keep.labels)) <= {1, 4, 9}
+    np.testing.assert_allclose(res.probabilities.sum(0), 1, atol=1e-5)
+    argmax = np.array([0, 4, 9])[res.probabilities.argmax(0)]
+    np.testing.assert_array_equal(argmax, res.labels)
+
+
+def test_constant_image_is_not_an_error(small_model):
+    res = segment(np.full((40, 40), 7, np.uint8), small_model)
+    assert res.messages and "constant" in res.messages[0]
+
+
+def test_stop_flag(small_model, nuclei2d):
+    with pytest.raises(StopRequested):
+        segment(nuclei2d, small_model, tiles=TileConfig(tile=64), should_stop=lambda: True)
+
+
+def test_tiling_choice_follows_memory_budget():
+    cfg = ModelConfig(depth=4, base_features=32)
+    tile, halo, batch = choose_tiling((2048, 2048), cfg, TileConfig(), budget=8 * 2**30)
+    assert tile == 2048 and halo == 32  # the whole image fits
+    tile, halo, batch = choose_tiling((2048, 2048), cfg, TileConfig(), budget=2**28)
+    assert tile < 2048 and tile % 16 == 0 and batch >= 1
+    tile, halo, batch = choose_tiling((2048, 2048), cfg, TileConfig(mode="exact"), budget=2**30)
+    assert halo == 128
+
+
+def test_axes_view_reorders_lazily():
+    a = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)  # Z C Y X
+    v = AxesView(a, "ZCYX", "CZYX")
+    assert v.shape == (3, 2, 4, 5)
+    np.testing.assert_array_equal(v[:, 1, 1:3], np.transpose(a, (1, 0, 2, 3))[:, 1, 1:3])
+    w = AxesView(a[:, 0], "ZYX", "CZYX")
+    assert w.shape == (1, 2, 4, 5)
+    np.testing.assert_array_equal(w[...], a[:, 0][None])
+
+
+def test_memmap_output(tmp_path, nuclei2d_path, small_model):
+    img = read_image(nuclei2d_path)
+    out = tifffile.memmap(tmp_path / "o.tif", shape=(512, 512), dtype=np.uint8)
+    res = segment(img, small_model, labels_out=out)
+    assert res.labels is out
+    ref = segment(np.asarray(img.data), small_model)
+    np.testing.assert_array_equal(np.asarray(out), ref.labels)

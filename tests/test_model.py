@@ -1,0 +1,142 @@
+"""U-Net shapes, receptive field, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from paintseg.config import ModelConfig, NormConfig, TileConfig, from_json, to_json
+from paintseg.errors import CheckpointError
+from paintseg.inference import segment
+from paintseg.model import (
+    UNet,
+    exact_halo,
+    load_model,
+    new_model,
+    receptive_field,
+    save_model,
+)
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (37, 50)), (2, (1, 1)), (3, (5, 9, 17))])
+@pytest.mark.parametrize("norm", ["layer", "batch", "group", "none"])
+def test_any_size_forward(dims, shape, norm):
+    cfg = ModelConfig(dims=dims, depth=2, base_features=4, classes=3, norm=norm)
+    net = UNet(cfg).eval()
+    with torch.no_grad():
+        y = net(torch.zeros(2, 1, *shape))
+    assert y.shape == (2, 3, *shape)
+
+
+def test_upsample_variant_and_channels():
+    cfg = ModelConfig(dims=2, in_channels=3, depth=2, base_features=4, upsampling="upsample")
+    y = UNet(cfg)(torch.zeros(1, 3, 20, 20))
+    assert y.shape == (1, 2, 20, 20)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        UNet(cfg)(torch.zeros(1, 1, 20, 20))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_receptive_field_bounds_gradient_support(depth):
+    """The computed receptive field contains every input pixel that influences an output."""
+    cfg = ModelConfig(dims=2, depth=depth, base_features=4)
+    net = UNet(cfg).eval()
+    size = 2 * receptive_field(cfg) + 16
+    x = torch.randn(1, 1, size, size, requires_grad=True)
+    c = size // 2
+    net(x)[0, 1, c, c].backward()
+    ys, xs = np.nonzero(x.grad[0, 0].abs().numpy() > 0)
+    extent = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    assert extent <= receptive_field(cfg)
+    assert max(abs(ys - c).max(), abs(xs - c).max()) <= exact_halo(cfg)
+    # and the bound is not loose by more than the pooling asymmetry
+    assert extent >= receptive_field(cfg) - 2 * cfg.align
+
+
+def test_config_json_round_trip():
+    cfg = ModelConfig(dims=3, in_channels=2, classes=4, depth=3, base_features=8, norm="group")
+    assert from_json(ModelConfig, to_json(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown ModelConfig fields: colour"):
+        from_json(ModelConfig, '{"colour": 1}')
+    with pytest.raises(ValueError, match="dims must be between 2 and 3"):
+        ModelConfig(dims=4)
+
+
+def test_checkpoint_round_trip_identical_predictions(tmp_path, nuclei2d):
+    model = new_model(ModelConfig(depth=3, base_features=8, classes=3), seed=1,
+                      class_values=(1, 2, 5), class_names=("bg", "nucleus", "edge"),
+                      normalization=NormConfig(low=2, high=99))
+    path = save_model(model, tmp_path / "m.pt")
+    assert not [p for p in os.listdir(tmp_path) if p != "m.pt"]  # no temp file left
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    assert loaded.class_values == (1, 2, 5) and loaded.class_names == ("bg", "nucleus", "edge")
+    assert loaded.normalization == NormConfig(low=2, high=99)
+    assert loaded.provenance["torch"] == torch.__version__
+    a = segment(nuclei2d, model, return_probabilities=True)
+    b = segment(nuclei2d, loaded, return_probabilities=True)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert set(np.unique(a.labels)) <= {0, 2, 5}
+
+
+def test_checkpoint_refusals(tmp_path):
+    model = new_model(ModelConfig(depth=1, base_features=2), seed=0)
+    good = save_model(model, tmp_path / "good.pt")
+    data = good.read_bytes()
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.pt", "does not exist")
+    (tmp_path / "text.pt").write_text("not a model")
+    cases["text"] = (tmp_path / "text.pt", "not a paintseg checkpoint")
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (tmp_path / "trunc.pt", "not a paintseg checkpoint|damaged")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    cases["foreign"] = (tmp_path / "foreign.pt", "not a paintseg checkpoint")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        torch.save({"format": "paintseg-checkpoint", "x": Evil()}, fh, pickle_protocol=2)
+    cases["code"] = (tmp_path / "evil.pt", "holds code|cannot be read")
+    cases["folder"] = (tmp_path, "is a folder")
+    for name, (path, message) in cases.items():
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_model(path)
+        assert str(path) in str(info.value), name
+    assert not (tmp_path / "pwned").exists()
+    assert pickle  # the pickle module is what weights_only protects against
+
+
+def test_checkpoint_mismatch_messages(tmp_path):
+    path = save_model(new_model(ModelConfig(depth=1, base_features=2), seed=0), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"expects images with 1 channel\(s\) but the image has 3"):
+        load_model(path, in_channels=3)
+    with pytest.raises(CheckpointError, match="is a 2D model but a 3D model is needed"):
+        load_model(path, dims=3)
+
+
+def test_save_into_missing_folder(tmp_path):
+    model = new_model(ModelConfig(depth=1, base_features=2), seed=0)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        save_model(model, tmp_path / "no" / "m.pt")
+
+
+def test_seeded_init_is_reproducible():
+    cfg = ModelConfig(depth=2, base_features=4)
+    a, b = new_model(cfg, seed=5), new_model(cfg, seed=5)
+    for (ka, va), (_kb, vb) in zip(a.network.state_dict().items(), b.network.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+def test_group_norm_is_not_tile_exact(nuclei2d):
+    """Why layer norm is the default: group norm statistics depend on the tile."""
+    model = new_model(ModelConfig(depth=2, base_features=8, norm="group"), seed=0)
+    whole = segment(nuclei2d, model, tiles=TileConfig(tile=4096, mode="exact"), return_probabilities=True)
+    tiled = segment(nuclei2d, model, tiles=TileConfig(tile=64, mode="exact"), return_probabilities=True)
+    assert np.abs(whole.probabilities - tiled.probabilities).max() > 1e-3

@@ -1,0 +1,178 @@
+"""Tiled inference reproduces untiled inference; weights, reflection and streaming behave."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from paintseg.config import ModelConfig, TileConfig
+from paintseg.errors import StopRequested
+from paintseg.inference import segment
+from paintseg.model import exact_halo, new_model
+from paintseg.tiling import (
+    plan_tiles,
+    predict_tiled,
+    read_window,
+    reflect_indices,
+    window_weight,
+)
+
+
+def _predictor(net):
+    def predict(x):
+        with torch.inference_mode():
+            return torch.softmax(net(x), 1)
+
+    return predict
+
+
+def _untiled(img, net, halo, align):
+    """Reference: one window over the whole (reflect-extended) image."""
+    plan = plan_tiles(img.shape[1:], tile=10**6, halo=halo, align=align)
+    assert plan.n_tiles == 1
+    return predict_tiled(img, _predictor(net), classes=net.config.classes, plan=plan)
+
+
+# (dims, spatial shape, tile): odd sizes, tiles larger than the image, 1-pixel-thin images
+SHAPES = [
+    (2, (64, 64), 16),
+    (2, (77, 101), 16),
+    (2, (1, 53), 8),
+    (2, (53, 1), 8),
+    (2, (1, 1), 8),
+    (2, (30, 45), 1000),
+    (2, (200, 37), 24),
+    (3, (13, 21, 30), 8),
+    (3, (1, 17, 9), 4),
+    (3, (9, 9, 40), 1000),
+]
+
+
+@pytest.mark.parametrize("dims,shape,tile", SHAPES)
+def test_exact_tiled_equals_untiled(dims, shape, tile):
+    cfg = ModelConfig(dims=dims, depth=2, base_features=4, classes=3)
+    net = new_model(cfg, seed=3).network
+    img = np.random.default_rng(1).normal(size=(1, *shape)).astype(np.float32)
+    halo = exact_halo(cfg)
+    ref = _untiled(img, net, halo, cfg.align)
+    plan = plan_tiles(shape, tile=tile, halo=halo, align=cfg.align)
+    out = predict_tiled(img, _predictor(net), classes=3, plan=plan, batch_size=3)
+    assert out.shape == (3, *shape)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
+
+
+def test_too_small_halo_is_not_exact():
+    """The exact test can fail: with no halo, tiles see zero padding and differ."""
+    cfg = ModelConfig(dims=2, depth=2, base_features=4)
+    net = new_model(cfg, seed=3).network
+    img = np.random.default_rng(1).normal(size=(1, 64, 64)).astype(np.float32)
+    ref = _untiled(img, net, exact_halo(cfg), cfg.align)
+    plan = plan_tiles((64, 64), tile=16, halo=0, align=cfg.align)
+    out = predict_tiled(img, _predictor(net), classes=2, plan=plan)
+    assert np.abs(out - ref).max() > 1e-3
+
+
+def test_exact_mode_through_segment_on_real_image(nuclei2d, small_model):
+    whole = segment(nuclei2d, small_model, tiles=TileConfig(tile=4096, mode="exact"),
+                    return_probabilities=True)
+    assert whole.plan.n_tiles == 1
+    tiled = segment(nuclei2d, small_model, tiles=TileConfig(tile=96, mode="exact", batch_size=5),
+                    return_probabilities=True)
+    assert tiled.plan.n_tiles == 36
+    np.testing.assert_allclose(tiled.probabilities, whole.probabilities, atol=1e-4, rtol=0)
+    assert (tiled.labels == whole.labels).mean() > 0.9999
+
+
+def test_blend_mode_close_to_untiled_on_real_image(nuclei2d):
+    """Default (blended, modest overlap) tiles: small deviation, labels agree on >= 99.9%."""
+    model = new_model(ModelConfig(dims=2, depth=4, base_features=16), seed=0)
+    whole = segment(nuclei2d, model, tiles=TileConfig(tile=4096, halo=192),
+                    return_probabilities=True)
+    tiled = segment(nuclei2d, model, tiles=TileConfig(tile=256), return_probabilities=True)
+    assert tiled.plan.n_tiles == 4 and tiled.plan.halo[-1] == 32
+    diff = np.abs(tiled.probabilities - whole.probabilities)
+    assert diff.max() < 0.02, diff.max()
+    assert diff.mean() < 1e-3
+    assert (tiled.labels == whole.labels).mean() >= 0.999
+
+
+def test_blend_weights_partition_of_unity():
+    plan = plan_tiles((100, 90), tile=32, halo=16, align=16, blend=8)
+    w = window_weight(plan)
+    acc = np.zeros((100 + 64, 90 + 64))
+    for origin in plan.tiles():
+        sl = tuple(slice(o - h + 32, o - h + 32 + n) for o, h, n in zip(origin, plan.halo, plan.window))
+        acc[sl] += w
+    inner = acc[32:132, 32:122]
+    # every pixel gets at least half weight per axis from its own core
+    assert inner.min() >= 0.5**2
+    # inside the image, away from its border and from the shifted last tile, neighbours'
+    # weights sum to exactly one
+    assert plan.starts == ((0, 32, 64, 80), (0, 32, 64))
+    np.testing.assert_allclose(inner[8:56, 8:82], 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 17])
+def test_reflect_indices_match_numpy_pad(size):
+    a = np.arange(size)
+    pad = 40
+    expected = np.pad(a, pad, mode="reflect") if size > 1 else np.full(size + 2 * pad, 0)
+    np.testing.assert_array_equal(a[reflect_indices(-pad, size + pad, size)], expected)
+
+
+def test_read_window_from_memmap_zarr_dask(tmp_path):
+    img = np.random.default_rng(0).integers(0, 1000, (2, 23, 31)).astype(np.uint16)
+    mm = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=img.dtype, shape=img.shape)
+    mm[:] = img
+    z = zarr.array(img, chunks=(1, 8, 8))
+    d = da.from_array(img, chunks=(1, 10, 10))
+    padded = np.pad(img, ((0, 0), (20, 20), (20, 20)), mode="reflect")
+    for src in (img, mm, z, d):
+        win = read_window(src, (-7, 25), (40, 19))
+        np.testing.assert_array_equal(win, padded[:, 13:53, 45:64])
+
+
+def test_streaming_flushes_slabs_in_order():
+    """Output is handed over slab by slab along the first axis, each region exactly once."""
+    cfg = ModelConfig(dims=2, depth=2, base_features=4)
+    net = new_model(cfg, seed=0).network
+    img = np.random.default_rng(0).normal(size=(1, 100, 40)).astype(np.float32)
+    plan = plan_tiles((100, 40), tile=16, halo=8, align=4, blend=4)
+    regions = []
+    out = np.zeros((2, 100, 40), np.float32)
+
+    def sink(region, block):
+        regions.append((region[0].start, region[0].stop))
+        out[(slice(None), *region)] = block.numpy()
+
+    predict_tiled(img, _predictor(net), classes=2, plan=plan, sink=sink)
+    ref = predict_tiled(img, _predictor(net), classes=2, plan=plan)
+    np.testing.assert_array_equal(out, ref)
+    starts = [r[0] for r in regions]
+    assert starts[0] == 0 and regions[-1][1] == 100 and len(regions) == len(plan.starts[0])
+    assert all(a[1] == b[0] for a, b in zip(regions, regions[1:]))
+    assert max(b - a for a, b in regions) <= 16 + 2 * 4
+
+
+def test_progress_and_stop():
+    cfg = ModelConfig(dims=2, depth=2, base_features=4)
+    net = new_model(cfg, seed=0).network
+    img = np.zeros((1, 64, 64), np.float32)
+    plan = plan_tiles((64, 64), tile=16, halo=8, align=4)
+    seen = []
+    predict_tiled(img, _predictor(net), classes=2, plan=plan, batch_size=4,
+                  progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (16, 16) and len(seen) == 4
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(StopRequested):
+        predict_tiled(img, _predictor(net), classes=2, plan=plan, batch_size=1, should_stop=stop)
+    assert len(calls) == 3
