@@ -87,17 +87,27 @@ def test_exact_mode_through_segment_on_real_image(nuclei2d, small_model):
     assert (tiled.labels == whole.labels).mean() > 0.9999
 
 
-def test_blend_mode_close_to_untiled_on_real_image(nuclei2d):
-    """Default (blended, modest overlap) tiles: small deviation, labels agree on >= 99.9%."""
-    model = new_model(ModelConfig(dims=2, depth=4, base_features=16), seed=0)
-    whole = segment(nuclei2d, model, tiles=TileConfig(tile=4096, halo=192),
-                    return_probabilities=True)
-    tiled = segment(nuclei2d, model, tiles=TileConfig(tile=256), return_probabilities=True)
-    assert tiled.plan.n_tiles == 4 and tiled.plan.halo[-1] == 32
-    diff = np.abs(tiled.probabilities - whole.probabilities)
-    assert diff.max() < 0.02, diff.max()
-    assert diff.mean() < 1e-3
-    assert (tiled.labels == whole.labels).mean() >= 0.999
+@pytest.mark.parametrize("seed", [0, 1])
+def test_blend_mode_close_to_untiled_on_real_image(nuclei2d, seed):
+    """Blended tiles (default mode, 32-px halo) against the plain forward pass on the whole
+    image. Stated tolerance: probabilities within 0.01, labels agree on >= 99.9% of pixels
+    (measured with random weights, the hardest case: many near-ties)."""
+    model = new_model(ModelConfig(dims=2, depth=4, base_features=16), seed=seed)
+    lo, hi = np.percentile(nuclei2d, (1, 99.8))
+    x = torch.from_numpy(((nuclei2d - lo) / (hi - lo)).astype(np.float32))[None, None]
+    with torch.inference_mode():
+        ref = torch.softmax(model.network(x), 1)[0].numpy()
+    ref_labels = np.array([0, 2])[ref.argmax(0)]
+    default = segment(nuclei2d, model, return_probabilities=True)
+    assert default.plan.n_tiles == 1  # fits in memory: one window, the forward pass itself
+    np.testing.assert_allclose(default.probabilities, ref, atol=1e-5)
+    for tile, n in ((128, 16), (256, 4)):
+        tiled = segment(nuclei2d, model, tiles=TileConfig(tile=tile), return_probabilities=True)
+        assert tiled.plan.n_tiles == n and tiled.plan.halo[-1] == 32
+        diff = np.abs(tiled.probabilities - ref)
+        assert diff.max() < 0.01, diff.max()
+        assert diff.mean() < 5e-4
+        assert (tiled.labels == ref_labels).mean() >= 0.999
 
 
 def test_blend_weights_partition_of_unity():

@@ -310,6 +310,8 @@ def segment(
         budget = tile_cfg.memory_budget or int(min(memory_available(dev) * 0.25, 8 * 2**30))
         half = amp_dtype(dev) is not None
         tile, halo, batch = choose_tiling(spatial, cfg, tile_cfg, budget=budget, half=half)
+        if tile_cfg.mode == "blend" and tile >= max(spatial):
+            halo = 0  # one window over the image: exactly the plain forward pass
         blend = 0 if tile_cfg.mode == "exact" else halo // 2
         plan = plan_tiles(
             labels_shape,
@@ -317,6 +319,7 @@ def segment(
             halo=(0,) * n_batch_axes + (halo,) * cfg.dims,
             align=(1,) * n_batch_axes + (cfg.align,) * cfg.dims,
             blend=(0,) * n_batch_axes + (blend,) * cfg.dims,
+            inner=tile_cfg.mode == "blend",
         )
         if tile_cfg.batch_size is None:
             # slices of a stack are windows too: fill the batch with them

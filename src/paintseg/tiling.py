@@ -94,6 +94,7 @@ def plan_tiles(
     halo: int | Sequence[int] = 0,
     align: int | Sequence[int] = 1,
     blend: int | Sequence[int] = 0,
+    inner: bool = False,
 ) -> TilePlan:
     """Lay a grid of tiles over an image.
 
@@ -109,6 +110,13 @@ def plan_tiles(
         Core origins and sizes are multiples of this.
     blend : int or sequence of int
         Taper half-width; capped at the halo and at half the core.
+    inner : bool
+        Keep windows inside the image where it is larger than one window: the first window
+        starts at the image border and the outermost windows are trusted up to the border
+        (as in a plain forward pass). Fewer windows than covering the image with cores; the
+        border pixels then see zero padding instead of reflected context. Without it, cores
+        cover the image and windows reach into the reflected extension (needed for the
+        ``exact`` mode).
 
     Returns
     -------
@@ -131,11 +139,16 @@ def plan_tiles(
         t = min(_round_up(t, a), _round_up(s, a))
         h = _round_up(h, a)
         b = min(b, h, t // 2)
-        if s <= t:
-            st = [0]
+        if s <= t or (inner and s <= t + 2 * h):
+            st = [0] if s <= t else [h]
+            if s > t:  # one window that spans the image: core [h, h+t) plus both halos
+                t = _round_up(s - 2 * h, a) if s > 2 * h else t
+                b = min(b, t // 2)
         else:
-            st = list(range(0, s - t, t))
-            last = _round_up(s - t, a)
+            first = h if inner else 0
+            end = s - h if inner else s  # cores must reach this far
+            st = list(range(first, end - t, t)) or [first]
+            last = max(_round_up(end - t, a), first)
             if last > st[-1]:
                 st.append(last)
         tiles.append(t)
@@ -195,12 +208,39 @@ def _axis_weight(t: int, h: int, b: int) -> np.ndarray:
     return np.clip(0.5 + d / (2 * b), 0.0, 1.0).astype(np.float32)
 
 
-def window_weight(plan: TilePlan) -> np.ndarray:
-    """Blending weight of one window: an outer product of per-axis tapers."""
-    w = np.ones((), dtype=np.float32)
-    for t, h, b in zip(plan.tile, plan.halo, plan.blend):
-        w = np.multiply.outer(w, _axis_weight(t, h, b))
+def _axis_weight_at(t: int, h: int, b: int, first: bool, last: bool) -> np.ndarray:
+    """Taper of one axis; the outermost windows keep full weight out to the image border."""
+    w = _axis_weight(t, h, b)
+    if first:
+        w[: h + t // 2] = np.maximum(w[: h + t // 2], 1.0)
+    if last:
+        w[h + t // 2 :] = np.maximum(w[h + t // 2 :], 1.0)
     return w
+
+
+def window_weight(plan: TilePlan, index: Sequence[int] | None = None) -> np.ndarray:
+    """Blending weight of one window: an outer product of per-axis tapers.
+
+    ``index`` is the window's position in the grid (per axis); without it, the weight of an
+    interior window.
+    """
+    w = np.ones((), dtype=np.float32)
+    for axis, (t, h, b) in enumerate(zip(plan.tile, plan.halo, plan.blend)):
+        n = len(plan.starts[axis])
+        i = None if index is None else index[axis]
+        first = i == 0
+        last = i is not None and i == n - 1
+        w = np.multiply.outer(w, _axis_weight_at(t, h, b, first, last))
+    return w
+
+
+def _reach(plan: TilePlan, axis: int, i: int) -> tuple[int, int]:
+    """Range of image positions along ``axis`` that window ``i`` can give weight to."""
+    c, t, h, b, s = (plan.starts[axis][i], plan.tile[axis], plan.halo[axis], plan.blend[axis],
+                     plan.shape[axis])
+    lo = c - h if i == 0 else c - b
+    hi = c + t + h if i == len(plan.starts[axis]) - 1 else c + t + b
+    return max(lo, 0), min(hi, s)
 
 
 def predict_tiled(
@@ -262,17 +302,26 @@ def predict_tiled(
             result[(slice(None), *region)] = block.to("cpu").numpy()
 
     window = plan.window
-    weight = torch.from_numpy(window_weight(plan)).to(device)
+    weights: dict[tuple[bool, ...], torch.Tensor] = {}
+
+    def weight_for(index: tuple[int, ...]) -> torch.Tensor:
+        key = tuple(
+            (i == 0, i == len(plan.starts[a]) - 1) for a, i in enumerate(index)
+        )
+        if key not in weights:
+            weights[key] = torch.from_numpy(window_weight(plan, index)).to(device)
+        return weights[key]
+
     total = plan.n_tiles
     done = 0
     s0 = plan.shape[0]
-    b0 = plan.blend[0]
     rest = spatial[1:]
     use_pinned = device.type == "cuda"
 
-    def load(origins: list[tuple[int, ...]]) -> torch.Tensor:
+    def load(indices: list[tuple[int, ...]]) -> torch.Tensor:
         arrays = []
-        for core in origins:
+        for index in indices:
+            core = origin(index)
             start = tuple(c - h for c, h in zip(core, plan.halo))
             win = read_window(image, start, window).astype(np.float32, copy=False)
             if transform is not None:
@@ -286,14 +335,15 @@ def predict_tiled(
     # Rows along the first axis; each row's windows in batches. Reading of the next batch
     # overlaps with the predictor on the current one.
     rows = plan.starts[0]
-    other_starts = [tuple(o) for o in np.ndindex(*[len(s) for s in plan.starts[1:]])]
+    other_index = [tuple(o) for o in np.ndindex(*[len(s) for s in plan.starts[1:]])]
     batches: list[tuple[int, list[tuple[int, ...]]]] = []
-    for r, z in enumerate(rows):
-        origins = [
-            (z, *(plan.starts[a + 1][i] for a, i in enumerate(o))) for o in other_starts
-        ]
-        for k in range(0, len(origins), batch_size):
-            batches.append((r, origins[k : k + batch_size]))
+    for r in range(len(rows)):
+        indices = [(r, *o) for o in other_index]
+        for k in range(0, len(indices), batch_size):
+            batches.append((r, indices[k : k + batch_size]))
+
+    def origin(index: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(plan.starts[a][i] for a, i in enumerate(index))
 
     lo = 0  # first index of axis 0 not yet flushed
     acc: torch.Tensor | None = None
@@ -332,7 +382,7 @@ def predict_tiled(
         pending: Future[torch.Tensor] | None = None
         if batches:
             pending = executor.submit(load, batches[0][1])
-        for bi, (r, origins) in enumerate(batches):
+        for bi, (r, indices) in enumerate(batches):
             if should_stop is not None and should_stop():
                 raise StopRequested("stopped by the user")
             assert pending is not None
@@ -340,36 +390,34 @@ def predict_tiled(
             if bi + 1 < len(batches):
                 pending = executor.submit(load, batches[bi + 1][1])
             out = predictor(batch.to(device, non_blocking=True))
-            if out.shape[:2] != (len(origins), classes) or tuple(out.shape[2:]) != window:
+            if out.shape[:2] != (len(indices), classes) or tuple(out.shape[2:]) != window:
                 raise ValueError(
                     f"predictor returned shape {tuple(out.shape)}, expected "
-                    f"{(len(origins), classes, *window)}"
+                    f"{(len(indices), classes, *window)}"
                 )
-            for core, pred in zip(origins, out):
+            for index, pred in zip(indices, out):
                 # window coordinates -> image coordinates, clipped to the image and to the
                 # part where the weight can be non-zero
+                core = origin(index)
                 src, dst = [], []
-                for a, (c, t, h, b, s) in enumerate(
-                    zip(core, plan.tile, plan.halo, plan.blend, spatial)
-                ):
-                    g0 = max(c - b, 0)
-                    g1 = min(c + t + b, s)
+                for a, (c, h) in enumerate(zip(core, plan.halo)):
+                    g0, g1 = _reach(plan, a, index[a])
                     src.append(slice(g0 - (c - h), g1 - (c - h)))
                     dst.append((g0, g1))
                 ensure(dst[0][1])
                 assert acc is not None and wsum is not None
-                w = weight[tuple(src)]
+                w = weight_for(index)[tuple(src)]
                 region = (slice(dst[0][0] - acc_lo, dst[0][1] - acc_lo),) + tuple(
                     slice(g0, g1) for g0, g1 in dst[1:]
                 )
                 acc[(slice(None), *region)] += pred[(slice(None), *src)].float() * w
                 wsum[region] += w
-            done += len(origins)
+            done += len(indices)
             if progress is not None:
                 progress(done, total)
             last_of_row = bi + 1 == len(batches) or batches[bi + 1][0] != r
             if last_of_row:
-                nxt = rows[r + 1] - b0 if r + 1 < len(rows) else s0
+                nxt = _reach(plan, 0, r + 1)[0] if r + 1 < len(rows) else s0
                 flush(min(max(nxt, 0), s0))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
