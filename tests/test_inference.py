@@ -17,9 +17,14 @@ from paintseg.model import new_model
 def test_2d_model_on_stack_is_slice_by_slice(nuclei3d_path, small_model):
     stack = read_image(nuclei3d_path)
     data = np.asarray(stack.data[20:26])
-    res = segment(data, small_model, axes="ZYX", return_probabilities=True)
+    calls = []
+    forward = small_model.network.forward
+    small_model.network.forward = lambda x: calls.append(x.shape[0]) or forward(x)
+    res = segment(data, small_model, axes="ZYX", return_probabilities=True,
+                  tiles=TileConfig(batch_size=4))
+    small_model.network.forward = forward
     assert res.axes == "ZYX" and res.labels.shape == (6, 256, 256)
-    assert res.batch_size > 1  # slices are batched together
+    assert calls == [4, 2]  # slices are batched together
     lazy = segment(zarr.array(data, chunks=(1, 64, 64)), small_model, axes="ZYX",
                    return_probabilities=True)
     np.testing.assert_array_equal(lazy.labels, res.labels)

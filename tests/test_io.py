@@ -19,7 +19,7 @@ from paintseg.io import (
 
 def test_sample_images_are_memory_mapped_or_read(nuclei2d_path, nuclei3d_path):
     img = read_image(nuclei2d_path)
-    assert img.axes == "YX" and img.shape == (512, 512) and img.storage == "memmap"
+    assert img.axes == "YX" and img.shape == (512, 512) and img.storage == "file"
     stack = read_image(nuclei3d_path)
     assert stack.axes == "ZYX" and stack.shape == (60, 256, 256)
 
@@ -131,3 +131,44 @@ def test_list_images(tmp_path):
         p.write_text("")
     names = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert names == ["a.TIFF", "b.tif", "sub/c.tif"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        (...,),
+        (2,),
+        (slice(1, 3), slice(4, 9), slice(None)),
+        (slice(None), slice(2, 3), slice(5, 17)),
+        (1, slice(None, None, 3), slice(1, None, 4)),
+        (slice(0, 0),),
+        (-1, -2),
+        (slice(None), 0, slice(None)),
+    ],
+)
+def test_raw_array_reads_like_numpy(tmp_path, key):
+    from paintseg.io import RawArray
+
+    a = np.arange(4 * 10 * 19, dtype=np.uint16).reshape(4, 10, 19)
+    tifffile.imwrite(tmp_path / "a.tif", a, photometric="minisblack")
+    img = read_image(tmp_path / "a.tif")
+    assert isinstance(img.data, RawArray)
+    np.testing.assert_array_equal(img.data[key], a[key])
+
+
+def test_raw_array_big_endian(tmp_path):
+    a = np.arange(300, dtype=">u2").reshape(15, 20)
+    tifffile.imwrite(tmp_path / "be.tif", a, byteorder=">")
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "be.tif").data[3:7]), a[3:7])
+
+
+def test_raw_array_writes(tmp_path):
+    out = tmp_path / "o.tif"
+    f = OutputTiff(out, (3, 8, 9), np.float32, axes="CYX")
+    f.array[:, 2:5] = np.ones((3, 3, 9), np.float32)
+    f.array[1, 0, 1:4] = 7
+    f.commit()
+    ref = np.zeros((3, 8, 9), np.float32)
+    ref[:, 2:5] = 1
+    ref[1, 0, 1:4] = 7
+    np.testing.assert_array_equal(tifffile.imread(out), ref)

@@ -1,8 +1,9 @@
 """TIFF input and output.
 
-Inputs are opened memory-mapped when the file allows it (uncompressed, contiguous), through
-zarr when it is compressed and large, and read into memory otherwise; nothing is loaded until a
-window of it is needed. Outputs are written to a temporary file in the destination folder and
+Inputs are read on demand (positional reads of the bytes a window needs) when the file allows
+it (uncompressed, contiguous), through zarr when it is compressed and large, and into memory
+otherwise; nothing is loaded until a window of it is needed. Reads and writes do not map the
+file into memory, so resident memory stays bounded by the tile size, not the stack size. Outputs are written to a temporary file in the destination folder and
 renamed into place when complete, so a file with the final name is always whole.
 
 Axes use the letters ``T`` (time), ``Z``, ``C`` (channels), ``Y``, ``X``.
@@ -26,6 +27,7 @@ from .errors import InputError, OutputError
 
 __all__ = [
     "ImageData",
+    "RawArray",
     "read_image",
     "parse_axes",
     "guess_axes",
@@ -42,6 +44,137 @@ _IN_MEMORY_LIMIT = 1 << 30  # compressed files above this are read lazily throug
 _BIGTIFF_LIMIT = 2**32 - 2**25
 
 
+class RawArray:
+    """A C-contiguous array stored in a file at an offset, read and written with pread/pwrite.
+
+    Unlike ``numpy.memmap`` nothing is mapped into the process, so reading a stack larger than
+    memory does not grow the resident memory of the process (the OS page cache still serves
+    repeated reads). Supports basic indexing: one int or slice (any step) per axis.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    offset : int
+        Byte offset of element 0.
+    shape : sequence of int
+        Array shape.
+    dtype : numpy dtype
+        Element type (byte order included).
+    writable : bool
+        Open for writing too.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        offset: int,
+        shape: Sequence[int],
+        dtype: Any,
+        *,
+        writable: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.offset = int(offset)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def _normalise(self, key: Any) -> tuple[list[tuple[int, int]], list[Any], list[int]]:
+        if key is Ellipsis:
+            key = ()
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = next(i for i, k in enumerate(key) if k is Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if len(key) != self.ndim:
+            raise IndexError(f"too many indices for an array of shape {self.shape}")
+        bounds, post, squeeze = [], [], []
+        for axis, (k, n) in enumerate(zip(key, self.shape)):
+            if isinstance(k, (int, np.integer)):
+                i = int(k) + n if k < 0 else int(k)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} out of range for axis {axis} of size {n}")
+                bounds.append((i, i + 1))
+                post.append(slice(None))
+                squeeze.append(axis)
+            elif isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step < 0:
+                    raise IndexError("negative steps are not supported")
+                stop = max(start, stop)
+                bounds.append((start, stop))
+                post.append(slice(None, None, step) if step != 1 else slice(None))
+            else:
+                raise IndexError(f"unsupported index {k!r}")
+        return bounds, post, squeeze
+
+    def _runs(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+        """(file offset, nbytes, position in the block) of each contiguous run."""
+        # first axis j after which every axis is taken whole
+        j = self.ndim - 1
+        while j > 0 and bounds[j] == (0, self.shape[j]):
+            j -= 1
+        strides = [int(np.prod(self.shape[a + 1 :])) for a in range(self.ndim)]
+        run = (bounds[j][1] - bounds[j][0]) * strides[j]
+        lead = [range(lo, hi) for lo, hi in bounds[:j]]
+        for pos, idx in enumerate(np.ndindex(*[len(r) for r in lead]) if lead else [()]):
+            flat = sum((lead[a][i]) * strides[a] for a, i in enumerate(idx))
+            flat += bounds[j][0] * strides[j]
+            yield self.offset + flat * self.dtype.itemsize, run * self.dtype.itemsize, pos * run
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        bounds, post, squeeze = self._normalise(key)
+        shape = tuple(hi - lo for lo, hi in bounds)
+        out = np.empty(int(np.prod(shape)), dtype=self.dtype)
+        if out.size:
+            buf = out.view(np.uint8)
+            isz = self.dtype.itemsize
+            for off, nbytes, pos in self._runs(bounds):
+                got = os.preadv(self._fd, [memoryview(buf[pos * isz : pos * isz + nbytes])], off)
+                if got != nbytes:
+                    raise InputError(f"{self.path}: truncated file (short read at byte {off})")
+        out = out.reshape(shape)[tuple(post)]
+        return out.squeeze(axis=tuple(squeeze)) if squeeze else out
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        bounds, post, squeeze = self._normalise(key)
+        if any(p != slice(None) for p in post):
+            raise IndexError("writing with a step is not supported")
+        shape = tuple(hi - lo for lo, hi in bounds)
+        block = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=self.dtype), shape))
+        buf = block.reshape(-1).view(np.uint8)
+        isz = self.dtype.itemsize
+        for off, nbytes, pos in self._runs(bounds):
+            os.pwrite(self._fd, memoryview(buf[pos * isz : pos * isz + nbytes]), off)
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+
 @dataclass
 class ImageData:
     """An image as read from disk, not yet loaded.
@@ -49,13 +182,13 @@ class ImageData:
     Attributes
     ----------
     data : array-like
-        Numpy array, ``numpy.memmap`` or zarr array, axes in file order.
+        Numpy array, :class:`RawArray` or zarr array, axes in file order.
     axes : str
         One letter of ``"TZCYX"`` per axis of ``data``.
     path : Path or None
         The file it came from.
     storage : str
-        ``"memmap"``, ``"zarr"`` or ``"memory"``.
+        ``"file"`` (read on demand with pread), ``"zarr"`` or ``"memory"``.
     """
 
     data: Any
@@ -190,14 +323,10 @@ def read_image(
         )
     data: Any
     storage = "memory"
+    data = None
     if offset is not None:
-        try:
-            data = tifffile.memmap(path, mode="r")
-            storage = "memmap"
-        except Exception:
-            data = None
-    else:
-        data = None
+        data = RawArray(path, offset, shape, dtype.newbyteorder(_byteorder(path)))
+        storage = "file"
     if data is None:
         if nbytes > _IN_MEMORY_LIMIT and lazy:
             try:
@@ -239,6 +368,11 @@ class _TiffLog(logging.Handler):
     def __exit__(self, *exc: Any) -> None:
         self._logger.removeHandler(self)
         self._logger.propagate = self._propagate
+
+
+def _byteorder(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return "<" if fh.read(2) == b"II" else ">"
 
 
 def _read_all(path: Path) -> np.ndarray:
@@ -296,7 +430,8 @@ def check_output_folder(folder: str | os.PathLike[str], *, create: bool = True) 
 
 
 class OutputTiff:
-    """A TIFF being written in place through a memory map, renamed when committed.
+    """A TIFF being written in place (``.array``, a writable :class:`RawArray`), renamed when
+    committed.
 
     Use as a context manager: on an exception the temporary file is removed and nothing
     appears under the final name.
@@ -325,14 +460,16 @@ class OutputTiff:
         os.close(fd)
         self.tmp = Path(tmp)
         try:
-            self.array: np.memmap = tifffile.memmap(
+            offset, _ = tifffile.imwrite(
                 self.tmp,
                 shape=tuple(shape),
                 dtype=dtype,
                 bigtiff=nbytes > _BIGTIFF_LIMIT,
                 photometric="minisblack",
                 metadata={"axes": axes},
+                returnoffset=True,
             )
+            self.array = RawArray(self.tmp, offset, shape, dtype.newbyteorder("<"), writable=True)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise
@@ -340,18 +477,13 @@ class OutputTiff:
     def commit(self) -> Path:
         """Flush and rename to the final name."""
         self.array.flush()
-        mm = getattr(self.array, "_mmap", None)
-        del self.array
-        if mm is not None:
-            mm.close()
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        self.array.close()
         return publish(self.tmp, self.path)
 
     def abort(self) -> None:
         """Remove the temporary file."""
         if hasattr(self, "array"):
-            del self.array
+            self.array.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> OutputTiff:

@@ -332,15 +332,13 @@ def predict_tiled(
             batch = batch.pin_memory()
         return batch
 
-    # Rows along the first axis; each row's windows in batches. Reading of the next batch
-    # overlaps with the predictor on the current one.
+    # Windows in C order (rows along the first axis), cut into batches that may span rows
+    # (slices of a stack are batched together). Reading the next batch overlaps with the
+    # predictor on the current one.
     rows = plan.starts[0]
-    other_index = [tuple(o) for o in np.ndindex(*[len(s) for s in plan.starts[1:]])]
-    batches: list[tuple[int, list[tuple[int, ...]]]] = []
-    for r in range(len(rows)):
-        indices = [(r, *o) for o in other_index]
-        for k in range(0, len(indices), batch_size):
-            batches.append((r, indices[k : k + batch_size]))
+    all_indices = [tuple(i) for i in np.ndindex(*[len(st) for st in plan.starts])]
+    per_row = len(all_indices) // len(rows)
+    batches = [all_indices[k : k + batch_size] for k in range(0, len(all_indices), batch_size)]
 
     def origin(index: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(plan.starts[a][i] for a, i in enumerate(index))
@@ -381,14 +379,14 @@ def predict_tiled(
     try:
         pending: Future[torch.Tensor] | None = None
         if batches:
-            pending = executor.submit(load, batches[0][1])
-        for bi, (r, indices) in enumerate(batches):
+            pending = executor.submit(load, batches[0])
+        for bi, indices in enumerate(batches):
             if should_stop is not None and should_stop():
                 raise StopRequested("stopped by the user")
             assert pending is not None
             batch = pending.result()
             if bi + 1 < len(batches):
-                pending = executor.submit(load, batches[bi + 1][1])
+                pending = executor.submit(load, batches[bi + 1])
             out = predictor(batch.to(device, non_blocking=True))
             if out.shape[:2] != (len(indices), classes) or tuple(out.shape[2:]) != window:
                 raise ValueError(
@@ -415,9 +413,10 @@ def predict_tiled(
             done += len(indices)
             if progress is not None:
                 progress(done, total)
-            last_of_row = bi + 1 == len(batches) or batches[bi + 1][0] != r
-            if last_of_row:
-                nxt = _reach(plan, 0, r + 1)[0] if r + 1 < len(rows) else s0
+            # rows whose windows are all done can be finalised
+            r_next = done // per_row  # first row with windows still to run
+            if r_next > 0:
+                nxt = _reach(plan, 0, r_next)[0] if r_next < len(rows) else s0
                 flush(min(max(nxt, 0), s0))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
