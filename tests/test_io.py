@@ -172,3 +172,21 @@ def test_raw_array_writes(tmp_path):
     ref[:, 2:5] = 1
     ref[1, 0, 1:4] = 7
     np.testing.assert_array_equal(tifffile.imread(out), ref)
+
+
+def test_bigtiff_above_the_classic_tiff_limit(tmp_path, monkeypatch):
+    import paintseg.io as pio
+
+    monkeypatch.setattr(pio, "_BIGTIFF_LIMIT", 1000)  # as if the output were over 4 GB
+    with OutputTiff(tmp_path / "big.tif", (4, 30, 40), np.uint8, axes="ZYX") as f:
+        f.array[:] = 3
+        f.commit()
+    with tifffile.TiffFile(tmp_path / "big.tif") as tif:
+        assert tif.is_bigtiff
+        assert tif.series[0].shape == (4, 30, 40)
+        assert (tif.asarray() == 3).all()
+    monkeypatch.setattr(pio, "_BIGTIFF_LIMIT", 2**32 - 2**25)
+    with OutputTiff(tmp_path / "small.tif", (4, 30, 40), np.uint8, axes="ZYX") as f:
+        f.commit()
+    with tifffile.TiffFile(tmp_path / "small.tif") as tif:
+        assert not tif.is_bigtiff

@@ -93,3 +93,15 @@ def test_wheel_contains_manifest_and_sample_data(tmp_path):
     extracted = tmp_path / "napari.yaml"
     extracted.write_text(manifest)
     assert PluginManifest.from_file(extracted).name == "napari-paintseg"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = readme.split("```bash")
+    commands = [b.split("```")[0].strip() for b in blocks[1:]]
+    test_cmd = next(c for c in commands if "pytest" in c)
+    assert test_cmd in ci.splitlines()
+    assert "torch==2.13.0" in test_cmd  # pip never chooses torch by itself
+    main_job = next(c for c in commands if "paintseg segment" in c)
+    assert "sample_data/" in main_job and "torch==2.13.0" in main_job

@@ -189,3 +189,17 @@ def test_progress_and_stop():
     with pytest.raises(StopRequested):
         predict_tiled(img, _predictor(net), classes=2, plan=plan, batch_size=1, should_stop=stop)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dims,shape,tile", [(2, (70, 90), 16), (3, (12, 20, 26), 8)])
+def test_exact_with_filter_bank(dims, shape, tile):
+    """The fixed multiscale filters in front of the U-Net keep tiling exact."""
+    cfg = ModelConfig(dims=dims, depth=2, base_features=4, features=(1.0, 2.0))
+    net = new_model(cfg, seed=0).network
+    img = np.random.default_rng(2).normal(size=(1, *shape)).astype(np.float32)
+    halo = exact_halo(cfg)
+    ref = _untiled(img, net, halo, cfg.align)
+    plan = plan_tiles(shape, tile=tile, halo=halo, align=cfg.align)
+    assert plan.n_tiles > 1
+    out = predict_tiled(img, _predictor(net), classes=2, plan=plan, batch_size=4)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)

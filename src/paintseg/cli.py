@@ -87,6 +87,39 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
+    tr = sub.add_parser(
+        "train",
+        help="train (or continue training) a U-Net on painted labels",
+        description="Fine-tune a U-Net on IMAGE / LABELS pairs. LABELS: 0 = not painted, "
+        "1..K = class (1 = background by convention); or a dense instance image with "
+        "--labels-kind instances. Writes the model with the best validation score.",
+    )
+    tr.add_argument("pairs", nargs="+", metavar="IMAGE LABELS", help="image and labels TIFFs, in pairs")
+    tr.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
+    tr.add_argument("--init", default=None,
+                    help="start from this checkpoint (or a bundled model name) instead of a new U-Net")
+    tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D or 3D U-Net (new models)")
+    tr.add_argument("--preset", choices=("auto", "fast", "accurate"), default="auto",
+                    help="size of a new U-Net: fast (CPU) or accurate (GPU); auto by device")
+    tr.add_argument("--labels-kind", choices=("scribbles", "instances"), default="scribbles")
+    tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+    tr.add_argument("--steps", type=int, default=None)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--patch-size", type=int, default=None)
+    tr.add_argument("--learning-rate", type=float, default=3e-3)
+    tr.add_argument("--augment", choices=("none", "flips", "full"), default="flips")
+    tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--validation-fraction", type=float, default=0.15)
+    tr.add_argument("--axes", default=None, help="axes of the images, e.g. ZYX or YXC")
+    tr.add_argument("--quiet", "-q", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="score a prediction against ground truth (JSON)")
+    ev.add_argument("pred", help="predicted label TIFF")
+    ev.add_argument("gt", help="ground-truth label TIFF")
+    ev.add_argument("--instances", action="store_true",
+                    help="instance matching: AP / F1 / precision / recall at IoU 0.5..0.9")
+
     info = sub.add_parser("info", help="describe a model, or this installation")
     info.add_argument("model", nargs="?", help="checkpoint file")
     return parser
@@ -219,6 +252,129 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .config import TrainConfig
+    from .devices import describe_device, resolve_device
+    from .errors import PaintsegError
+    from .io import read_image
+    from .model import load_model, new_model, save_model
+    from .training import EventKind, adapt_model, iter_train, prepare_data, preset_config
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if len(args.pairs) % 2:
+        print(f"paintseg: error: images and labels must come in pairs; got {len(args.pairs)} "
+              "paths (an odd number)", file=sys.stderr)
+        return EXIT_FATAL
+    try:
+        config = TrainConfig(time_budget=args.time_budget, steps=args.steps,
+                             batch_size=args.batch_size, patch_size=args.patch_size,
+                             learning_rate=args.learning_rate, augment=args.augment,
+                             validation_fraction=args.validation_fraction, seed=args.seed)
+        device = resolve_device(args.device)
+        out = Path(args.out)
+        if not out.parent.is_dir() if str(out.parent) else False:
+            raise PaintsegError(f"cannot write {out}: folder {out.parent} does not exist")
+        init = _resolve_model(args.init) if args.init else None
+        pairs, names, channels = [], [], None
+        for img_path, lab_path in zip(args.pairs[::2], args.pairs[1::2]):
+            image = read_image(img_path, axes=args.axes, lazy=False)
+            labels = read_image(lab_path, lazy=False)
+            if "C" in image.axes:
+                data = np.moveaxis(np.asarray(image.data), image.axes.index("C"), -1)
+            else:
+                data = np.asarray(image.data)[..., None]
+            channels = data.shape[-1]
+            lab = np.asarray(labels.data)
+            if lab.shape != data.shape[:-1]:
+                raise PaintsegError(
+                    f"{lab_path}: labels have shape {lab.shape} but {img_path} has spatial "
+                    f"shape {data.shape[:-1]}"
+                )
+            pairs.append((data, lab))
+            names.append(str(lab_path))
+        dims = init.config.dims if init is not None else args.dims
+        data = prepare_data(
+            pairs, dims=dims, labels_kind=args.labels_kind, channel_axis=-1,
+            class_values=None, validation_fraction=args.validation_fraction,
+            seed=args.seed, names=names,
+            normalization=init.normalization if init is not None else None,
+        )
+        if init is not None:
+            if init.config.in_channels != channels:
+                raise PaintsegError(
+                    f"{args.init} expects {init.config.in_channels} channel(s) but the images "
+                    f"have {channels}"
+                )
+            model = adapt_model(init, data.class_values, data.class_names, seed=args.seed)
+        else:
+            cfg = preset_config(args.preset, dims=dims, in_channels=channels,
+                                classes=len(data.class_values), device=device)
+            model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
+                              seed=args.seed)
+    except (PaintsegError, ValueError, OSError) as exc:
+        print(f"paintseg: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    say(f"paintseg: training on {describe_device(device)}: {model.config.dims}D U-Net depth "
+        f"{model.config.depth}, base {model.config.base_features}; classes "
+        f"{list(data.class_values)}; painted pixels {data.counts.tolist()}")
+    for note in data.notes:
+        say(f"  note: {note}")
+    done = None
+    try:
+        for event in iter_train(model, data, config, device=device, step_every=2.0):
+            if event.kind is EventKind.STEP:
+                eta = f", {event.eta:.0f} s left" if event.eta is not None else ""
+                say(f"  step {event.step}: loss {event.loss:.4f} ({event.elapsed:.0f} s{eta})")
+            elif event.kind is EventKind.VALIDATION and event.validation:
+                say(f"  validation at step {event.step}: mean IoU "
+                    f"{event.validation['mean_iou']:.3f}, loss {event.validation['loss']:.4f}")
+            else:
+                done = event
+    except KeyboardInterrupt:
+        print("paintseg: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    save_model(model, args.out)
+    assert done is not None
+    say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; weights of "
+        f"step {done.best_step})")
+    return EXIT_OK
+
+
+def _resolve_model(spec: str):
+    from .model import load_model
+
+    return load_model(spec)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .errors import PaintsegError
+    from .io import read_image
+    from .metrics import instance_scores, semantic_scores
+
+    try:
+        pred = np.asarray(read_image(args.pred, lazy=False).data)
+        gt = np.asarray(read_image(args.gt, lazy=False).data)
+        if pred.shape != gt.shape:
+            raise PaintsegError(
+                f"{args.pred} has shape {pred.shape} but {args.gt} has shape {gt.shape}"
+            )
+        if args.instances:
+            result = instance_scores(pred, gt)
+        else:
+            result = semantic_scores(pred, gt)
+            result["iou"] = {str(k): v for k, v in result["iou"].items()}
+            result["dice"] = {str(k): v for k, v in result["dice"].items()}
+    except (PaintsegError, ValueError) as exc:
+        print(f"paintseg: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -252,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_segment(args)
     if args.command == "info":
         return cmd_info(args)
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_FATAL
 

@@ -31,6 +31,7 @@ from .tiling import TilePlan, plan_tiles, predict_tiled
 __all__ = ["segment", "SegmentResult", "AxesView", "choose_tiling", "output_axes"]
 
 _MAX_BATCH = 32
+_CPU_BATCH_PIXELS = 4e6
 
 
 class AxesView:
@@ -322,9 +323,12 @@ def segment(
             inner=tile_cfg.mode == "blend",
         )
         if tile_cfg.batch_size is None:
-            # slices of a stack are windows too: fill the batch with them
+            # slices of a stack are windows too: fill the batch with them. On the CPU a batch
+            # larger than a few megapixels buys no speed, only memory: cap it there.
             window_px = float(np.prod(plan.window))
             budget_px = budget / _bytes_per_pixel(cfg, half)
+            if dev.type != "cuda":
+                budget_px = min(budget_px, _CPU_BATCH_PIXELS)
             batch = int(max(1, min(_MAX_BATCH, budget_px // window_px)))
         total_tiles[0] = plan.n_tiles
         net = network.to(dev)

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "list_images",
     "check_output_folder",
     "publish",
+    "atomic_path",
 ]
 
 AXES = "TZCYX"
@@ -400,6 +402,23 @@ def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".partial") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def label_dtype(max_value: int) -> np.dtype:
     """Smallest unsigned integer type holding ``0..max_value``."""
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
@@ -499,9 +518,7 @@ def write_tiff(
 ) -> Path:
     """Write an in-memory array atomically (temporary name, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.tif", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".partial.tif") as tmp:
         tifffile.imwrite(
             tmp,
             array,
@@ -510,10 +527,6 @@ def write_tiff(
             metadata={"axes": axes},
             compression=compression,
         )
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

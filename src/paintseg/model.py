@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from torch import nn
 
 from .config import ModelConfig, NormConfig, from_json
 from .errors import CheckpointError
-from .io import publish
+from .io import atomic_path
 
 __all__ = [
     "UNet",
@@ -76,6 +75,89 @@ def _norm(kind: str, channels: int, dims: int) -> nn.Module:
     return nn.Identity()
 
 
+def _gaussian_kernels(sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """1D Gaussian and its first and second derivatives (scale-normalised), and the radius."""
+    radius = int(math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    d1 = -x / sigma**2 * g * sigma  # sigma * dG/dx
+    d2 = (x**2 / sigma**4 - 1 / sigma**2) * g * sigma**2  # sigma^2 * d2G/dx2
+    d2 = d2 - d2.mean()  # no response to a constant image
+    return g.float(), d1.float(), d2.float(), radius
+
+
+class FilterBank(nn.Module):
+    """Fixed multiscale filters in front of the U-Net (not trained).
+
+    For each channel and scale: Gaussian smoothing, gradient magnitude, Laplacian of Gaussian
+    and the Hessian eigenvalues (2D: both; 3D: smallest and largest), with scale-normalised
+    derivatives; the raw channels come first. Borders are reflected.
+    """
+
+    def __init__(self, in_channels: int, sigmas: Sequence[float], dims: int) -> None:
+        super().__init__()
+        self.dims, self.sigmas = dims, tuple(sigmas)
+        self.radius = max(_gaussian_kernels(s)[3] for s in self.sigmas)
+        for i, s in enumerate(self.sigmas):
+            g, d1, d2, _r = _gaussian_kernels(s)
+            self.register_buffer(f"g{i}", g, persistent=False)
+            self.register_buffer(f"d1_{i}", d1, persistent=False)
+            self.register_buffer(f"d2_{i}", d2, persistent=False)
+        self.out_channels = in_channels * (1 + len(self.sigmas) * (3 + (2 if dims == 2 else 2)))
+
+    def _sep(self, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+        # x: (N*C, 1, *spatial); one 1D kernel per spatial axis
+        for axis, k in enumerate(kernels):
+            shape = [1, 1] + [1] * self.dims
+            shape[2 + axis] = k.numel()
+            w = k.view(shape)
+            x = (F.conv2d if self.dims == 2 else F.conv3d)(x, w)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        spatial = x.shape[2:]
+        flat = x.reshape(n * c, 1, *spatial)
+        r = self.radius
+        mode = "reflect" if min(spatial) > r else "replicate"
+        padded = F.pad(flat, [r, r] * self.dims, mode=mode)
+        feats = [flat]
+        for i, s in enumerate(self.sigmas):
+            g, d1, d2 = getattr(self, f"g{i}"), getattr(self, f"d1_{i}"), getattr(self, f"d2_{i}")
+            ri = g.numel() // 2
+            crop = r - ri
+            xi = padded[(..., *[slice(crop, padded.shape[2 + a] - crop) for a in range(self.dims)])]
+            smooth = self._sep(xi, [g] * self.dims)
+            grads = [self._sep(xi, [d1 if a == b else g for b in range(self.dims)])
+                     for a in range(self.dims)]
+            second = {}
+            for a in range(self.dims):
+                for b in range(a, self.dims):
+                    ks = []
+                    for ax in range(self.dims):
+                        if a == b == ax:
+                            ks.append(d2)
+                        elif ax in (a, b) and a != b:
+                            ks.append(d1)
+                        else:
+                            ks.append(g)
+                    second[(a, b)] = self._sep(xi, ks)
+            gradmag = torch.sqrt(sum(gr * gr for gr in grads) + 1e-12)
+            log = sum(second[(a, a)] for a in range(self.dims))
+            if self.dims == 2:
+                hxx, hyy, hxy = second[(0, 0)], second[(1, 1)], second[(0, 1)]
+                half = torch.sqrt(((hxx - hyy) * 0.5) ** 2 + hxy * hxy + 1e-12)
+                ev = [log * 0.5 + half, log * 0.5 - half]
+            else:  # bounds of the eigenvalues (Gershgorin-free): trace-based surrogate
+                off = torch.sqrt(sum(second[(a, b)] ** 2 for a in range(3) for b in range(a + 1, 3)) + 1e-12)
+                diag = torch.stack([second[(a, a)] for a in range(3)])
+                ev = [diag.max(0).values + off, diag.min(0).values - off]
+            feats += [smooth, gradmag, log, *ev]
+        out = torch.cat(feats, 1)
+        return out.reshape(n, -1, *spatial)
+
+
 class _Block(nn.Sequential):
     def __init__(self, cin: int, cout: int, dims: int, norm: str) -> None:
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
@@ -109,6 +191,10 @@ class UNet(nn.Module):
         feats = [config.base_features * 2**i for i in range(config.depth + 1)]
         self.down = nn.ModuleList()
         cin = config.in_channels
+        self.filters: FilterBank | None = None
+        if config.features:
+            self.filters = FilterBank(cin, config.features, d)
+            cin = self.filters.out_channels
         for f in feats[:-1]:
             self.down.append(_Block(cin, f, d, n))
             cin = f
@@ -144,6 +230,8 @@ class UNet(nn.Module):
             for p in reversed(pads):
                 pad_arg += [0, p]
             x = F.pad(x, pad_arg, mode="replicate")
+        if self.filters is not None:
+            x = self.filters(x)
         skips = []
         for block in self.down:
             x = block(x)
@@ -162,6 +250,9 @@ class UNet(nn.Module):
 def receptive_field(config: ModelConfig) -> int:
     """Size of the receptive field of one output pixel along each axis, in pixels."""
     r, j = 1, 1
+    if config.features:
+        # the filter bank: a Gaussian of radius 3 sigma per axis, applied once per axis
+        r += 2 * max(int(math.ceil(3 * s)) for s in config.features)
     for _ in range(config.depth):
         r += 4 * j  # two 3-wide convolutions
         r += j  # 2-wide max pool
@@ -329,16 +420,10 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CheckpointError(f"cannot save model to {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 

@@ -1,0 +1,204 @@
+"""Training from painted labels: loss masking, learning on real data, stop, seeds, warm start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from paintseg.cli import main
+from paintseg.config import ModelConfig, TrainConfig
+from paintseg.errors import InputError
+from paintseg.model import load_model, new_model
+from paintseg.training import (
+    EventKind,
+    adapt_model,
+    instance_targets,
+    iter_train,
+    masked_loss,
+    prepare_data,
+    scribble_targets,
+)
+
+
+@pytest.fixture(scope="module")
+def real_pair(nuclei2d):
+    gt = tifffile.imread(__import__("pathlib").Path(__file__).parents[1] / "sample_data" / "nuclei2d_instances.tif")
+    return nuclei2d, gt
+
+
+def strokes(gt: np.ndarray, n: int = 60, seed: int = 0) -> np.ndarray:
+    """Short horizontal strokes (3 x 12 px) painted with the true class: 1 bg, 2 nucleus."""
+    sem = np.where(gt > 0, 2, 1)
+    lab = np.zeros(gt.shape, np.uint8)
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        y, x = rng.integers(0, np.array(gt.shape) - 12)
+        lab[y : y + 3, x : x + 12] = sem[y : y + 3, x : x + 12]
+    return lab
+
+
+def tiny(classes=2, **kw):
+    return new_model(ModelConfig(depth=2, base_features=8, classes=classes), seed=0, **kw)
+
+
+def test_ignored_pixels_carry_no_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16, requires_grad=True)
+    targets = torch.randint(0, 3, (2, 16, 16))
+    targets[:, :8] = -1
+    loss = masked_loss(logits, targets, class_weights=torch.tensor([1.0, 2.0, 0.5]))
+    loss.backward()
+    grad = logits.grad.clone()
+    assert torch.all(grad[:, :, :8] == 0)
+    # change the logits at ignored pixels: loss and gradients stay identical
+    other = logits.detach().clone()
+    other[:, :, :8] = torch.randn(2, 3, 8, 16) * 10
+    other.requires_grad_(True)
+    loss2 = masked_loss(other, targets, class_weights=torch.tensor([1.0, 2.0, 0.5]))
+    loss2.backward()
+    assert torch.equal(loss, loss2)
+    assert torch.equal(grad, other.grad)
+
+
+def test_targets():
+    lab = np.array([[0, 1, 2], [2, 0, 1]], np.uint8)
+    before = lab.copy()
+    t = scribble_targets(lab, (1, 2))
+    np.testing.assert_array_equal(t, [[-1, 0, 1], [1, -1, 0]])
+    np.testing.assert_array_equal(lab, before)
+    inst = np.zeros((8, 8), int)
+    inst[1:4, 1:4] = 1
+    inst[1:4, 4:7] = 2  # touching objects
+    t = instance_targets(inst)
+    assert t[0, 0] == 0 and t[2, 2] == 1
+    assert t[2, 3] == 2 and t[2, 4] == 2  # the shared edge is boundary on both sides
+
+
+def test_training_lowers_the_loss_on_real_data(real_pair):
+    img, gt = real_pair
+    lab = strokes(gt)
+    before = lab.copy()
+    data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
+    model = tiny(class_values=data.class_values)
+    from paintseg.training import _sample_batch
+
+    rng = np.random.default_rng(123)
+    xb, yb = _sample_batch(data, 8, (64, 64), rng)
+    x, y = torch.from_numpy(xb), torch.from_numpy(yb)
+
+    def loss_now():
+        model.network.eval()
+        with torch.no_grad():
+            return float(masked_loss(model.network(x), y))
+
+    start = loss_now()
+    events = list(iter_train(model, data, TrainConfig(steps=40, seed=0, patch_size=64),
+                             device="cpu", step_every=0))
+    assert events[-1].kind is EventKind.DONE and events[-1].step == 40
+    assert loss_now() < 0.8 * start
+    np.testing.assert_array_equal(lab, before)  # painted labels never modified
+    assert model.provenance["training"][-1]["steps"] == 40
+
+
+def test_seeded_runs_are_identical(real_pair):
+    img, gt = real_pair
+    lab = strokes(gt)
+    weights = []
+    for _ in range(2):
+        data = prepare_data([(img, lab)], dims=2, seed=3)
+        model = tiny(class_values=data.class_values)
+        list(iter_train(model, data, TrainConfig(steps=4, seed=3, patch_size=64), device="cpu"))
+        weights.append(model.network.state_dict())
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_stop_keeps_the_best_weights(real_pair):
+    img, gt = real_pair
+    data = prepare_data([(img, strokes(gt, n=120))], dims=2, seed=0)
+    assert data.has_validation
+    model = tiny(class_values=data.class_values)
+    snapshots = {}
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 25
+
+    cfg = TrainConfig(steps=1000, seed=0, patch_size=64, validate_every=0.0)
+    for ev in iter_train(model, data, cfg, device="cpu", should_stop=stop):
+        if ev.kind is EventKind.VALIDATION and ev.best_step == ev.step:
+            snapshots[ev.step] = {k: v.clone() for k, v in model.network.state_dict().items()}
+        last = ev
+    assert last.kind is EventKind.DONE and last.stopped and last.step == 25
+    best = snapshots[last.best_step]
+    for k, v in model.network.state_dict().items():
+        assert torch.equal(v, best[k]), k
+
+
+def test_warm_start_with_another_class_count(real_pair, tmp_path):
+    img, gt = real_pair
+    base = tiny(classes=2)
+    lab = strokes(gt)
+    lab[200:203, 200:230] = 3  # a third class
+    data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
+    model = adapt_model(base, data.class_values, seed=0)
+    assert model.config.classes == 3
+    enc = "down.0.0.weight"
+    assert torch.equal(model.network.state_dict()[enc], base.network.state_dict()[enc])
+    list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
+
+
+@pytest.mark.parametrize(
+    "labels,message",
+    [
+        (np.zeros((10, 10), np.uint8), "labels have shape"),
+        (np.zeros((64, 64), np.uint8), "nothing is painted"),
+        (np.ones((64, 64), np.uint8), "only one class is painted"),
+        (np.full((64, 64), -1, np.int16), "must be >= 0"),
+        (np.full((64, 64), 1.5, np.float32), "whole numbers"),
+    ],
+)
+def test_bad_labels(labels, message):
+    img = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    with pytest.raises(InputError, match=message):
+        prepare_data([(img, labels)], dims=2)
+
+
+def test_bad_budget():
+    with pytest.raises(ValueError, match="time budget must be positive"):
+        TrainConfig(time_budget=0)
+
+
+def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
+    img, gt = real_pair
+    lab_path = tmp_path / "strokes.tif"
+    tifffile.imwrite(lab_path, strokes(gt))
+    out = tmp_path / "m.pt"
+    rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(out), "--steps", "3",
+               "--seed", "0", "--patch-size", "64", "--device", "cpu", "-q"])
+    assert rc == 0 and load_model(out).class_values == (1, 2)
+    # continue training from it
+    rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "m2.pt"),
+               "--init", str(out), "--steps", "2", "--patch-size", "64", "-q"])
+    assert rc == 0 and len(load_model(tmp_path / "m2.pt").provenance["training"]) == 2
+    # bad inputs: odd number of paths, budget 0, only one class; nothing written
+    assert main(["train", str(nuclei2d_path), "--out", str(tmp_path / "x.pt")]) == 2
+    assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "x.pt"),
+                 "--time-budget", "0"]) == 2
+    one = tmp_path / "one.tif"
+    tifffile.imwrite(one, np.ones(gt.shape, np.uint8))
+    assert main(["train", str(nuclei2d_path), str(one), "--out", str(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()
+    err = capsys.readouterr().err
+    assert "odd number" in err and "time budget must be positive" in err and "only one class" in err
+    # evaluate prints JSON
+    gt_path = tmp_path / "gt.tif"
+    tifffile.imwrite(gt_path, gt)
+    assert main(["evaluate", str(gt_path), str(gt_path), "--instances"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["ap"][0] == 1.0 and result["n_true"] == 125
