@@ -142,9 +142,36 @@ def test_info(model_file, capsys):
     assert "2D U-Net" in out and "parameters" in out
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "device (auto): " in out and "bundled_models" in out
+    assert "device (auto): " in out and "bundled models" in out and "nuclei:" in out
 
 
 def test_new_model_warns(tmp_path, nuclei2d_path, capsys):
     assert main(["segment", str(nuclei2d_path), "--model", "new", "--out", str(tmp_path)]) == 0
     assert "UNTRAINED" in capsys.readouterr().err
+
+
+def test_bundled_nuclei_model_gives_instances_and_overlay(tmp_path, nuclei2d_path, capsys):
+    from paintseg.metrics import instance_scores
+
+    out = tmp_path / "out"
+    rc = main(["segment", str(nuclei2d_path), "--model", "nuclei", "--out", str(out), "--overlay"])
+    assert rc == 0, capsys.readouterr().err
+    labels = tifffile.imread(out / "nuclei2d_labels.tif")
+    gt = tifffile.imread(nuclei2d_path.parent / "nuclei2d_instances.tif")
+    scores = instance_scores(labels, gt)
+    assert scores["n_pred"] > 60  # numbered nuclei, not two classes
+    assert scores["f1"][0] > 0.6  # (trained on this image: a smoke test, not an evaluation)
+    from PIL import Image
+
+    png = np.asarray(Image.open(out / "nuclei2d_overlay.png"))
+    assert png.shape == (512, 512, 3) and (png[..., 0] == 255).any()
+    # semantic output on request
+    rc = main(["segment", str(nuclei2d_path), "--model", "nuclei", "--out", str(tmp_path / "s"),
+               "--output", "semantic", "-q"])
+    assert rc == 0
+    assert set(np.unique(tifffile.imread(tmp_path / "s" / "nuclei2d_labels.tif"))) <= {0, 2, 3}
+
+
+def test_unknown_model_name_lists_bundled(tmp_path, nuclei2d_path, capsys):
+    assert main(["segment", str(nuclei2d_path), "--model", "mitochondria", "--out", str(tmp_path)]) == 2
+    assert "bundled models: nuclei" in capsys.readouterr().err

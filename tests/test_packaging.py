@@ -84,7 +84,7 @@ def test_wheel_contains_manifest_and_sample_data(tmp_path):
         eps = zf.read(entry_points).decode()
     assert "name: napari-paintseg" in manifest  # the file itself, not a link
     assert {"paintseg/sample_data/nuclei2d.tif", "paintseg/sample_data/nuclei3d.tif",
-            "paintseg/sample_data/README.md"} <= names
+            "paintseg/sample_data/README.md", "paintseg/models/nuclei.pt"} <= names
     assert "napari-paintseg = paintseg:napari.yaml" in eps
     assert "paintseg = paintseg.cli:main" in eps
     # npe2 can read the manifest as packaged

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--model",
         required=True,
-        help="checkpoint file (.pt), or 'new' for a freshly initialised 2D U-Net "
-        "(untrained: for trying the pipeline only)",
+        help="checkpoint file (.pt), a bundled model name ('nuclei'), or 'new' for a freshly "
+        "initialised 2D U-Net (untrained: for trying the pipeline only)",
     )
     seg.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     seg.add_argument("--tile", type=_tile_arg, default=None, metavar="auto|N",
@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write class probabilities (float32, classes first)")
     seg.add_argument("--background-class", type=int, default=1, metavar="VALUE",
                      help="class value written as 0 in the labels (default 1; -1 keeps all)")
+    seg.add_argument("--output", choices=("auto", "semantic", "instances"), default="auto",
+                     help="labels kind: instances (numbered objects, for models trained on "
+                     "instances such as 'nuclei') or semantic classes; auto follows the model")
+    seg.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
+                     help="typical object diameter in the images; the image is rescaled to "
+                     "the object size the model was trained on (models trained on instances "
+                     "record it; 'nuclei': about 16 px). Loads the image into memory")
+    seg.add_argument("--min-size", type=int, default=30,
+                     help="instances smaller than this many pixels are removed (default 30)")
+    seg.add_argument("--overlay", action="store_true",
+                     help="also write OUT/<name>_overlay.png (image with label outlines; the "
+                     "middle slice of a stack)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
@@ -158,7 +170,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
     from .inference import output_axes, segment
-    from .io import OutputTiff, check_output_folder, read_image
+    import numpy as np
+
+    from .io import OutputTiff, check_output_folder, read_image, write_tiff
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     try:
@@ -208,8 +222,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
             lshape = tuple(sizes[a] for a in axes)
             values = [0 if v == background else v for v in model.class_values]
             ldtype = "uint8" if max(values) < 256 else "uint16"
+            want_instances = args.output == "instances" or (
+                args.output == "auto" and model.provenance.get("output") == "instances"
+            )
+            if want_instances and model.config.classes != 3:
+                raise PaintsegError(
+                    f"instance output needs a model trained on instances (3 classes: "
+                    f"background, object, boundary); {args.model} has {model.config.classes}"
+                )
             labels_file = OutputTiff(labels_path, lshape, ldtype, axes=axes)
-            outputs.append(labels_file)
+            if not want_instances:
+                outputs.append(labels_file)
+            else:
+                labels_file.abort()
             probs_file = None
             if args.probabilities:
                 probs_file = OutputTiff(probs_path, (model.config.classes, *lshape), "float32",
@@ -221,17 +246,34 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 tiles=tiles,
                 device=device,
                 background_class=background,
-                labels_out=labels_file.array,
+                labels_out=None if want_instances else labels_file.array,
                 probabilities_out=probs_file.array if probs_file else None,
+                return_probabilities=want_instances,
                 progress=_progress_printer(not args.quiet, src.name),
+                scale=_scale_for(model, args.diameter),
             )
             for msg in result.messages:
                 say(f"  note: {msg}")
+            labels_array = None
+            if want_instances:
+                from .postprocess import instances_per_image
+
+                probs = result.probabilities
+                labels_array = instances_per_image(
+                    np.asarray(probs), dims=model.config.dims, min_size=args.min_size
+                )
+                ldtype = labels_array.dtype.name
+                write_tiff(labels_path, labels_array, axes=axes)
             for out in outputs:
                 out.commit()
+            if args.overlay:
+                _write_overlay(out_dir / f"{stem}_overlay.png", image, axes, labels_path)
             written += 1
             px = math.prod(lshape)
-            say(f"  wrote {labels_path} ({ldtype}, axes {axes}, class values {values}) in "
+            what = (f"{int(labels_array.max())} objects" + (" in the largest image"
+                    if labels_array.ndim > model.config.dims else "")
+                    if labels_array is not None else f"class values {values}")
+            say(f"  wrote {labels_path} ({ldtype}, axes {axes}, {what}) in "
                 f"{result.seconds:.1f} s ({px / result.seconds / 1e6:.2f} Mpx/s, tile "
                 f"{result.plan.window[-1]} px window, {result.plan.n_tiles} windows, batch "
                 f"{result.batch_size}, {result.device})")
@@ -250,6 +292,38 @@ def cmd_segment(args: argparse.Namespace) -> int:
         say(f"paintseg: {written} written, {len(failures)} failed")
         return EXIT_SOME_FAILED if written or len(args.inputs) > 1 else EXIT_FATAL
     return EXIT_OK
+
+
+def _scale_for(model, diameter: float | None) -> float:
+    from .errors import PaintsegError
+
+    if diameter is None:
+        return 1.0
+    trained = model.provenance.get("object_diameter")
+    if not trained:
+        raise PaintsegError("--diameter needs a model trained on instances (it records the "
+                            "object size it learned); this model does not")
+    if not diameter > 0:
+        raise PaintsegError(f"--diameter must be positive, got {diameter}")
+    return float(trained) / float(diameter)
+
+
+def _write_overlay(path: Path, image, axes: str, labels_path: Path) -> None:
+    """PNG of the image (middle slice of a stack) with the label outlines."""
+    import numpy as np
+    from PIL import Image
+
+    from .inference import AxesView
+    from .io import atomic_path, read_image
+    from .postprocess import overlay_rgb
+
+    labels = read_image(labels_path).data
+    view = AxesView(image.data, image.axes, "C" + axes)
+    index = tuple(s // 2 for s in labels.shape[:-2])
+    img = np.moveaxis(view[(slice(None), *index)], 0, -1)
+    lab = np.asarray(labels[index]) if index else np.asarray(labels[...])
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(overlay_rgb(img, lab)).save(tmp, format="PNG")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -345,7 +419,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _resolve_model(spec: str):
     from .model import load_model
 
-    return load_model(spec)
+    return load_model(spec)  # bundled names ('nuclei') are resolved by load_model
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -396,7 +470,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"paintseg {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"device (auto): {describe_device(dev)}")
     print(f"CUDA build: {torch.version.cuda or 'no'}; CPU threads: {torch.get_num_threads()}")
-    print(json.dumps({"bundled_models": []}))
+    from .model import bundled_models
+
+    print("bundled models (use the name as --model / --init):")
+    for name, path in bundled_models().items():
+        try:
+            m = load_model(path)
+        except PaintsegError as exc:
+            print(f"  {name}: unreadable ({exc})")
+            continue
+        ev = m.provenance.get("unseen_evaluation") or {}
+        extra = f"; on unseen data AP@0.5 {ev['ap50']:.2f}" if "ap50" in ev else ""
+        print(f"  {name}: {m.provenance.get('note', '')}{extra}")
     return EXIT_OK
 
 

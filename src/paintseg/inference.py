@@ -193,6 +193,45 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out_axes: str,
+                      name: str, t_start: float, labels_out: Any, probabilities_out: Any,
+                      return_probabilities: bool, background_class: int | None,
+                      **kwargs: Any) -> SegmentResult:
+    from skimage.transform import resize
+
+    if not 0.05 <= scale <= 20:
+        raise InputError(f"{name}: scale {scale:g} is out of range (0.05 to 20)")
+    dims = model.config.dims
+    data = np.asarray(view[...], dtype=np.float32)  # (C, *batch, *spatial)
+    spatial = data.shape[-dims:]
+    small = tuple(max(1, int(round(s * scale))) for s in spatial)
+    lead = data.shape[: data.ndim - dims]
+    resized = np.empty(lead + small, np.float32)
+    for idx in np.ndindex(*lead):
+        resized[idx] = resize(data[idx], small, order=1, anti_aliasing=scale < 1,
+                              preserve_range=True)
+    inner = segment(np.moveaxis(resized, 0, -1), model, axes=out_axes + "C",
+                    return_probabilities=True, background_class=background_class, **kwargs)
+    probs = np.empty((model.config.classes, *lead[1:], *spatial), np.float32)
+    for idx in np.ndindex(*probs.shape[: probs.ndim - dims]):
+        probs[idx] = resize(inner.probabilities[idx], spatial, order=1, preserve_range=True)
+    probs /= probs.sum(0, keepdims=True).clip(1e-12)
+    lut = np.array([0 if v == background_class else v for v in model.class_values])
+    labels = lut[probs.argmax(0)].astype(np.uint8 if lut.max() < 256 else np.uint16)
+    if labels_out is not None:
+        labels_out[...] = labels
+        labels = labels_out
+    if probabilities_out is not None:
+        probabilities_out[...] = probs
+        probs = probabilities_out
+    return SegmentResult(
+        labels=labels, probabilities=probs if (return_probabilities or probabilities_out is not None) else None,
+        axes=out_axes, device=inner.device, plan=inner.plan, batch_size=inner.batch_size,
+        seconds=time.perf_counter() - t_start,
+        messages=inner.messages + [f"image resampled by {scale:.3g} for the model"],
+    )
+
+
 def segment(
     image: ImageData | np.ndarray,
     model: PaintsegModel,
@@ -206,6 +245,7 @@ def segment(
     return_probabilities: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    scale: float = 1.0,
 ) -> SegmentResult:
     """Segment an image (2D, 2D + channels, 3D, time series) with a model.
 
@@ -270,6 +310,13 @@ def segment(
 
     out_axes = output_axes(image.axes, cfg)
     view = AxesView(image.data, image.axes, "C" + out_axes)
+    if scale != 1.0:
+        return _segment_rescaled(
+            view, model, scale=scale, out_axes=out_axes, tiles=tiles, device=device,
+            background_class=background_class, labels_out=labels_out,
+            probabilities_out=probabilities_out, return_probabilities=return_probabilities,
+            progress=progress, should_stop=should_stop, name=name, t_start=t_start,
+        )
     labels_shape = view.shape[1:]
     n_batch_axes = len(out_axes) - cfg.dims
     spatial = labels_shape[n_batch_axes:]

@@ -36,6 +36,8 @@ __all__ = [
     "load_model",
     "receptive_field",
     "exact_halo",
+    "bundled_models",
+    "resolve_model",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -394,6 +396,21 @@ def _provenance() -> dict[str, Any]:
     }
 
 
+def bundled_models() -> dict[str, Path]:
+    """Models shipped inside the package, by name (e.g. ``"nuclei"``)."""
+    folder = Path(__file__).resolve().parent / "models"
+    return {p.stem: p for p in sorted(folder.glob("*.pt"))}
+
+
+def resolve_model(spec: str | os.PathLike[str]) -> Path:
+    """A bundled model name or a path, as a path."""
+    text = str(spec)
+    bundled = bundled_models()
+    if text in bundled and not Path(text).exists():
+        return bundled[text]
+    return Path(text)
+
+
 def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
     """Write a checkpoint atomically (temporary file in the same folder, then rename).
 
@@ -449,9 +466,12 @@ def load_model(
     CheckpointError
         With a message naming the file: missing, not a checkpoint, truncated, or a mismatch.
     """
-    path = Path(path)
+    path = resolve_model(path)
     if not path.exists():
-        raise CheckpointError(f"model file {path} does not exist")
+        names = ", ".join(bundled_models()) or "none"
+        raise CheckpointError(
+            f"model file {path} does not exist (bundled models: {names})"
+        )
     if path.is_dir():
         raise CheckpointError(f"model path {path} is a folder, not a checkpoint file")
     if not zipfile.is_zipfile(path):

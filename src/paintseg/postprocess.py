@@ -8,7 +8,13 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-__all__ = ["semantic_labels", "instances_from_probabilities", "filter_instances"]
+__all__ = [
+    "semantic_labels",
+    "instances_from_probabilities",
+    "filter_instances",
+    "instances_per_image",
+    "overlay_rgb",
+]
 
 
 def semantic_labels(
@@ -98,3 +104,37 @@ def instances_from_probabilities(
     seeds, _n = ndi.label(obj > seed_threshold)
     labels = watershed(-obj, markers=seeds, mask=mask)
     return filter_instances(labels, min_size=min_size, fill_holes=fill_holes)
+
+
+def instances_per_image(
+    probabilities: np.ndarray, *, dims: int, min_size: int = 30, fill_holes: int = 0
+) -> np.ndarray:
+    """Instances for every 2D image (or 3D volume) of a ``(K, *batch, *spatial)`` stack.
+
+    Each image gets its own numbering 1..N (a 2D model on a stack gives per-slice instances).
+    """
+    p = np.asarray(probabilities)
+    batch = p.shape[1 : p.ndim - dims]
+    out = np.zeros(p.shape[1:], dtype=np.uint32)
+    for idx in np.ndindex(*batch):
+        out[idx] = instances_from_probabilities(
+            p[(slice(None), *idx)], min_size=min_size, fill_holes=fill_holes
+        )
+    top = int(out.max()) if out.size else 0
+    return out.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+
+
+def overlay_rgb(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB picture of a 2D image with the outlines of its labels, for a quick look."""
+    from skimage.segmentation import find_boundaries
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3:  # channels last: show the mean
+        img = img.mean(-1)
+    lo, hi = np.percentile(img, (1, 99.8))
+    g = (np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([g, g, g], -1)
+    lab = np.asarray(labels)
+    rgb[(lab > 0) & ~find_boundaries(lab, mode="inner")] //= np.array([2, 1, 2], np.uint8)
+    rgb[find_boundaries(lab, mode="inner") & (lab > 0)] = (255, 200, 0)
+    return rgb

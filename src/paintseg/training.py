@@ -45,6 +45,7 @@ __all__ = [
     "train",
     "PRESETS",
     "preset_config",
+    "median_diameter",
 ]
 
 IGNORE = -1
@@ -197,6 +198,7 @@ class TrainingData:
     counts: np.ndarray
     has_validation: bool
     notes: list[str] = field(default_factory=list)
+    object_diameter: float | None = None
 
 
 def _normalised(image: np.ndarray, channel_axis: int | None, norm: NormConfig, name: str) -> np.ndarray:
@@ -303,8 +305,10 @@ def prepare_data(
         else:
             raise ValueError(f"labels_kind must be 'scribbles' or 'instances', got {labels_kind!r}")
         raw.append((img, tgt, name))
+    diameter = None
     if labels_kind == "instances":
         cvals, cnames = INSTANCE_CLASSES, INSTANCE_NAMES
+        diameter = median_diameter([np.asarray(lab) for _, lab in pairs], dims=dims)
     else:
         cvals = tuple(sorted(class_values)) if class_values else tuple(sorted(painted_values))
         extra = painted_values - set(cvals)
@@ -344,33 +348,50 @@ def prepare_data(
             it.coords = [np.argwhere(it.targets == k) for k in range(len(cvals))]
         counts = painted
     return TrainingData(items, tuple(int(v) for v in cvals), tuple(cnames), dims, counts,
-                        has_val, notes)
+                        has_val, notes, diameter)
+
+
+def median_diameter(instance_images: Sequence[np.ndarray], *, dims: int) -> float | None:
+    """Median equivalent diameter (pixels) of the objects; per 2D slice for a 2D model."""
+    sizes = []
+    for inst in instance_images:
+        planes = [inst] if (dims == 3 or inst.ndim == 2) else list(inst)
+        for plane in planes:
+            counts = np.bincount(plane.ravel().astype(np.int64))[1:]
+            sizes.extend(counts[counts > 0].tolist())
+    if not sizes:
+        return None
+    area = float(np.median(sizes))
+    return float(2 * (area / np.pi) ** 0.5) if dims == 2 else float(2 * (3 * area / (4 * np.pi)) ** (1 / 3))
 
 
 # ---------------------------------------------------------------------------- sampling
 
 
+def _crop_pair(img: np.ndarray, tgt: np.ndarray, start: tuple[int, ...],
+               size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Image window (reflected at the borders) and targets (unannotated outside the image)."""
+    x = read_window(img, start, size)
+    y = np.full(size, IGNORE, dtype=np.int64)
+    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, size, tgt.shape))
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    y[dst] = tgt[src]
+    return x, y
+
+
 def _crop(item: _Item, centre: np.ndarray, size: tuple[int, ...], rng: np.random.Generator,
           dims: int) -> tuple[np.ndarray, np.ndarray]:
-    spatial = item.targets.shape
-    if dims == 2 and len(spatial) == 3:  # slice of a stack
+    if dims == 2 and item.targets.ndim == 3:  # slice of a stack
         z = int(centre[0])
         img = item.image[:, z]
         tgt = np.where(item.val_mask[z], IGNORE, item.targets[z])
         centre = centre[1:]
-        spatial = spatial[1:]
     else:
         img = item.image
         tgt = np.where(item.val_mask, IGNORE, item.targets)
     jitter = rng.integers(-(np.array(size) // 4), np.array(size) // 4 + 1)
     start = tuple(int(c - s // 2 + j) for c, s, j in zip(centre, size, jitter))
-    x = read_window(img, start, size)
-    # targets: outside the image is unannotated
-    y = np.full(size, IGNORE, dtype=np.int64)
-    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, size, spatial))
-    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
-    y[dst] = tgt[src]
-    return x, y
+    return _crop_pair(img, tgt, start, size)
 
 
 def _sample_batch(data: TrainingData, batch: int, size: tuple[int, ...],
@@ -502,12 +523,7 @@ def _val_batches(data: TrainingData, size: tuple[int, ...], rng: np.random.Gener
             else:
                 img, tgt, msk, cc = it.image, it.targets, it.val_mask, c
             start = tuple(int(v - s // 2) for v, s in zip(cc, size))
-            x = read_window(img, start, size)
-            y = np.full(size, IGNORE, dtype=np.int64)
-            src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, size, tgt.shape))
-            dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
-            y[dst] = np.where(msk[src], tgt[src], IGNORE)
-            out.append((x, y))
+            out.append(_crop_pair(img, np.where(msk, tgt, IGNORE), start, size))
     return out[:max_patches]
 
 
@@ -683,6 +699,8 @@ def iter_train(
         "painted_pixels": [int(c) for c in data.counts],
         "validation_iou": round(best_score, 4) if val else None,
     })
+    if data.object_diameter is not None:
+        model.provenance["object_diameter"] = round(data.object_diameter, 2)
     yield TrainEvent(EventKind.DONE, step, float(np.mean(recent[-10:] or [0.0])),
                      time.perf_counter() - t0, 0.0, 1.0, None,
                      best_step if val else step, stopped)
