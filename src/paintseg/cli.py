@@ -156,23 +156,16 @@ def _progress_printer(enabled: bool, label: str):
     return report
 
 
-def _load_model_arg(spec: str, *, image_channels: int | None = None):
-    from .config import ModelConfig
-    from .model import load_model, new_model
-
-    if spec == "new":
-        return new_model(ModelConfig(dims=2, in_channels=image_channels or 1), seed=0), True
-    return load_model(spec), False
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     from .config import TileConfig
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
-    from .inference import output_axes, segment
     import numpy as np
 
-    from .io import OutputTiff, check_output_folder, read_image, write_tiff
+    from .config import ModelConfig
+    from .inference import output_spec, segment, wants_instances
+    from .io import OutputTiff, check_output_folder, label_values, read_image, write_tiff
+    from .model import load_model, new_model
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     try:
@@ -180,9 +173,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
                            batch_size=args.batch_size)
         out_dir = check_output_folder(args.out)
-        model = None
-        if args.model != "new":
-            model, _ = _load_model_arg(args.model)
+        model = None if args.model == "new" else load_model(args.model)
     except (PaintsegError, ValueError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
@@ -206,35 +197,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             image = read_image(src, axes=args.axes)
             if model is None:
-                model, _ = _load_model_arg("new", image_channels=image.channels)
+                model = new_model(ModelConfig(dims=2, in_channels=image.channels), seed=0)
                 say("paintseg: WARNING: --model new is a freshly initialised, UNTRAINED U-Net; "
                     "its labels show the pipeline works, not a real segmentation")
             say(f"[{k}/{len(args.inputs)}] {src}: {image.describe()}")
-            if model.config.dims == 3 and "Z" not in image.axes:
-                raise PaintsegError(f"{src}: the model is 3D but the image has no Z axis")
-            if image.channels != model.config.in_channels:
-                raise PaintsegError(
-                    f"{src}: image has {image.channels} channel(s) (axes {image.axes}, shape "
-                    f"{image.shape}) but the model expects {model.config.in_channels}"
-                )
-            axes = output_axes(image.axes, model.config)
-            sizes = dict(zip(image.axes, image.shape))
-            lshape = tuple(sizes[a] for a in axes)
-            values = [0 if v == background else v for v in model.class_values]
-            ldtype = "uint8" if max(values) < 256 else "uint16"
-            want_instances = args.output == "instances" or (
-                args.output == "auto" and model.provenance.get("output") == "instances"
-            )
-            if want_instances and model.config.classes != 3:
-                raise PaintsegError(
-                    f"instance output needs a model trained on instances (3 classes: "
-                    f"background, object, boundary); {args.model} has {model.config.classes}"
-                )
-            labels_file = OutputTiff(labels_path, lshape, ldtype, axes=axes)
-            if not want_instances:
+            axes, lshape, ldtype = output_spec(image, model, background_class=background)
+            want_instances = wants_instances(model, args.output)
+            labels_file = None
+            if not want_instances:  # instances are numbered after inference, in memory
+                labels_file = OutputTiff(labels_path, lshape, ldtype, axes=axes)
                 outputs.append(labels_file)
-            else:
-                labels_file.abort()
             probs_file = None
             if args.probabilities:
                 probs_file = OutputTiff(probs_path, (model.config.classes, *lshape), "float32",
@@ -246,7 +218,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 tiles=tiles,
                 device=device,
                 background_class=background,
-                labels_out=None if want_instances else labels_file.array,
+                labels_out=labels_file.array if labels_file else None,
                 probabilities_out=probs_file.array if probs_file else None,
                 return_probabilities=want_instances,
                 progress=_progress_printer(not args.quiet, src.name),
@@ -262,7 +234,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 labels_array = instances_per_image(
                     np.asarray(probs), dims=model.config.dims, min_size=args.min_size
                 )
-                ldtype = labels_array.dtype.name
+                ldtype = labels_array.dtype
                 write_tiff(labels_path, labels_array, axes=axes)
             for out in outputs:
                 out.commit()
@@ -272,8 +244,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
             px = math.prod(lshape)
             what = (f"{int(labels_array.max())} objects" + (" in the largest image"
                     if labels_array.ndim > model.config.dims else "")
-                    if labels_array is not None else f"class values {values}")
-            say(f"  wrote {labels_path} ({ldtype}, axes {axes}, {what}) in "
+                    if labels_array is not None
+                    else f"class values {label_values(model.class_values, background)}")
+            say(f"  wrote {labels_path} ({np.dtype(ldtype).name}, axes {axes}, {what}) in "
                 f"{result.seconds:.1f} s ({px / result.seconds / 1e6:.2f} Mpx/s, tile "
                 f"{result.plan.window[-1]} px window, {result.plan.n_tiles} windows, batch "
                 f"{result.batch_size}, {result.device})")
@@ -348,9 +321,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                              validation_fraction=args.validation_fraction, seed=args.seed)
         device = resolve_device(args.device)
         out = Path(args.out)
-        if not out.parent.is_dir() if str(out.parent) else False:
+        if not out.parent.is_dir():
             raise PaintsegError(f"cannot write {out}: folder {out.parent} does not exist")
-        init = _resolve_model(args.init) if args.init else None
+        init = load_model(args.init) if args.init else None  # a path or a bundled name
         pairs, names, channels = [], [], None
         for img_path, lab_path in zip(args.pairs[::2], args.pairs[1::2]):
             image = read_image(img_path, axes=args.axes, lazy=False)
@@ -360,13 +333,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             else:
                 data = np.asarray(image.data)[..., None]
             channels = data.shape[-1]
-            lab = np.asarray(labels.data)
-            if lab.shape != data.shape[:-1]:
-                raise PaintsegError(
-                    f"{lab_path}: labels have shape {lab.shape} but {img_path} has spatial "
-                    f"shape {data.shape[:-1]}"
-                )
-            pairs.append((data, lab))
+            pairs.append((data, np.asarray(labels.data)))  # shapes checked by prepare_data
             names.append(str(lab_path))
         dims = init.config.dims if init is not None else args.dims
         data = prepare_data(
@@ -414,12 +381,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; weights of "
         f"step {done.best_step})")
     return EXIT_OK
-
-
-def _resolve_model(spec: str):
-    from .model import load_model
-
-    return load_model(spec)  # bundled names ('nuclei') are resolved by load_model
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

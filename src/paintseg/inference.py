@@ -11,6 +11,7 @@ together; a 3D model runs on each volume.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -23,12 +24,20 @@ import torch
 from .config import ModelConfig, TileConfig
 from .devices import amp_dtype, memory_available, resolve_device
 from .errors import InputError
-from .io import ImageData, guess_axes
+from .io import ImageData, guess_axes, label_dtype, label_values
 from .model import PaintsegModel, exact_halo
 from .normalize import percentile_range
 from .tiling import TilePlan, plan_tiles, predict_tiled
 
-__all__ = ["segment", "SegmentResult", "AxesView", "choose_tiling", "output_axes"]
+__all__ = [
+    "segment",
+    "SegmentResult",
+    "AxesView",
+    "choose_tiling",
+    "output_axes",
+    "output_spec",
+    "wants_instances",
+]
 
 _MAX_BATCH = 32
 _CPU_BATCH_PIXELS = 4e6
@@ -113,6 +122,57 @@ def output_axes(axes: str, config: ModelConfig) -> str:
     return batch + spatial
 
 
+def output_spec(
+    image: ImageData, model: PaintsegModel, *, background_class: int | None = 1
+) -> tuple[str, tuple[int, ...], np.dtype]:
+    """Check that ``image`` fits ``model``; return the label output's axes, shape and dtype.
+
+    Raises
+    ------
+    InputError
+        Empty image, a 3D model without a Z axis, a channel count the model does not take,
+        or an unsupported pixel type.
+    """
+    name = str(image.path) if image.path is not None else "image"
+    if len(image.axes) != len(image.shape):
+        raise InputError(f"{name}: axes {image.axes!r} do not match shape {image.shape}")
+    if min(image.shape) == 0:
+        raise InputError(f"{name}: empty image (shape {image.shape})")
+    cfg = model.config
+    if cfg.dims == 3 and "Z" not in image.axes:
+        raise InputError(
+            f"{name}: the model is 3D but the image has no Z axis (axes {image.axes}, shape "
+            f"{image.shape}); use a 2D model or give the axes"
+        )
+    if image.channels != cfg.in_channels:
+        raise InputError(
+            f"{name}: image has {image.channels} channel(s) (axes {image.axes}, shape "
+            f"{image.shape}) but the model expects {cfg.in_channels}"
+        )
+    if np.dtype(image.data.dtype).kind not in "buif":
+        raise InputError(f"{name}: unsupported pixel type {image.data.dtype}")
+    axes = output_axes(image.axes, cfg)
+    sizes = dict(zip(image.axes, image.shape))
+    shape = tuple(sizes[a] for a in axes)
+    return axes, shape, label_dtype(max(label_values(model.class_values, background_class)))
+
+
+def wants_instances(model: PaintsegModel, output: str = "auto") -> bool:
+    """Whether labels should be instances: ``"instances"``, ``"semantic"``, or ``"auto"``
+    (instances for models trained on instances, which record ``output: instances``)."""
+    if output not in ("auto", "semantic", "instances"):
+        raise ValueError(f"output must be auto, semantic or instances, got {output!r}")
+    want = output == "instances" or (
+        output == "auto" and model.provenance.get("output") == "instances"
+    )
+    if want and model.config.classes != 3:
+        raise InputError(
+            "instance output needs a model trained on instances (3 classes: background, "
+            f"object, boundary); this model has {model.config.classes}"
+        )
+    return want
+
+
 def _bytes_per_pixel(config: ModelConfig, half: bool) -> float:
     # Measured on the CPU with torch 2.13 (depth 4, base 32, inference mode): ~0.7 KB per
     # window pixel at full resolution; the deeper levels add ~1/2**dims each.
@@ -154,11 +214,13 @@ def choose_tiling(
         edge = int(max_px ** (1.0 / len(spatial)))
         tile = max(a, ((edge - 2 * halo) // a) * a)
     window_px = float(np.prod([min(tile, p) + 2 * halo for p in padded]))
-    if tiles.batch_size is not None:
-        batch = tiles.batch_size
-    else:
-        batch = int(max(1, min(_MAX_BATCH, max_px // window_px)))
+    batch = tiles.batch_size or _fill_batch(window_px, max_px)
     return tile, halo, batch
+
+
+def _fill_batch(window_px: float, budget_px: float) -> int:
+    """Windows per forward pass that fit ``budget_px`` pixels of activations (1 to 32)."""
+    return int(max(1, min(_MAX_BATCH, budget_px // window_px)))
 
 
 def _make_predictor(
@@ -199,6 +261,8 @@ def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out
                       **kwargs: Any) -> SegmentResult:
     from skimage.transform import resize
 
+    from .postprocess import semantic_labels
+
     if not 0.05 <= scale <= 20:
         raise InputError(f"{name}: scale {scale:g} is out of range (0.05 to 20)")
     dims = model.config.dims
@@ -216,8 +280,7 @@ def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out
     for idx in np.ndindex(*probs.shape[: probs.ndim - dims]):
         probs[idx] = resize(inner.probabilities[idx], spatial, order=1, preserve_range=True)
     probs /= probs.sum(0, keepdims=True).clip(1e-12)
-    lut = np.array([0 if v == background_class else v for v in model.class_values])
-    labels = lut[probs.argmax(0)].astype(np.uint8 if lut.max() < 256 else np.uint16)
+    labels = semantic_labels(probs, model.class_values, background_class=background_class)
     if labels_out is not None:
         labels_out[...] = labels
         labels = labels_out
@@ -290,25 +353,8 @@ def segment(
     elif axes:
         image = ImageData(image.data, axes.upper(), image.path, image.storage)
     name = str(image.path) if image.path is not None else "image"
-    if len(image.axes) != len(image.shape):
-        raise InputError(f"{name}: axes {image.axes!r} do not match shape {image.shape}")
-    if min(image.shape) == 0:
-        raise InputError(f"{name}: empty image (shape {image.shape})")
     cfg = model.config
-    if cfg.dims == 3 and "Z" not in image.axes:
-        raise InputError(
-            f"{name}: the model is 3D but the image has no Z axis (axes {image.axes}, shape "
-            f"{image.shape}); use a 2D model or give the axes"
-        )
-    if image.channels != cfg.in_channels:
-        raise InputError(
-            f"{name}: image has {image.channels} channel(s) (axes {image.axes}, shape "
-            f"{image.shape}) but the model expects {cfg.in_channels}"
-        )
-    if np.dtype(image.data.dtype).kind not in "buif":
-        raise InputError(f"{name}: unsupported pixel type {image.data.dtype}")
-
-    out_axes = output_axes(image.axes, cfg)
+    out_axes, labels_shape, ldtype = output_spec(image, model, background_class=background_class)
     view = AxesView(image.data, image.axes, "C" + out_axes)
     if scale != 1.0:
         return _segment_rescaled(
@@ -317,18 +363,17 @@ def segment(
             probabilities_out=probabilities_out, return_probabilities=return_probabilities,
             progress=progress, should_stop=should_stop, name=name, t_start=t_start,
         )
-    labels_shape = view.shape[1:]
     n_batch_axes = len(out_axes) - cfg.dims
     spatial = labels_shape[n_batch_axes:]
 
     lo, hi = percentile_range(view, model.normalization, name=name)
     messages: list[str] = []
-    scale = hi - lo
-    if np.any(scale <= 1e-12):
+    contrast = hi - lo
+    if np.any(contrast <= 1e-12):
         messages.append(f"{name}: image is constant (no contrast); segmentation is trivial")
-        scale = np.where(scale <= 1e-12, 1.0, scale)
+        contrast = np.where(contrast <= 1e-12, 1.0, contrast)
     lo_b = lo.reshape(-1, *([1] * (view.ndim - 1))).astype(np.float32)
-    inv_b = (1.0 / scale).reshape(lo_b.shape).astype(np.float32)
+    inv_b = (1.0 / contrast).reshape(lo_b.shape).astype(np.float32)
     check_finite = np.dtype(image.data.dtype).kind == "f"
 
     def transform(win: np.ndarray, start: tuple[int, ...]) -> np.ndarray:
@@ -341,8 +386,7 @@ def segment(
         win *= inv_b
         return win
 
-    lut_values = [0 if v == background_class else v for v in model.class_values]
-    ldtype = np.dtype(np.uint8 if max(lut_values) < 256 else np.uint16)
+    lut_values = label_values(model.class_values, background_class)
     if labels_out is None:
         labels_out = np.zeros(labels_shape, dtype=ldtype)
     elif tuple(labels_out.shape) != tuple(labels_shape):
@@ -352,7 +396,7 @@ def segment(
 
     dev = resolve_device(device)
     network = model.network
-    total_tiles = [0]
+    used = {"tile": 0, "batch": 1}  # what the last attempt ran with (for OOM retries)
 
     def run_on(dev: torch.device, tile_cfg: TileConfig) -> tuple[TilePlan, int]:
         budget = tile_cfg.memory_budget or int(min(memory_available(dev) * 0.25, 8 * 2**30))
@@ -370,14 +414,13 @@ def segment(
             inner=tile_cfg.mode == "blend",
         )
         if tile_cfg.batch_size is None:
-            # slices of a stack are windows too: fill the batch with them. On the CPU a batch
-            # larger than a few megapixels buys no speed, only memory: cap it there.
-            window_px = float(np.prod(plan.window))
+            # size the batch on the real window (the halo may have been dropped). On the CPU a
+            # batch larger than a few megapixels buys no speed, only memory: cap it there.
             budget_px = budget / _bytes_per_pixel(cfg, half)
             if dev.type != "cuda":
                 budget_px = min(budget_px, _CPU_BATCH_PIXELS)
-            batch = int(max(1, min(_MAX_BATCH, budget_px // window_px)))
-        total_tiles[0] = plan.n_tiles
+            batch = _fill_batch(float(np.prod(plan.window)), budget_px)
+        used.update(tile=min(tile, max(spatial)), batch=batch)
         net = network.to(dev)
         net.eval()
         lut = torch.tensor(lut_values, dtype=torch.int64, device=dev)
@@ -410,19 +453,12 @@ def segment(
             if dev.type != "cuda" or not _is_oom(exc):
                 raise
             torch.cuda.empty_cache()
-            _tile, _halo, cur_batch = choose_tiling(
-                spatial,
-                cfg,
-                tile_cfg,
-                budget=tile_cfg.memory_budget or int(memory_available(dev) * 0.25),
-                half=True,
-            )
-            if cur_batch > 1:
-                tile_cfg = TileConfig(**{**tile_cfg.__dict__, "batch_size": max(1, cur_batch // 2)})
+            if used["batch"] > 1:
+                tile_cfg = dataclasses.replace(tile_cfg, batch_size=used["batch"] // 2)
                 messages.append(f"GPU out of memory: retrying with {tile_cfg.batch_size} tile(s) per batch")
-            elif (tile_cfg.tile or max(spatial)) > 2 * cfg.align:
-                new_tile = max(cfg.align, (tile_cfg.tile or max(spatial)) // 2)
-                tile_cfg = TileConfig(**{**tile_cfg.__dict__, "tile": new_tile, "batch_size": 1})
+            elif used["tile"] > 2 * cfg.align:
+                new_tile = max(cfg.align, used["tile"] // 2)
+                tile_cfg = dataclasses.replace(tile_cfg, tile=new_tile, batch_size=1)
                 messages.append(f"GPU out of memory: retrying with tiles of {new_tile} pixels")
             else:
                 dev = torch.device("cpu")

@@ -33,6 +33,7 @@ __all__ = [
     "parse_axes",
     "guess_axes",
     "label_dtype",
+    "label_values",
     "OutputTiff",
     "write_tiff",
     "list_images",
@@ -417,6 +418,11 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".partial") -> It
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def label_values(class_values: Sequence[int], background_class: int | None = 1) -> list[int]:
+    """Label value written for each class: its class value, 0 for the background class."""
+    return [0 if v == background_class else int(v) for v in class_values]
 
 
 def label_dtype(max_value: int) -> np.dtype:

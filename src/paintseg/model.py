@@ -37,6 +37,7 @@ __all__ = [
     "receptive_field",
     "exact_halo",
     "bundled_models",
+    "default_class_names",
     "resolve_model",
     "CHECKPOINT_FORMAT",
 ]
@@ -93,8 +94,10 @@ class FilterBank(nn.Module):
     """Fixed multiscale filters in front of the U-Net (not trained).
 
     For each channel and scale: Gaussian smoothing, gradient magnitude, Laplacian of Gaussian
-    and the Hessian eigenvalues (2D: both; 3D: smallest and largest), with scale-normalised
-    derivatives; the raw channels come first. Borders are reflected.
+    and two Hessian features, with scale-normalised derivatives; the raw channels come first.
+    In 2D the two features are the Hessian's eigenvalues; in 3D they are cheap bounds on its
+    largest and smallest eigenvalues (extreme diagonal entry plus / minus the norm of the
+    off-diagonal entries). Borders are reflected.
     """
 
     def __init__(self, in_channels: int, sigmas: Sequence[float], dims: int) -> None:
@@ -106,7 +109,8 @@ class FilterBank(nn.Module):
             self.register_buffer(f"g{i}", g, persistent=False)
             self.register_buffer(f"d1_{i}", d1, persistent=False)
             self.register_buffer(f"d2_{i}", d2, persistent=False)
-        self.out_channels = in_channels * (1 + len(self.sigmas) * (3 + (2 if dims == 2 else 2)))
+        # raw + per scale: smooth, gradient magnitude, LoG, two Hessian features
+        self.out_channels = in_channels * (1 + 5 * len(self.sigmas))
 
     def _sep(self, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
         # x: (N*C, 1, *spatial); one 1D kernel per spatial axis
@@ -151,7 +155,7 @@ class FilterBank(nn.Module):
                 hxx, hyy, hxy = second[(0, 0)], second[(1, 1)], second[(0, 1)]
                 half = torch.sqrt(((hxx - hyy) * 0.5) ** 2 + hxy * hxy + 1e-12)
                 ev = [log * 0.5 + half, log * 0.5 - half]
-            else:  # bounds of the eigenvalues (Gershgorin-free): trace-based surrogate
+            else:  # bounds on the largest / smallest eigenvalue (see the class docstring)
                 off = torch.sqrt(sum(second[(a, b)] ** 2 for a in range(3) for b in range(a + 1, 3)) + 1e-12)
                 diag = torch.stack([second[(a, a)] for a in range(3)])
                 ev = [diag.max(0).values + off, diag.min(0).values - off]
@@ -277,6 +281,11 @@ def exact_halo(config: ModelConfig) -> int:
     return int(math.ceil(need / a) * a)
 
 
+def default_class_names(class_values: Sequence[int]) -> tuple[str, ...]:
+    """``("background", "class 2", ...)``: the first class is background by convention."""
+    return ("background",) + tuple(f"class {v}" for v in list(class_values)[1:])
+
+
 @dataclass
 class PaintsegModel:
     """A network together with everything needed to apply it to new images.
@@ -309,9 +318,7 @@ class PaintsegModel:
         if not self.class_values:
             self.class_values = tuple(range(1, k + 1))
         if not self.class_names:
-            self.class_names = ("background",) + tuple(
-                f"class {v}" for v in self.class_values[1:]
-            )
+            self.class_names = default_class_names(self.class_values)
         self.class_values = tuple(int(v) for v in self.class_values)
         self.class_names = tuple(str(n) for n in self.class_names)
         if len(self.class_values) != k or len(self.class_names) != k:
@@ -434,9 +441,8 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
         "metadata": json.dumps(meta, sort_keys=True),
         "state_dict": state,
     }
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise CheckpointError(f"cannot save model to {path}: folder {folder} does not exist")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save model to {path}: folder {path.parent} does not exist")
     with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
         torch.save(payload, fh)
         fh.flush()

@@ -8,6 +8,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from .io import label_dtype, label_values
+
 __all__ = [
     "semantic_labels",
     "instances_from_probabilities",
@@ -32,9 +34,8 @@ def semantic_labels(
     background_class : int or None
         Class value written as 0; None keeps every value.
     """
-    lut = np.array([0 if v == background_class else v for v in class_values])
-    dtype = np.uint8 if lut.max() < 256 else np.uint16
-    return lut[np.argmax(probabilities, axis=0)].astype(dtype)
+    lut = np.array(label_values(class_values, background_class))
+    return lut[np.argmax(probabilities, axis=0)].astype(label_dtype(int(lut.max())))
 
 
 def filter_instances(

@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
 from .config import ModelConfig, NormConfig, TrainConfig
 from .devices import resolve_device
-from .errors import InputError, StopRequested
-from .model import PaintsegModel, new_model
+from .errors import InputError
+from .model import PaintsegModel, default_class_names, new_model
 from .normalize import percentile_range
 from .tiling import read_window
 
@@ -170,6 +169,7 @@ class _Item:
     image: np.ndarray  # (C, *spatial) float32, normalised
     targets: np.ndarray  # (*spatial) int64, -1 ignored
     val_mask: np.ndarray  # (*spatial) bool: held out
+    train_targets: np.ndarray  # targets with the held-out pixels ignored
     coords: list[np.ndarray]  # per class: (n, ndim) training coordinates
 
 
@@ -321,9 +321,7 @@ def prepare_data(
                 f"only one class is painted (value {min(painted_values)}); paint at least two "
                 "classes, e.g. 1 = background and 2 = object"
             )
-        cnames = tuple(class_names) if class_names else ("background",) + tuple(
-            f"class {v}" for v in cvals[1:]
-        )
+        cnames = tuple(class_names) if class_names else default_class_names(cvals)
     counts = np.zeros(len(cvals), dtype=np.int64)
     val_counts = np.zeros(len(cvals), dtype=np.int64)
     for img, tgt, name in raw:
@@ -333,7 +331,7 @@ def prepare_data(
         coords = [np.argwhere(train_t == k) for k in range(len(cvals))]
         counts += [len(c) for c in coords]
         val_counts += np.bincount(targets[val & (targets >= 0)], minlength=len(cvals))
-        items.append(_Item(img, targets, val, coords))
+        items.append(_Item(img, targets, val, train_t, coords))
     notes = []
     painted = counts + val_counts
     has_val = bool(
@@ -345,6 +343,7 @@ def prepare_data(
         notes.append("too few painted regions to hold some out: keeping the last weights")
         for it in items:  # give the held-out pixels back to training
             it.val_mask[:] = False
+            it.train_targets = it.targets
             it.coords = [np.argwhere(it.targets == k) for k in range(len(cvals))]
         counts = painted
     return TrainingData(items, tuple(int(v) for v in cvals), tuple(cnames), dims, counts,
@@ -383,12 +382,9 @@ def _crop(item: _Item, centre: np.ndarray, size: tuple[int, ...], rng: np.random
           dims: int) -> tuple[np.ndarray, np.ndarray]:
     if dims == 2 and item.targets.ndim == 3:  # slice of a stack
         z = int(centre[0])
-        img = item.image[:, z]
-        tgt = np.where(item.val_mask[z], IGNORE, item.targets[z])
-        centre = centre[1:]
+        img, tgt, centre = item.image[:, z], item.train_targets[z], centre[1:]
     else:
-        img = item.image
-        tgt = np.where(item.val_mask, IGNORE, item.targets)
+        img, tgt = item.image, item.train_targets
     jitter = rng.integers(-(np.array(size) // 4), np.array(size) // 4 + 1)
     start = tuple(int(c - s // 2 + j) for c, s, j in zip(centre, size, jitter))
     return _crop_pair(img, tgt, start, size)
@@ -517,13 +513,14 @@ def _val_batches(data: TrainingData, size: tuple[int, ...], rng: np.random.Gener
         if len(idx) == 0:
             continue
         picks = idx[rng.choice(len(idx), size=min(max_patches, len(idx)), replace=False)]
+        val_t = np.where(it.val_mask, it.targets, IGNORE)  # only the held-out pixels count
         for c in picks:
             if data.dims == 2 and it.targets.ndim == 3:
-                img, tgt, msk, cc = it.image[:, c[0]], it.targets[c[0]], it.val_mask[c[0]], c[1:]
+                img, tgt, cc = it.image[:, c[0]], val_t[c[0]], c[1:]
             else:
-                img, tgt, msk, cc = it.image, it.targets, it.val_mask, c
+                img, tgt, cc = it.image, val_t, c
             start = tuple(int(v - s // 2) for v, s in zip(cc, size))
-            out.append(_crop_pair(img, np.where(msk, tgt, IGNORE), start, size))
+            out.append(_crop_pair(img, tgt, start, size))
     return out[:max_patches]
 
 
@@ -750,6 +747,4 @@ def train(
             on_event(event)
         last = event
     assert last is not None and last.kind is EventKind.DONE
-    if last.stopped and should_stop is None:
-        raise StopRequested("training stopped")
     return last
