@@ -44,7 +44,7 @@ def test_segment_2d_and_3d_with_probabilities(tmp_path, model_file, nuclei2d_pat
     assert "device cpu" in err and "wrote" in err
     # existing outputs are kept unless --overwrite
     rc = main(["segment", str(nuclei2d_path), "--model", str(model_file), "--out", str(out)])
-    assert rc == 0 and "exists, skipped" in capsys.readouterr().err
+    assert rc == 0 and "skipped" in capsys.readouterr().err
 
 
 def test_tiled_cli_matches_untiled_in_exact_mode(tmp_path, model_file, nuclei2d_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -59,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment each INPUT and write OUT/<name>_labels.tif (and, with "
         "--probabilities, OUT/<name>_probabilities.tif). Outputs appear only when complete.",
     )
-    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF / OME-TIFF files")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="TIFF / OME-TIFF files, or folders (searched recursively; outputs keep "
+                     "the sub-folders)")
+    seg.add_argument("--pattern", default="*.tif*",
+                     help="file names to take from INPUT folders (default '*.tif*')")
+    seg.add_argument("--report", type=Path, default=None, metavar="FILE.json",
+                     help="write a JSON summary: done, skipped, failed with reasons")
     seg.add_argument(
         "--model",
         required=True,
@@ -96,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlay", action="store_true",
                      help="also write OUT/<name>_overlay.png (image with label outlines; the "
                      "middle slice of a stack)")
-    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="redo files whose outputs are complete (default: skip them, so a "
+                     "rerun resumes an interrupted batch)")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
     tr = sub.add_parser(
@@ -157,14 +164,12 @@ def _progress_printer(enabled: bool, label: str):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .config import TileConfig
+    from .batch import SegmentSettings, collect_inputs, segment_file, write_report
+    from .config import ModelConfig, TileConfig
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
-    import numpy as np
-
-    from .config import ModelConfig
-    from .inference import output_spec, segment, wants_instances
-    from .io import OutputTiff, check_output_folder, label_values, read_image, write_tiff
+    from .inference import scale_for
+    from .io import check_output_folder, read_image
     from .model import load_model, new_model
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -172,131 +177,68 @@ def cmd_segment(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
                            batch_size=args.batch_size)
+        settings = SegmentSettings(
+            output=args.output, min_size=args.min_size, diameter=args.diameter,
+            background_class=None if args.background_class < 0 else args.background_class,
+            probabilities=args.probabilities, overlay=args.overlay, axes=args.axes, tiles=tiles,
+        )
+        jobs = collect_inputs(args.inputs, pattern=args.pattern)
         out_dir = check_output_folder(args.out)
-        model = None if args.model == "new" else load_model(args.model)
+        if args.model == "new":
+            try:
+                channels = read_image(jobs[0].source, axes=args.axes).channels
+            except PaintsegError:
+                channels = 1
+            model = new_model(ModelConfig(dims=2, in_channels=channels), seed=0)
+            say("paintseg: WARNING: --model new is a freshly initialised, UNTRAINED U-Net; "
+                "its labels show the pipeline works, not a real segmentation")
+        else:
+            model = load_model(args.model)
+        scale_for(model, args.diameter)  # a bad --diameter is an error before any file
+        if args.min_size < 0:
+            raise PaintsegError(f"--min-size must be 0 or more, got {args.min_size}")
     except (PaintsegError, ValueError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
     say(f"paintseg: device {describe_device(device)}" + (" (auto)" if args.device == "auto" else ""))
-    background = None if args.background_class < 0 else args.background_class
-    failures: list[tuple[str, str]] = []
-    written = 0
-    for k, inp in enumerate(args.inputs, 1):
-        src = Path(inp)
-        stem = src.name
-        for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-            if stem.lower().endswith(ext):
-                stem = stem[: -len(ext)]
-                break
-        labels_path = out_dir / f"{stem}_labels.tif"
-        probs_path = out_dir / f"{stem}_probabilities.tif"
-        if not args.overwrite and labels_path.exists():
-            say(f"[{k}/{len(args.inputs)}] {src}: {labels_path} exists, skipped (use --overwrite)")
-            continue
-        outputs: list[OutputTiff] = []
+    results = []
+    t0 = time.perf_counter()
+    try:
+        for k, job in enumerate(jobs, 1):
+            head = f"[{k}/{len(jobs)}] {job.source}"
+            r = segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
+                             overwrite=args.overwrite,
+                             progress=_progress_printer(not args.quiet, job.source.name))
+            results.append(r)
+            if r.status == "skipped":
+                say(f"{head}: {r.reason}, skipped (use --overwrite to redo)")
+            elif r.status == "failed":
+                print(f"paintseg: error: {r.reason}", file=sys.stderr)
+            else:
+                for msg in r.messages:
+                    say(f"  note: {msg}")
+                what = f", {r.objects} objects" if r.objects is not None else ""
+                say(f"{head}: wrote {r.labels}{what} in {r.seconds:.1f} s")
+    except KeyboardInterrupt:
+        print("paintseg: interrupted; no partial output was left (a rerun resumes)",
+              file=sys.stderr)
+        return 130
+    done = sum(r.status == "done" for r in results)
+    failed = [r for r in results if r.status == "failed"]
+    skipped = len(results) - done - len(failed)
+    if len(jobs) > 1 or failed:
+        say(f"paintseg: {done} written, {skipped} skipped, {len(failed)} failed "
+            f"({time.perf_counter() - t0:.0f} s)")
+    if args.report is not None:
         try:
-            image = read_image(src, axes=args.axes)
-            if model is None:
-                model = new_model(ModelConfig(dims=2, in_channels=image.channels), seed=0)
-                say("paintseg: WARNING: --model new is a freshly initialised, UNTRAINED U-Net; "
-                    "its labels show the pipeline works, not a real segmentation")
-            say(f"[{k}/{len(args.inputs)}] {src}: {image.describe()}")
-            axes, lshape, ldtype = output_spec(image, model, background_class=background)
-            want_instances = wants_instances(model, args.output)
-            labels_file = None
-            if not want_instances:  # instances are numbered after inference, in memory
-                labels_file = OutputTiff(labels_path, lshape, ldtype, axes=axes)
-                outputs.append(labels_file)
-            probs_file = None
-            if args.probabilities:
-                probs_file = OutputTiff(probs_path, (model.config.classes, *lshape), "float32",
-                                        axes="C" + axes)
-                outputs.append(probs_file)
-            result = segment(
-                image,
-                model,
-                tiles=tiles,
-                device=device,
-                background_class=background,
-                labels_out=labels_file.array if labels_file else None,
-                probabilities_out=probs_file.array if probs_file else None,
-                return_probabilities=want_instances,
-                progress=_progress_printer(not args.quiet, src.name),
-                scale=_scale_for(model, args.diameter),
-            )
-            for msg in result.messages:
-                say(f"  note: {msg}")
-            labels_array = None
-            if want_instances:
-                from .postprocess import instances_per_image
-
-                probs = result.probabilities
-                labels_array = instances_per_image(
-                    np.asarray(probs), dims=model.config.dims, min_size=args.min_size
-                )
-                ldtype = labels_array.dtype
-                write_tiff(labels_path, labels_array, axes=axes)
-            for out in outputs:
-                out.commit()
-            if args.overlay:
-                _write_overlay(out_dir / f"{stem}_overlay.png", image, axes, labels_path)
-            written += 1
-            px = math.prod(lshape)
-            what = (f"{int(labels_array.max())} objects" + (" in the largest image"
-                    if labels_array.ndim > model.config.dims else "")
-                    if labels_array is not None
-                    else f"class values {label_values(model.class_values, background)}")
-            say(f"  wrote {labels_path} ({np.dtype(ldtype).name}, axes {axes}, {what}) in "
-                f"{result.seconds:.1f} s ({px / result.seconds / 1e6:.2f} Mpx/s, tile "
-                f"{result.plan.window[-1]} px window, {result.plan.n_tiles} windows, batch "
-                f"{result.batch_size}, {result.device})")
-        except (PaintsegError, ValueError, OSError, MemoryError) as exc:
-            for out in outputs:
-                out.abort()
-            msg = str(exc) if isinstance(exc, PaintsegError) else f"{src}: {exc}"
-            print(f"paintseg: error: {msg}", file=sys.stderr)
-            failures.append((str(src), msg))
-        except KeyboardInterrupt:
-            for out in outputs:
-                out.abort()
-            print("paintseg: interrupted; no partial output was left", file=sys.stderr)
-            return 130
-    if failures:
-        say(f"paintseg: {written} written, {len(failures)} failed")
-        return EXIT_SOME_FAILED if written or len(args.inputs) > 1 else EXIT_FATAL
+            write_report(args.report, results, model=str(args.model), out=str(out_dir),
+                         seconds=round(time.perf_counter() - t0, 1))
+        except OSError as exc:
+            print(f"paintseg: error: cannot write report {args.report}: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+    if failed:
+        return EXIT_SOME_FAILED if done or skipped or len(jobs) > 1 else EXIT_FATAL
     return EXIT_OK
-
-
-def _scale_for(model, diameter: float | None) -> float:
-    from .errors import PaintsegError
-
-    if diameter is None:
-        return 1.0
-    trained = model.provenance.get("object_diameter")
-    if not trained:
-        raise PaintsegError("--diameter needs a model trained on instances (it records the "
-                            "object size it learned); this model does not")
-    if not diameter > 0:
-        raise PaintsegError(f"--diameter must be positive, got {diameter}")
-    return float(trained) / float(diameter)
-
-
-def _write_overlay(path: Path, image, axes: str, labels_path: Path) -> None:
-    """PNG of the image (middle slice of a stack) with the label outlines."""
-    import numpy as np
-    from PIL import Image
-
-    from .inference import AxesView
-    from .io import atomic_path, read_image
-    from .postprocess import overlay_rgb
-
-    labels = read_image(labels_path).data
-    view = AxesView(image.data, image.axes, "C" + axes)
-    index = tuple(s // 2 for s in labels.shape[:-2])
-    img = np.moveaxis(view[(slice(None), *index)], 0, -1)
-    lab = np.asarray(labels[index]) if index else np.asarray(labels[...])
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(overlay_rgb(img, lab)).save(tmp, format="PNG")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

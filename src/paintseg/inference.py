@@ -31,6 +31,8 @@ from .tiling import TilePlan, plan_tiles, predict_tiled
 
 __all__ = [
     "segment",
+    "segment_labels",
+    "scale_for",
     "SegmentResult",
     "AxesView",
     "choose_tiling",
@@ -475,3 +477,80 @@ def segment(
         seconds=time.perf_counter() - t_start,
         messages=messages,
     )
+
+
+def scale_for(model: PaintsegModel, diameter: float | None) -> float:
+    """Rescaling factor that brings objects of ``diameter`` pixels to the size ``model`` was
+    trained on (1.0 when ``diameter`` is None).
+
+    Raises
+    ------
+    InputError
+        The model records no object size, or ``diameter`` is not positive.
+    """
+    if diameter is None:
+        return 1.0
+    trained = model.provenance.get("object_diameter")
+    if not trained:
+        raise InputError("an object diameter needs a model trained on instances (it records "
+                         "the object size it learned); this model does not")
+    if not diameter > 0:
+        raise InputError(f"the object diameter must be positive, got {diameter}")
+    return float(trained) / float(diameter)
+
+
+def segment_labels(
+    image: ImageData | np.ndarray,
+    model: PaintsegModel,
+    *,
+    output: str = "auto",
+    min_size: int = 30,
+    diameter: float | None = None,
+    axes: str | None = None,
+    tiles: TileConfig | None = None,
+    device: str | torch.device = "auto",
+    background_class: int | None = 1,
+    labels_out: Any = None,
+    probabilities_out: Any = None,
+    return_probabilities: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SegmentResult:
+    """:func:`segment` followed by the postprocessing a user asked for: the one path that the
+    CLI, the batch runner and the napari widget share, so their labels are identical.
+
+    Parameters
+    ----------
+    output : str
+        ``"semantic"`` (class values), ``"instances"`` (numbered objects, for models trained on
+        instances) or ``"auto"`` (what the model was trained for; see :func:`wants_instances`).
+    min_size : int
+        Instances smaller than this many pixels (voxels) are removed.
+    diameter : float, optional
+        Typical object diameter in the image; rescales it to the model's object size.
+    labels_out : array-like, optional
+        Preallocated semantic label output; must be None for instance output (the object
+        count, and so the label type, is known only at the end).
+
+    Other parameters are those of :func:`segment`.
+    """
+    instances = wants_instances(model, output)
+    if instances and labels_out is not None:
+        raise ValueError("instance labels are returned in memory; labels_out must be None")
+    if min_size < 0:
+        raise InputError(f"the minimum object size must be 0 or more, got {min_size}")
+    result = segment(
+        image, model, axes=axes, tiles=tiles, device=device, background_class=background_class,
+        labels_out=labels_out, probabilities_out=probabilities_out,
+        return_probabilities=return_probabilities or instances, progress=progress,
+        should_stop=should_stop, scale=scale_for(model, diameter),
+    )
+    if instances:
+        from .postprocess import instances_per_image
+
+        result.labels = instances_per_image(
+            np.asarray(result.probabilities), dims=model.config.dims, min_size=min_size
+        )
+        if not (return_probabilities or probabilities_out is not None):
+            result.probabilities = None
+    return result

@@ -220,6 +220,9 @@ def parse_axes(axes: str, ndim: int, *, where: str = "image") -> str:
     if set(axes) - set(AXES) or len(set(axes)) != len(axes):
         raise InputError(f"{where}: axes {axes!r} must use each of T, Z, C, Y, X at most once")
     if "Y" not in axes or "X" not in axes:
+        if ndim < 2:
+            raise InputError(f"{where}: a {ndim}-dimensional array is not an image (it needs "
+                             "at least Y and X)")
         raise InputError(f"{where}: axes {axes!r} must contain Y and X")
     return axes
 

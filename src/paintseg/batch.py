@@ -1,0 +1,332 @@
+"""Segment files and folders of TIFF images: one file at a time, resumable, failures isolated.
+
+:func:`segment_file` is the unit of work (one input, its outputs written atomically);
+:func:`iter_batch` runs it over many files in this process, yielding one
+:class:`FileResult` per file, so the CLI, the napari widget and the tests share it.
+:func:`run_batch` adds parallel execution: a local pool of processes or an existing Dask
+distributed cluster, each worker loading the model once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from .config import TileConfig
+from .errors import InputError, OutputError, PaintsegError, StopRequested
+from .io import OutputTiff, atomic_path, list_images, read_image, write_tiff
+from .model import PaintsegModel
+
+__all__ = [
+    "SegmentSettings",
+    "FileResult",
+    "Job",
+    "collect_inputs",
+    "output_paths",
+    "output_complete",
+    "segment_file",
+    "iter_batch",
+    "summarize",
+    "write_report",
+]
+
+_TIFF_EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """What to compute for each image (the same settings in the CLI, the GUI and a batch).
+
+    Parameters
+    ----------
+    output : str
+        ``"auto"``, ``"semantic"`` or ``"instances"`` (see
+        :func:`~paintseg.inference.wants_instances`).
+    min_size : int
+        Instances smaller than this are removed.
+    diameter : float or None
+        Typical object diameter (rescales the image to the model's object size).
+    background_class : int or None
+        Class value written as 0.
+    probabilities : bool
+        Also write the class probabilities (float32, classes first).
+    overlay : bool
+        Also write a PNG of the image with the label outlines.
+    axes : str or None
+        Axes of the inputs when their metadata is missing or wrong.
+    tiles : TileConfig
+        Tiling.
+    """
+
+    output: str = "auto"
+    min_size: int = 30
+    diameter: float | None = None
+    background_class: int | None = 1
+    probabilities: bool = False
+    overlay: bool = False
+    axes: str | None = None
+    tiles: TileConfig = field(default_factory=TileConfig)
+
+
+@dataclass
+class FileResult:
+    """Outcome for one input file.
+
+    Attributes
+    ----------
+    source : str
+        The input.
+    status : str
+        ``"done"``, ``"skipped"`` (complete outputs were already there) or ``"failed"``.
+    reason : str
+        Why it failed or was skipped; empty when done.
+    labels : str or None
+        The label output.
+    seconds : float
+        Time spent on this file.
+    objects : int or None
+        Instance output: objects in the image (in the fullest slice of a slice-wise stack).
+    messages : list of str
+        Notes (device fall-back, constant image).
+    """
+
+    source: str
+    status: str
+    reason: str = ""
+    labels: str | None = None
+    seconds: float = 0.0
+    objects: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input and where its outputs go: ``out_dir / relative folder / <stem>_labels.tif``."""
+
+    source: Path
+    relative: Path  # the input's path relative to its folder (just the name for a file)
+
+
+def _stem(name: str) -> str:
+    for ext in _TIFF_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike[str]], *, pattern: str = "*.tif*",
+                   recursive: bool = True) -> list[Job]:
+    """Jobs for files and folders: a file as given, a folder expanded with ``pattern``
+    (recursively, keeping sub-folders in the output).
+
+    Raises
+    ------
+    InputError
+        A folder with no file matching ``pattern``, or two inputs whose outputs would collide.
+    """
+    jobs: list[Job] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = [Job(p, p.relative_to(path)) for p in
+                     list_images(path, pattern=pattern, recursive=recursive)]
+            if not found:
+                raise InputError(f"{path}: no file matches {pattern!r}")
+            jobs.extend(found)
+        else:  # a missing file fails on its own (reported, the others still run)
+            jobs.append(Job(path, Path(path.name)))
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        key = job.relative.parent / _stem(job.relative.name)
+        if key in seen and seen[key] != job.source:
+            raise InputError(f"{seen[key]} and {job.source} would write the same outputs "
+                             f"({key}_labels.tif); segment them into different folders")
+        seen[key] = job.source
+    return jobs
+
+
+def output_paths(job: Job, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """``{"labels", "probabilities", "overlay"}`` paths of a job's outputs."""
+    base = Path(out_dir) / job.relative.parent / _stem(job.relative.name)
+    return {
+        "labels": base.with_name(base.name + "_labels.tif"),
+        "probabilities": base.with_name(base.name + "_probabilities.tif"),
+        "overlay": base.with_name(base.name + "_overlay.png"),
+    }
+
+
+def output_complete(path: str | os.PathLike[str], shape: Sequence[int]) -> bool:
+    """Whether ``path`` is a readable TIFF of ``shape`` whose last plane can be read.
+
+    Outputs are renamed into place only when written completely, so this guards against a
+    file left by something else, a different image under the same name, or a damaged disk.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if tuple(series.shape) != tuple(shape):
+                return False
+            pages = series.pages
+            last = pages[len(pages) - 1] if len(pages) else None
+            if last is None:
+                return False
+            last.asarray()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means "not complete"
+        return False
+
+
+def segment_file(
+    job: Job,
+    model: PaintsegModel,
+    *,
+    out_dir: str | os.PathLike[str],
+    settings: SegmentSettings | None = None,
+    device: Any = "auto",
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FileResult:
+    """Segment one file and write its outputs atomically; never raises for a bad input.
+
+    Returns
+    -------
+    FileResult
+        ``failed`` with a reason naming the file for unreadable, corrupt or unsuitable input
+        and for write errors; ``skipped`` when complete outputs exist and ``overwrite`` is
+        False.
+
+    Raises
+    ------
+    StopRequested
+        ``should_stop`` returned True (no output of this file is left behind).
+    """
+    from .inference import output_spec, segment_labels, wants_instances
+
+    s = settings or SegmentSettings()
+    t0 = time.perf_counter()
+    paths = output_paths(job, out_dir)
+    src = str(job.source)
+    outputs: list[OutputTiff] = []
+    try:
+        image = read_image(job.source, axes=s.axes)
+        axes, shape, dtype = output_spec(image, model, background_class=s.background_class)
+        instances = wants_instances(model, s.output)
+        wanted = [("labels", shape)]
+        if s.probabilities:
+            wanted.append(("probabilities", (model.config.classes, *shape)))
+        if not overwrite and all(output_complete(paths[k], shp) for k, shp in wanted) and (
+            not s.overlay or paths["overlay"].is_file()
+        ):
+            return FileResult(src, "skipped", "complete outputs exist", str(paths["labels"]),
+                              time.perf_counter() - t0)
+        try:
+            paths["labels"].parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {paths['labels'].parent}: {exc.strerror}") from None
+        labels_file = probs_file = None
+        if not instances:
+            labels_file = OutputTiff(paths["labels"], shape, dtype, axes=axes)
+            outputs.append(labels_file)
+        if s.probabilities:
+            probs_file = OutputTiff(paths["probabilities"], (model.config.classes, *shape),
+                                    "float32", axes="C" + axes)
+            outputs.append(probs_file)
+        result = segment_labels(
+            image, model, output=s.output, min_size=s.min_size, diameter=s.diameter,
+            tiles=s.tiles, device=device, background_class=s.background_class,
+            labels_out=labels_file.array if labels_file else None,
+            probabilities_out=probs_file.array if probs_file else None,
+            progress=progress, should_stop=should_stop,
+        )
+        top = None
+        if instances:
+            write_tiff(paths["labels"], result.labels, axes=axes)
+            top = int(result.labels.max()) if result.labels.size else 0
+        for out in outputs:
+            out.commit()
+        outputs.clear()
+        if s.overlay:
+            _write_overlay(paths["overlay"], image, axes, paths["labels"])
+        return FileResult(src, "done", "", str(paths["labels"]), time.perf_counter() - t0,
+                          top, list(result.messages))
+    except StopRequested:
+        for out in outputs:
+            out.abort()
+        raise
+    except (PaintsegError, ValueError, OSError, MemoryError, RuntimeError) as exc:
+        for out in outputs:
+            out.abort()
+        reason = str(exc) if isinstance(exc, PaintsegError) else f"{src}: {exc}"
+        if isinstance(exc, MemoryError):
+            reason = f"{src}: out of memory ({exc}); try a smaller --memory or --tile"
+        return FileResult(src, "failed", reason, None, time.perf_counter() - t0)
+
+
+def _write_overlay(path: Path, image: Any, axes: str, labels_path: Path) -> None:
+    """PNG of the image (middle slice of a stack) with the label outlines."""
+    from PIL import Image
+
+    from .inference import AxesView
+    from .postprocess import overlay_rgb
+
+    labels = read_image(labels_path).data
+    view = AxesView(image.data, image.axes, "C" + axes)
+    index = tuple(s // 2 for s in labels.shape[:-2])
+    img = np.moveaxis(view[(slice(None), *index)], 0, -1)
+    lab = np.asarray(labels[index]) if index else np.asarray(labels[...])
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(overlay_rgb(img, lab)).save(tmp, format="PNG")
+
+
+def iter_batch(
+    jobs: Iterable[Job],
+    model: PaintsegModel,
+    *,
+    out_dir: str | os.PathLike[str],
+    settings: SegmentSettings | None = None,
+    device: Any = "auto",
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[FileResult]:
+    """Segment ``jobs`` one after another in this process, yielding a result per file.
+
+    A bad file yields a ``failed`` result and the batch goes on. A stop request ends the
+    batch between files or tiles; the file being written is discarded (a rerun redoes it).
+    ``progress(done, total)`` reports tiles of the current file.
+    """
+    for job in jobs:
+        if should_stop is not None and should_stop():
+            return
+        try:
+            yield segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
+                               overwrite=overwrite, progress=progress, should_stop=should_stop)
+        except StopRequested:
+            return
+
+
+def summarize(results: Sequence[FileResult]) -> dict[str, Any]:
+    """Counts and per-file results, ready for JSON."""
+    counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
+    return {"total": len(results), **counts, "files": [asdict(r) for r in results]}
+
+
+def write_report(path: str | os.PathLike[str], results: Sequence[FileResult],
+                 **extra: Any) -> Path:
+    """Write :func:`summarize` (plus ``extra`` fields) as JSON, atomically."""
+    data = {**extra, **summarize(results)}
+    with atomic_path(path, suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)

@@ -1,0 +1,162 @@
+"""Folder batches: failures isolated, outputs complete or absent, reruns resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from paintseg.batch import (
+    FileResult,
+    SegmentSettings,
+    collect_inputs,
+    iter_batch,
+    output_complete,
+    output_paths,
+    segment_file,
+)
+from paintseg.cli import main
+from paintseg.config import ModelConfig, TileConfig
+from paintseg.errors import InputError
+from paintseg.inference import segment_labels
+from paintseg.io import read_image
+from paintseg.model import load_model, new_model, save_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return save_model(new_model(ModelConfig(depth=3, base_features=8), seed=0), tmp_path / "m.pt")
+
+
+def _folder(tmp_path: Path, nuclei2d: np.ndarray) -> Path:
+    """Good crops in two sub-folders, a corrupt file, a wrong-dimensional file, a text file."""
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    tifffile.imwrite(src / "a" / "one.tif", nuclei2d[:200, :240])
+    tifffile.imwrite(src / "a" / "two.tif", nuclei2d[200:, :])
+    tifffile.imwrite(src / "b" / "three.tiff", nuclei2d[:, 100:260])
+    raw = (src / "a" / "one.tif").read_bytes()
+    (src / "b" / "corrupt.tif").write_bytes(raw[: len(raw) // 3])
+    tifffile.imwrite(src / "b" / "line.tif", np.arange(50, dtype=np.uint8))  # 1D
+    (src / "notes.txt").write_text("not an image")
+    return src
+
+
+def test_folder_batch_isolates_failures_and_reports(tmp_path, model_file, nuclei2d):
+    src = _folder(tmp_path, nuclei2d)
+    out = tmp_path / "out"
+    report = tmp_path / "report.json"
+    rc = main(["segment", str(src), "--model", str(model_file), "--out", str(out),
+               "--report", str(report), "-q"])
+    assert rc == 1  # something failed
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["a/one_labels.tif", "a/two_labels.tif", "b/three_labels.tif"]
+    data = json.loads(report.read_text())
+    assert (data["total"], data["done"], data["failed"], data["skipped"]) == (5, 3, 2, 0)
+    reasons = {Path(f["source"]).name: f["reason"] for f in data["files"] if f["status"] == "failed"}
+    assert set(reasons) == {"corrupt.tif", "line.tif"}
+    assert "corrupt.tif" in reasons["corrupt.tif"] and "truncated" in reasons["corrupt.tif"]
+    assert "line.tif" in reasons["line.tif"]
+    # each output equals the library call on the same image
+    model = load_model(model_file)
+    ref = segment_labels(read_image(src / "b" / "three.tiff"), model)
+    np.testing.assert_array_equal(tifffile.imread(out / "b" / "three_labels.tif"), ref.labels)
+    # a rerun skips what is complete and still reports the bad files
+    rc = main(["segment", str(src), "--model", str(model_file), "--out", str(out),
+               "--report", str(report), "-q"])
+    assert rc == 1
+    data = json.loads(report.read_text())
+    assert (data["done"], data["skipped"], data["failed"]) == (0, 3, 2)
+
+
+def test_incomplete_output_is_redone(tmp_path, small_model, nuclei2d):
+    tifffile.imwrite(tmp_path / "img.tif", nuclei2d[:128, :128])
+    job = collect_inputs([tmp_path / "img.tif"])[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    labels = output_paths(job, out)["labels"]
+    # a file under the final name that is not a complete output: wrong shape, then truncated
+    tifffile.imwrite(labels, np.zeros((10, 10), np.uint8))
+    assert not output_complete(labels, (128, 128))
+    r = segment_file(job, small_model, out_dir=out)
+    assert r.status == "done" and output_complete(labels, (128, 128))
+    good = tifffile.imread(labels)
+    raw = labels.read_bytes()
+    labels.write_bytes(raw[: len(raw) - 2000])
+    assert not output_complete(labels, (128, 128))
+    assert segment_file(job, small_model, out_dir=out).status == "done"
+    np.testing.assert_array_equal(tifffile.imread(labels), good)
+    assert segment_file(job, small_model, out_dir=out).status == "skipped"
+    assert segment_file(job, small_model, out_dir=out, overwrite=True).status == "done"
+
+
+def test_stop_between_tiles_leaves_no_partial_file(tmp_path, small_model, nuclei2d):
+    for k in range(3):
+        tifffile.imwrite(tmp_path / f"img{k}.tif", nuclei2d)
+    jobs = collect_inputs([tmp_path], pattern="img*.tif")
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3  # during the first or second file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    results = list(iter_batch(jobs, small_model, out_dir=out, should_stop=stop,
+                              settings=SegmentSettings(tiles=TileConfig(tile=64))))
+    assert all(isinstance(r, FileResult) and r.status == "done" for r in results)
+    assert len(results) < 3
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [f"img{k}_labels.tif" for k in range(len(results))]  # no temporary files
+
+
+def test_inputs_that_would_collide_are_refused(tmp_path, nuclei2d):
+    (tmp_path / "x").mkdir()
+    tifffile.imwrite(tmp_path / "x" / "a.tif", nuclei2d[:32, :32])
+    tifffile.imwrite(tmp_path / "x" / "a.tiff", nuclei2d[:32, :32])
+    with pytest.raises(InputError, match="same outputs"):
+        collect_inputs([tmp_path / "x"])
+    with pytest.raises(InputError, match="no file matches"):
+        collect_inputs([tmp_path / "x"], pattern="*.png")
+
+
+def test_killed_run_resumes_to_the_same_outputs(tmp_path, model_file, nuclei2d):
+    """SIGKILL a batch midway; the rerun completes it, equal to an uninterrupted run."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(6):
+        tifffile.imwrite(src / f"img{k}.tif", np.roll(nuclei2d, 37 * k, axis=1))
+    cmd = [sys.executable, "-m", "paintseg.cli", "segment", str(src), "--model", str(model_file),
+           "-q", "--tile", "128"]
+    ref = tmp_path / "ref"
+    subprocess.run(cmd + ["--out", str(ref)], check=True, timeout=300)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + ["--out", str(out)])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if out.exists() and len(list(out.glob("*_labels.tif"))) >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in out.glob("*_labels.tif"))
+    assert 2 <= len(finished) < 6, finished
+    for name in finished:  # whatever carries a final name is complete
+        np.testing.assert_array_equal(tifffile.imread(out / name), tifffile.imread(ref / name))
+    report = tmp_path / "r.json"
+    subprocess.run(cmd + ["--out", str(out), "--report", str(report)], check=True, timeout=300)
+    data = json.loads(report.read_text())
+    assert data["skipped"] == len(finished) and data["done"] == 6 - len(finished)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in ref.iterdir())
+    for p in ref.iterdir():
+        np.testing.assert_array_equal(tifffile.imread(out / p.name), tifffile.imread(p))
