@@ -1,0 +1,224 @@
+"""The dock widget in a real napari viewer, clicked through as a user would (needs a display:
+Xvfb in CI). Every job runs in a thread worker; the tests wait on the Qt event loop."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import tifffile
+
+pytestmark = pytest.mark.gui
+
+if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+    pytest.skip("no display (run under Xvfb, as .ci/run does)", allow_module_level=True)
+
+from qtpy.QtCore import QTimer  # noqa: E402
+
+from paintseg._napari._widget import EDITED, PaintsegWidget  # noqa: E402
+from paintseg.batch import SegmentSettings, collect_inputs, segment_file  # noqa: E402
+from paintseg.inference import segment_labels  # noqa: E402
+from paintseg.model import load_model  # noqa: E402
+
+SAMPLES = os.path.join(os.path.dirname(__file__), "..", "sample_data")
+
+
+@pytest.fixture
+def gt2d():
+    return tifffile.imread(os.path.join(SAMPLES, "nuclei2d_instances.tif")) > 0
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, nuclei2d):
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(nuclei2d, name="nuclei2d")
+    widget = PaintsegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="paintseg", area="right")
+    assert widget.jobs.wait(60_000)  # the starter model loads in the background
+    yield viewer, widget
+    widget.jobs.stop()
+    widget.jobs.wait(60_000)
+
+
+def _paint_strokes(layer, gt, rng, rows=slice(0, 256), dabs=60):
+    """Brush dabs (the API the paint brush uses) on background and nuclei of some rows."""
+    layer.brush_size = 5
+    for cls, mask in ((1, ~gt), (2, gt)):
+        sub = np.zeros_like(mask)
+        sub[rows] = mask[rows]
+        ys, xs = np.nonzero(sub)
+        for i in rng.choice(len(ys), dabs, replace=False):
+            layer.paint((ys[i], xs[i]), cls)
+
+
+def test_segment_with_starter_model_updates_one_layer(viewer_widget):
+    viewer, w = viewer_widget
+    assert w.model_source == "nuclei" and "2D U-Net" in w.model_info.text()
+    assert not w.seg_stop.isEnabled() and w.segment_btn.isEnabled()
+    w.segment_btn.click()
+    assert not w.segment_btn.isEnabled() and not w.train_btn.isEnabled()  # one job at a time
+    assert w.jobs.wait(120_000)
+    seg = viewer.layers["nuclei2d segmentation"]
+    assert seg.data.shape == (512, 512) and 80 < seg.data.max() < 140  # instances
+    # identical to what the CLI and batch runner write
+    ref = segment_labels(viewer.layers["nuclei2d"].data, load_model("nuclei"), axes="YX")
+    np.testing.assert_array_equal(seg.data, ref.labels)
+    # a rerun updates the same layer in place
+    w.seg_output.setCurrentText("semantic")
+    w.segment_btn.click()
+    assert w.jobs.wait(120_000)
+    assert [ly.name for ly in viewer.layers] == ["nuclei2d", "nuclei2d segmentation"]
+    assert viewer.layers["nuclei2d segmentation"] is seg
+    assert set(np.unique(seg.data)) <= {0, 2, 3}
+    # once the user paints on it, it is theirs: the next result goes to a new layer
+    seg.paint((10, 10), 5)
+    assert seg.metadata[EDITED]
+    edited = seg.data.copy()
+    w.segment_btn.click()
+    assert w.jobs.wait(120_000)
+    assert [ly.name for ly in viewer.layers] == [
+        "nuclei2d", "nuclei2d segmentation [2]", "nuclei2d segmentation"]
+    np.testing.assert_array_equal(viewer.layers["nuclei2d segmentation"].data, edited)
+
+
+def test_field_of_view_and_probabilities(viewer_widget, qtbot):
+    viewer, w = viewer_widget
+    viewer.camera.zoom = viewer.camera.zoom * 4  # look at the centre
+    viewer.camera.center = (0, 256, 256)
+    qtbot.wait(100)  # napari updates the visible box when it draws
+    w.seg_scope.setCurrentText("field of view")
+    w.seg_probs.setChecked(True)
+    w.segment_btn.click()
+    assert w.jobs.wait(120_000)
+    seg = viewer.layers["nuclei2d segmentation"].data
+    ys, xs = np.nonzero(seg)
+    assert ys.size and 0 < ys.min() and ys.max() < 511 and 0 < xs.min() and xs.max() < 511
+    assert (seg[:64] == 0).all()  # the top rows were not in view
+    probs = [ly for ly in viewer.layers if ly.metadata.get("paintseg_role") == "probability"]
+    assert sorted(ly.name for ly in probs) == ["nuclei2d P(boundary)", "nuclei2d P(object)"]
+    probs.sort(key=lambda ly: ly.name, reverse=True)
+    assert probs[0].data.max() > 0.5
+
+
+def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
+    viewer, w = viewer_widget
+    w.tabs.setCurrentIndex(1)
+    w.train_continue.setChecked(False)  # a new U-Net
+    lab = w.new_labels_layer()
+    assert lab.data.shape == (512, 512) and lab.data.max() == 0
+    assert viewer.layers.selection.active is lab and lab.mode == "paint"
+    assert "1 = background" in w.legend.text()
+    _paint_strokes(lab, gt2d, np.random.default_rng(0))
+    painted = lab.data.copy()
+    w.train_seconds.setValue(8)
+    w.train_btn.click()
+    assert w.train_stop.isEnabled() and not w.segment_btn.isEnabled()
+    assert w.jobs.wait(120_000)  # training, then the automatic Segment
+    assert w.model_source == "new U-Net (trained)"
+    np.testing.assert_array_equal(lab.data, painted)  # the painted labels are untouched
+    seg = viewer.layers["nuclei2d segmentation"].data
+    assert viewer.layers.selection.active is lab  # still painting on the same layer
+    assert [ly.name for ly in viewer.layers][-1] == "nuclei2d paint"  # strokes stay visible
+    assert len(w.plot.loss) > 3
+    held = slice(256, 512)
+    iou = ((seg[held] == 2) & gt2d[held]).sum() / ((seg[held] == 2) | gt2d[held]).sum()
+    assert iou > 0.5, iou
+    # continue training, stop it midway: it ends early and keeps the best weights
+    w.train_continue.setChecked(True)
+    w.train_refresh.setChecked(False)
+    w.train_seconds.setValue(600)
+    t0 = time.perf_counter()
+    w.train_btn.click()
+    QTimer.singleShot(3000, w.train_stop.click)
+    assert w.jobs.wait(120_000)
+    assert time.perf_counter() - t0 < 60
+    assert "stopped; best weights kept" in w.train_info.text()
+    runs = w.model.provenance["training"]
+    assert len(runs) == 2 and runs[-1]["stopped"]
+    # save and reopen
+    path = tmp_path / "painted.pt"
+    w.save_model(path)
+    assert w.jobs.wait(60_000) and path.exists()
+    trained = w.model
+    w.load_model(str(path))
+    assert w.jobs.wait(60_000)
+    assert w.model_source == "painted.pt" and w.model is not trained
+    for a, b in zip(trained.network.state_dict().values(), w.model.network.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp_path):
+    viewer, w = viewer_widget
+    # nothing painted
+    w.tabs.setCurrentIndex(1)
+    w.new_labels_layer()
+    w.train_btn.click()
+    assert w.jobs.wait(60_000)
+    assert "nothing is painted" in w.status.text()
+    # a file that is not a checkpoint
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a model")
+    w.load_model(str(bad))
+    assert w.jobs.wait(60_000)
+    assert "bad.pt" in w.status.text() and w.model_source == "nuclei"  # the old model stays
+    # a 3D model on a 2D image
+    w.new_dims.setCurrentText("3D")
+    w.new_btn.click()
+    assert w.jobs.wait(60_000)
+    w.segment_btn.click()
+    assert "3D" in w.status.text() and w.segment_btn.isEnabled()
+    assert [ly.name for ly in viewer.layers] == ["nuclei2d", "nuclei2d paint"]
+
+
+def test_batch_tab_with_a_corrupt_file(viewer_widget, tmp_path, nuclei2d):
+    viewer, w = viewer_widget
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", nuclei2d[:256])
+    tifffile.imwrite(src / "b.tif", nuclei2d[256:])
+    (src / "broken.tif").write_bytes((src / "a.tif").read_bytes()[:5000])
+    w.tabs.setCurrentIndex(2)
+    w.batch_in.setText(str(src))
+    w.batch_out.setText(str(out))
+    w.batch_btn.click()
+    assert w.jobs.wait(120_000)
+    table = {w.batch_table.item(r, 0).text(): (w.batch_table.item(r, 1).text(),
+                                               w.batch_table.item(r, 2).text())
+             for r in range(w.batch_table.rowCount())}
+    assert table["a.tif"][0] == "done" and table["b.tif"][0] == "done"
+    assert table["broken.tif"][0] == "failed" and "truncated" in table["broken.tif"][1]
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
+    assert "1 failed" in w.status.text()
+    # the same labels as the core batch runner (and so the CLI)
+    ref = segment_file(collect_inputs([src / "a.tif"])[0], load_model("nuclei"),
+                       out_dir=tmp_path / "ref", settings=SegmentSettings())
+    np.testing.assert_array_equal(tifffile.imread(out / "a_labels.tif"),
+                                  tifffile.imread(ref.labels))
+    # a rerun skips the finished files
+    w.batch_btn.click()
+    assert w.jobs.wait(120_000)
+    statuses = [w.batch_table.item(r, 1).text() for r in range(w.batch_table.rowCount())]
+    assert sorted(statuses) == ["failed", "skipped", "skipped"]
+
+
+def test_gui_thread_keeps_ticking_while_training(viewer_widget, gt2d):
+    """A QTimer on the GUI thread keeps firing while training runs (benchmarks/gui.py
+    measures the gaps; here only a generous bound)."""
+    viewer, w = viewer_widget
+    w.tabs.setCurrentIndex(1)
+    lab = w.new_labels_layer()
+    _paint_strokes(lab, gt2d, np.random.default_rng(1), dabs=30)
+    w.train_refresh.setChecked(False)
+    w.train_seconds.setValue(6)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    w.train_btn.click()
+    assert w.jobs.wait(120_000)
+    timer.stop()
+    gaps = np.diff(ticks)
+    assert len(ticks) > 200 and gaps.max() < 1.0, (len(ticks), gaps.max())
