@@ -67,6 +67,22 @@ def _message(exc: BaseException) -> str:
     return f"Unexpected error ({type(exc).__name__}: {exc}); details are in the log."
 
 
+def _first_use_of_torch() -> None:
+    """One tiny training step: torch's first forward / backward / optimiser step in a process
+    holds the interpreter lock for ~250 ms (measured); paying it while the widget opens keeps
+    that stall out of the user's first Train."""
+    import torch
+
+    from ..config import ModelConfig
+    from ..model import new_model
+
+    net = new_model(ModelConfig(dims=2, depth=1, base_features=2, features=(1.0,)),
+                    seed=0).network
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.zeros(2, 1, 16, 16)).sum().backward()
+    opt.step()
+
+
 class PaintsegWidget(QWidget):
     """Dock widget: choose a model, segment, paint and train, batch-process folders.
 
@@ -109,14 +125,40 @@ class PaintsegWidget(QWidget):
             self._watch_layer(layer)
         self._refresh_layer_choices()
         self._set_busy(False)
-        if load_starter:
-            self.load_model("nuclei")
+        self._warm_up(load_starter)
 
     # ------------------------------------------------------------------ building
 
-    def _build_model_box(self) -> QGroupBox:
-        from ..model import bundled_models
+    def _warm_up(self, load_starter: bool) -> None:
+        """Import torch and the core, list the bundled models and load the starter model, in
+        the background: importing them takes seconds, which would freeze napari if done on
+        the GUI thread at the first click."""
 
+        def job(report, should_stop):
+            from .. import batch, inference, training  # noqa: F401 - imported for later
+            from ..model import bundled_models, load_model
+
+            names = list(bundled_models())
+            model = load_model("nuclei") if load_starter and "nuclei" in names else None
+            _first_use_of_torch()
+            return names, model
+
+        def ready(result) -> None:
+            names, model = result
+            self.bundled.clear()
+            self.bundled.addItems(names)
+            self._show_device()
+            if model is not None:
+                self._set_model(model, "nuclei")
+                self.status.setText("Starter model 'nuclei' loaded. Choose an image and click "
+                                    "Segment, or paint and Train.")
+            else:
+                self.status.setText("Ready.")
+
+        self.status.setText("Loading paintseg…")
+        self.jobs.start("prepare", job, on_done=ready, on_error=self._failed("Starting paintseg"))
+
+    def _build_model_box(self) -> QGroupBox:
         box = QGroupBox("Model")
         lay = QVBoxLayout(box)
         self.model_info = QLabel("No model loaded.")
@@ -126,7 +168,6 @@ class PaintsegWidget(QWidget):
 
         row = QHBoxLayout()
         self.bundled = QComboBox()
-        self.bundled.addItems(list(bundled_models()))
         self.bundled.setToolTip("Models that ship with paintseg")
         self.load_bundled_btn = QPushButton("Load")
         self.load_bundled_btn.clicked.connect(lambda: self.load_model(self.bundled.currentText()))
@@ -166,7 +207,6 @@ class PaintsegWidget(QWidget):
         row.addWidget(self.device)
         row.addWidget(self.device_info, 1)
         lay.addLayout(row)
-        self._show_device()
         return box
 
     def _build_segment_tab(self) -> QWidget:
