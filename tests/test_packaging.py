@@ -15,7 +15,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["paintseg", "paintseg.config", "paintseg.model", "paintseg.tiling", "paintseg.io",
         "paintseg.inference", "paintseg.normalize", "paintseg.devices", "paintseg.cli",
-        "paintseg.errors"]
+        "paintseg.errors", "paintseg.training", "paintseg.postprocess", "paintseg.metrics",
+        "paintseg.batch", "paintseg._napari._layers"]
 
 
 def test_core_imports_without_qt_or_napari():

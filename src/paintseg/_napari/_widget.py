@@ -667,7 +667,7 @@ class PaintsegWidget(QWidget):
         what = (f"{int(np.asarray(result.labels).max())} objects" if instances
                 else "classes " + ", ".join(str(v) for v in np.unique(result.labels) if v))
         for msg in result.messages:
-            self._notify(msg, "warning")
+            self._notify(msg, "info")
         self.status.setText(f"Segmented {source} in {result.seconds:.1f} s on {result.device}: "
                             f"{what} → layer '{layer.name}'.")
         self.seg_bar.setValue(self.seg_bar.maximum())
@@ -922,11 +922,13 @@ class PaintsegWidget(QWidget):
         self._batch_results.append(r)
         row = self.batch_table.rowCount()
         self.batch_table.insertRow(row)
-        detail = r.reason or (f"{r.objects} objects, " if r.objects is not None else "") + \
+        reason = r.reason[len(r.source) + 2:] if r.reason.startswith(f"{r.source}: ") \
+            else r.reason  # the file is in the first column
+        detail = reason or (f"{r.objects} objects, " if r.objects is not None else "") + \
             f"{r.seconds:.1f} s"
         for col, text in enumerate((Path(r.source).name, r.status, detail)):
             cell = QTableWidgetItem(text)
-            cell.setToolTip(r.source if col == 0 else text)
+            cell.setToolTip(r.source if col == 0 else r.reason or text)
             self.batch_table.setItem(row, col, cell)
         self.batch_files_bar.setValue(row + 1)
 
