@@ -141,3 +141,25 @@ def test_memmap_output(tmp_path, nuclei2d_path, small_model):
     assert res.labels is out
     ref = segment(np.asarray(img.data), small_model)
     np.testing.assert_array_equal(np.asarray(out), ref.labels)
+
+
+def test_out_of_memory_back_off_sequence():
+    """On CUDA OOM: halve the batch, then the tile (one per batch), then fall back to the CPU."""
+    import torch
+
+    from paintseg.config import TileConfig
+    from paintseg.inference import after_oom
+
+    asked = TileConfig(tile=None, batch_size=None)
+    cfg, dev, used = asked, torch.device("cuda"), {"tile": 512, "batch": 8}
+    seen = []
+    while dev.type == "cuda":
+        cfg, dev, note = after_oom(cfg, asked, used_tile=used["tile"], used_batch=used["batch"],
+                                   align=16, device=dev)
+        seen.append((cfg.batch_size, cfg.tile, dev.type))
+        used = {"tile": cfg.tile or used["tile"], "batch": cfg.batch_size}
+        assert "out of memory" in note
+    assert seen == [(4, None, "cuda"), (2, None, "cuda"), (1, None, "cuda"),
+                    (1, 256, "cuda"), (1, 128, "cuda"), (1, 64, "cuda"), (1, 32, "cuda"),
+                    (None, None, "cpu")]
+    assert "using the CPU" in note

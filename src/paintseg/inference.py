@@ -257,6 +257,24 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def after_oom(
+    current: TileConfig, requested: TileConfig, *, used_tile: int, used_batch: int, align: int,
+    device: torch.device,
+) -> tuple[TileConfig, torch.device, str]:
+    """What to try after the GPU ran out of memory: half the tiles per batch, then (one tile
+    per batch) half the tile edge down to twice the pooling grid, then the CPU with the
+    settings the user asked for. Returns the new settings, the device and what to tell."""
+    if used_batch > 1:
+        cfg = dataclasses.replace(current, batch_size=used_batch // 2)
+        return cfg, device, f"GPU out of memory: retrying with {cfg.batch_size} tile(s) per batch"
+    if used_tile > 2 * align:
+        tile = max(align, used_tile // 2)
+        cfg = dataclasses.replace(current, tile=tile, batch_size=1)
+        return cfg, device, f"GPU out of memory: retrying with tiles of {tile} pixels"
+    return (requested, torch.device("cpu"),
+            "GPU out of memory even with the smallest tiles: using the CPU")
+
+
 def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out_axes: str,
                       name: str, t_start: float, labels_out: Any, probabilities_out: Any,
                       return_probabilities: bool, background_class: int | None,
@@ -455,17 +473,9 @@ def segment(
             if dev.type != "cuda" or not _is_oom(exc):
                 raise
             torch.cuda.empty_cache()
-            if used["batch"] > 1:
-                tile_cfg = dataclasses.replace(tile_cfg, batch_size=used["batch"] // 2)
-                messages.append(f"GPU out of memory: retrying with {tile_cfg.batch_size} tile(s) per batch")
-            elif used["tile"] > 2 * cfg.align:
-                new_tile = max(cfg.align, used["tile"] // 2)
-                tile_cfg = dataclasses.replace(tile_cfg, tile=new_tile, batch_size=1)
-                messages.append(f"GPU out of memory: retrying with tiles of {new_tile} pixels")
-            else:
-                dev = torch.device("cpu")
-                tile_cfg = tiles
-                messages.append("GPU out of memory even with the smallest tiles: using the CPU")
+            tile_cfg, dev, note = after_oom(tile_cfg, tiles, used_tile=used["tile"],
+                                            used_batch=used["batch"], align=cfg.align, device=dev)
+            messages.append(note)
     network.to("cpu")
     return SegmentResult(
         labels=labels_out,
