@@ -160,3 +160,35 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, model_file, nuclei2d):
         p.name for p in ref.iterdir())
     for p in ref.iterdir():
         np.testing.assert_array_equal(tifffile.imread(out / p.name), tifffile.imread(p))
+
+
+def test_local_dask_cluster_gives_identical_labels(tmp_path, model_file, nuclei2d):
+    """2 worker processes: byte-identical outputs to the single-process run, the model loaded
+    once per worker, a bad file reported."""
+    pytest.importorskip("distributed")
+    from paintseg.batch import BatchStats, run_batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(5):
+        tifffile.imwrite(src / f"img{k}.tif", np.roll(nuclei2d, 61 * k, axis=0)[:384])
+    (src / "zz_bad.tif").write_text("not a tiff")
+    jobs = collect_inputs([src])
+    ref = run_batch(jobs, model_file, out_dir=tmp_path / "one")
+    stats = BatchStats()
+    seen = []
+    par = run_batch(jobs, model_file, out_dir=tmp_path / "two", workers=2, stats=stats,
+                    on_result=seen.append)
+    assert [r.status for r in par] == [r.status for r in ref] == ["done"] * 5 + ["failed"]
+    assert "not a TIFF" in par[-1].reason and len(seen) == 6
+    for r in ref[:5]:
+        name = Path(r.labels).name
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert stats.workers == 2 and stats.loads and set(stats.loads.values()) == {1}
+    # the CLI takes the same path
+    rc = main(["segment", str(src), "--model", str(model_file), "--out", str(tmp_path / "cli"),
+               "--workers", "2", "-q"])
+    assert rc == 1
+    for r in ref[:5]:
+        name = Path(r.labels).name
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()

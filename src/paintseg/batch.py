@@ -34,6 +34,8 @@ __all__ = [
     "output_complete",
     "segment_file",
     "iter_batch",
+    "run_batch",
+    "BatchStats",
     "summarize",
     "write_report",
 ]
@@ -330,3 +332,137 @@ def write_report(path: str | os.PathLike[str], results: Sequence[FileResult],
     with atomic_path(path, suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
     return Path(path)
+
+
+# ---------------------------------------------------------------------------- parallel
+
+_WORKER_MODELS: dict[str, PaintsegModel] = {}  # per process: checkpoint digest -> model
+_WORKER_LOADS: list[str] = []  # digests loaded by this process (to prove "once per worker")
+
+
+def _worker_model(checkpoint: bytes, digest: str) -> PaintsegModel:
+    """The model for ``checkpoint``, deserialised once per worker process."""
+    model = _WORKER_MODELS.get(digest)
+    if model is None:
+        from .model import load_model_bytes
+
+        model = load_model_bytes(checkpoint, name=f"model {digest[:8]}")
+        _WORKER_MODELS.clear()  # one model at a time per worker
+        _WORKER_MODELS[digest] = model
+        _WORKER_LOADS.append(digest)
+    return model
+
+
+def _worker_task(job: Job, checkpoint: bytes, digest: str, out_dir: str,
+                 settings: SegmentSettings, device: Any, overwrite: bool,
+                 threads: int | None) -> tuple[FileResult, int, int]:
+    """One file on a worker; returns its result, the worker's pid and how many times this
+    worker has loaded the model."""
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    model = _worker_model(checkpoint, digest)
+    try:
+        result = segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
+                              overwrite=overwrite)
+    except Exception as exc:  # noqa: BLE001 - a task never kills the batch
+        result = FileResult(str(job.source), "failed", f"{job.source}: {exc}")
+    return result, os.getpid(), _WORKER_LOADS.count(digest)
+
+
+@dataclass
+class BatchStats:
+    """How a parallel batch ran: ``loads`` maps worker pid to model loads (1 each)."""
+
+    workers: int = 1
+    loads: dict[int, int] = field(default_factory=dict)
+
+
+def run_batch(
+    jobs: Sequence[Job],
+    model: PaintsegModel | str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str],
+    settings: SegmentSettings | None = None,
+    device: Any = "auto",
+    overwrite: bool = False,
+    workers: int = 1,
+    scheduler: Any = None,
+    threads_per_worker: int | None = None,
+    on_result: Callable[[FileResult], None] | None = None,
+    stats: BatchStats | None = None,
+) -> list[FileResult]:
+    """Segment ``jobs``: in this process (``workers=1``, no scheduler), on a local cluster of
+    ``workers`` processes, or on an existing Dask distributed cluster (``scheduler``: its
+    address, e.g. ``"tcp://10.0.0.5:8786"``, or a ``distributed.Client``).
+
+    The checkpoint is sent to every worker once (broadcast) and loaded once per worker
+    process; inputs and outputs must be on storage the workers can reach. Results come back
+    in input order; ``on_result`` is called as each file finishes.
+    """
+    s = settings or SegmentSettings()
+    if workers < 1:
+        raise InputError(f"workers must be at least 1, got {workers}")
+    if scheduler is None and workers == 1:
+        from .model import load_model
+
+        net = model if isinstance(model, PaintsegModel) else load_model(model)
+        out = []
+        for r in iter_batch(jobs, net, out_dir=out_dir, settings=s, device=device,
+                            overwrite=overwrite):
+            out.append(r)
+            if on_result is not None:
+                on_result(r)
+        return out
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise InputError("parallel batches need Dask: pip install 'dask[distributed]'") from None
+    import hashlib
+
+    from .model import model_bytes
+
+    checkpoint = model_bytes(model)
+    digest = hashlib.sha256(checkpoint).hexdigest()
+    cluster = None
+    if isinstance(scheduler, Client):
+        client = scheduler
+    elif scheduler is not None:
+        client = Client(scheduler)
+    else:
+        cores = os.cpu_count() or 1
+        threads_per_worker = threads_per_worker or max(1, cores // workers)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        client = Client(cluster)
+    try:
+        n_workers = len(client.scheduler_info().get("workers", {})) or workers
+        ckpt = client.scatter(checkpoint, broadcast=True)
+        futures = {
+            client.submit(_worker_task, job, ckpt, digest, str(out_dir), s, device, overwrite,
+                          threads_per_worker, key=f"paintseg-{digest[:8]}-{i}", pure=False): i
+            for i, job in enumerate(jobs)
+        }
+        results: list[FileResult | None] = [None] * len(jobs)
+        loads: dict[int, int] = {}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                r, pid, n = fut.result()
+                loads[pid] = max(loads.get(pid, 0), n)
+            except Exception as exc:  # noqa: BLE001 - a lost worker fails its file only
+                r = FileResult(str(jobs[i].source), "failed", f"{jobs[i].source}: worker "
+                               f"failed: {exc}")
+            results[i] = r
+            if on_result is not None:
+                on_result(r)
+        if stats is not None:
+            stats.workers, stats.loads = n_workers, loads
+        return [r for r in results if r is not None]
+    finally:
+        if client is not scheduler:
+            client.close()
+        if cluster is not None:
+            cluster.close()

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "the sub-folders)")
     seg.add_argument("--pattern", default="*.tif*",
                      help="file names to take from INPUT folders (default '*.tif*')")
+    seg.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="segment N files at a time, each in its own process on a local "
+                     "Dask cluster (default 1: this process)")
+    seg.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="run the files on an existing Dask distributed cluster, e.g. "
+                     "tcp://host:8786 (inputs and outputs must be on storage its workers see)")
     seg.add_argument("--report", type=Path, default=None, metavar="FILE.json",
                      help="write a JSON summary: done, skipped, failed with reasons")
     seg.add_argument(
@@ -203,26 +209,44 @@ def cmd_segment(args: argparse.Namespace) -> int:
     say(f"paintseg: device {describe_device(device)}" + (" (auto)" if args.device == "auto" else ""))
     results = []
     t0 = time.perf_counter()
+
+    def show(r, k: int) -> None:
+        head = f"[{k}/{len(jobs)}] {r.source}"
+        if r.status == "skipped":
+            say(f"{head}: {r.reason}, skipped (use --overwrite to redo)")
+        elif r.status == "failed":
+            print(f"paintseg: error: {r.reason}", file=sys.stderr)
+        else:
+            for msg in r.messages:
+                say(f"  note: {msg}")
+            what = f", {r.objects} objects" if r.objects is not None else ""
+            say(f"{head}: wrote {r.labels}{what} in {r.seconds:.1f} s")
+
     try:
-        for k, job in enumerate(jobs, 1):
-            head = f"[{k}/{len(jobs)}] {job.source}"
-            r = segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
-                             overwrite=args.overwrite,
-                             progress=_progress_printer(not args.quiet, job.source.name))
-            results.append(r)
-            if r.status == "skipped":
-                say(f"{head}: {r.reason}, skipped (use --overwrite to redo)")
-            elif r.status == "failed":
-                print(f"paintseg: error: {r.reason}", file=sys.stderr)
-            else:
-                for msg in r.messages:
-                    say(f"  note: {msg}")
-                what = f", {r.objects} objects" if r.objects is not None else ""
-                say(f"{head}: wrote {r.labels}{what} in {r.seconds:.1f} s")
+        if args.workers > 1 or args.scheduler:
+            from .batch import run_batch
+
+            where = args.scheduler or f"a local cluster of {args.workers} processes"
+            say(f"paintseg: {len(jobs)} file(s) on {where}")
+            results = run_batch(jobs, model, out_dir=out_dir, settings=settings, device=device,
+                                overwrite=args.overwrite, workers=max(args.workers, 1),
+                                scheduler=args.scheduler,
+                                on_result=lambda r: show(r, len(results) + 1) or
+                                results.append(r))
+        else:
+            for k, job in enumerate(jobs, 1):
+                r = segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
+                                 overwrite=args.overwrite,
+                                 progress=_progress_printer(not args.quiet, job.source.name))
+                results.append(r)
+                show(r, k)
     except KeyboardInterrupt:
         print("paintseg: interrupted; no partial output was left (a rerun resumes)",
               file=sys.stderr)
         return 130
+    except (PaintsegError, OSError) as exc:
+        print(f"paintseg: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
     done = sum(r.status == "done" for r in results)
     failed = [r for r in results if r.status == "failed"]
     skipped = len(results) - done - len(failed)

@@ -9,6 +9,7 @@ code.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from .errors import CheckpointError
 from .io import atomic_path
 
 __all__ = [
+    "model_bytes",
+    "load_model_bytes",
     "UNet",
     "PaintsegModel",
     "new_model",
@@ -427,6 +430,17 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
         The path written.
     """
     path = Path(path)
+    payload = _payload(model)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save model to {path}: folder {path.parent} does not exist")
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def _payload(model: PaintsegModel) -> dict[str, Any]:
     meta = {
         "model_config": dataclasses.asdict(model.config),
         "normalization": dataclasses.asdict(model.normalization),
@@ -435,19 +449,33 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
         "provenance": model.provenance,
     }
     state = {k: v.detach().to("cpu").clone() for k, v in model.network.state_dict().items()}
-    payload = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
         "metadata": json.dumps(meta, sort_keys=True),
         "state_dict": state,
     }
-    if not path.parent.is_dir():
-        raise CheckpointError(f"cannot save model to {path}: folder {path.parent} does not exist")
-    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return path
+
+
+def model_bytes(model: PaintsegModel | str | os.PathLike[str]) -> bytes:
+    """A checkpoint as bytes (to send to other processes): of an in-memory model, or the
+    file of a path or bundled name (checked by loading it first)."""
+    if isinstance(model, PaintsegModel):
+        buf = io.BytesIO()
+        torch.save(_payload(model), buf)
+        return buf.getvalue()
+    load_model(model)  # a clear error here rather than on every worker
+    return resolve_model(model).read_bytes()
+
+
+def load_model_bytes(data: bytes, *, name: str = "checkpoint") -> PaintsegModel:
+    """:func:`load_model` for a checkpoint held in memory (same checks, no code executed)."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign data
+        raise CheckpointError(f"{name} cannot be read as a paintseg checkpoint: "
+                              f"{exc.__class__.__name__}: {str(exc)[:200]}") from None
+    return _from_payload(payload, name)
 
 
 def load_model(
@@ -492,6 +520,21 @@ def load_model(
             f"{path} cannot be read as a paintseg checkpoint (damaged, truncated, or it holds "
             f"code rather than plain weights): {exc.__class__.__name__}: {str(exc)[:200]}"
         ) from None
+    model = _from_payload(payload, str(path))
+    config = model.config
+    if dims is not None and config.dims != dims:
+        raise CheckpointError(
+            f"{path} is a {config.dims}D model but a {dims}D model is needed here"
+        )
+    if in_channels is not None and config.in_channels != in_channels:
+        raise CheckpointError(
+            f"{path} expects images with {config.in_channels} channel(s) but the image has "
+            f"{in_channels}"
+        )
+    return model
+
+
+def _from_payload(payload: Any, path: str) -> PaintsegModel:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is a torch file but not a paintseg checkpoint (no '{CHECKPOINT_FORMAT}' "
@@ -523,13 +566,4 @@ def load_model(
             f"{str(exc)[:300]}"
         ) from None
     net.eval()
-    if dims is not None and config.dims != dims:
-        raise CheckpointError(
-            f"{path} is a {config.dims}D model but a {dims}D model is needed here"
-        )
-    if in_channels is not None and config.in_channels != in_channels:
-        raise CheckpointError(
-            f"{path} expects images with {config.in_channels} channel(s) but the image has "
-            f"{in_channels}"
-        )
     return model
