@@ -355,9 +355,10 @@ def _worker_model(checkpoint: bytes, digest: str) -> PaintsegModel:
 
 def _worker_task(job: Job, checkpoint: bytes, digest: str, out_dir: str,
                  settings: SegmentSettings, device: Any, overwrite: bool,
-                 threads: int | None) -> tuple[FileResult, int, int]:
-    """One file on a worker; returns its result, the worker's pid and how many times this
-    worker has loaded the model."""
+                 threads: int | None) -> tuple[FileResult, int, int, int]:
+    """One file on a worker; returns its result, the worker's pid, how many times this worker
+    has loaded the model, and the worker's peak resident memory so far (bytes; 0 if the
+    platform does not say)."""
     if threads:
         import torch
 
@@ -369,15 +370,28 @@ def _worker_task(job: Job, checkpoint: bytes, digest: str, out_dir: str,
                               overwrite=overwrite)
     except Exception as exc:  # noqa: BLE001 - a task never kills the batch
         result = FileResult(str(job.source), "failed", f"{job.source}: {exc}")
-    return result, os.getpid(), _WORKER_LOADS.count(digest)
+    return result, os.getpid(), _WORKER_LOADS.count(digest), _peak_rss()
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except (ImportError, OSError):
+        return 0
 
 
 @dataclass
 class BatchStats:
-    """How a parallel batch ran: ``loads`` maps worker pid to model loads (1 each)."""
+    """How a parallel batch ran: ``loads`` maps worker pid to model loads (1 each) and
+    ``peak_rss`` to the worker's peak resident memory in bytes."""
 
     workers: int = 1
     loads: dict[int, int] = field(default_factory=dict)
+    peak_rss: dict[int, int] = field(default_factory=dict)
 
 
 def run_batch(
@@ -447,11 +461,13 @@ def run_batch(
         }
         results: list[FileResult | None] = [None] * len(jobs)
         loads: dict[int, int] = {}
+        peaks: dict[int, int] = {}
         for fut in as_completed(futures):
             i = futures[fut]
             try:
-                r, pid, n = fut.result()
+                r, pid, n, rss = fut.result()
                 loads[pid] = max(loads.get(pid, 0), n)
+                peaks[pid] = max(peaks.get(pid, 0), rss)
             except Exception as exc:  # noqa: BLE001 - a lost worker fails its file only
                 r = FileResult(str(jobs[i].source), "failed", f"{jobs[i].source}: worker "
                                f"failed: {exc}")
@@ -459,7 +475,7 @@ def run_batch(
             if on_result is not None:
                 on_result(r)
         if stats is not None:
-            stats.workers, stats.loads = n_workers, loads
+            stats.workers, stats.loads, stats.peak_rss = n_workers, loads, peaks
         return [r for r in results if r is not None]
     finally:
         if client is not scheduler:
