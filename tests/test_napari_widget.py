@@ -222,3 +222,38 @@ def test_gui_thread_keeps_ticking_while_training(viewer_widget, gt2d):
     timer.stop()
     gaps = np.diff(ticks)
     assert len(ticks) > 200 and gaps.max() < 1.0, (len(ticks), gaps.max())
+
+
+def test_stack_paint_two_slices_train_segment_current_slice(make_napari_viewer, nuclei3d_path):
+    """A 2D model on a 3D stack: paint two slices, train, segment the displayed slice."""
+    viewer = make_napari_viewer(show=True)
+    stack = tifffile.imread(nuclei3d_path)
+    gt = tifffile.imread(os.path.join(SAMPLES, "nuclei3d_labels.tif")) > 0
+    viewer.add_image(stack, name="nuclei3d")
+    w = PaintsegWidget(viewer, load_starter=False)
+    viewer.window.add_dock_widget(w, area="right")
+    assert w.jobs.wait(60_000)
+    w.new_btn.click()  # a new 2D U-Net, 2 classes
+    assert w.jobs.wait(60_000)
+    lab = w.new_labels_layer()
+    assert lab.data.shape == (60, 256, 256)
+    rng = np.random.default_rng(0)
+    for z in (27, 38):
+        for cls, mask in ((1, ~gt[z]), (2, gt[z])):
+            ys, xs = np.nonzero(mask)
+            for i in rng.choice(len(ys), 40, replace=False):
+                lab.paint((z, ys[i], xs[i]), cls)
+    w.train_refresh.setChecked(False)
+    w.train_seconds.setValue(8)
+    w.train_btn.click()
+    assert w.jobs.wait(120_000)
+    viewer.dims.set_current_step(0, 33)
+    w.seg_scope.setCurrentText("current slice")
+    w.segment_btn.click()
+    assert w.jobs.wait(120_000)
+    seg = viewer.layers["nuclei3d segmentation"].data
+    assert seg.shape == (60, 256, 256)
+    assert np.flatnonzero(seg.reshape(60, -1).any(1)).tolist() == [33]
+    fg = seg[33] == 2
+    iou = (fg & gt[33]).sum() / (fg | gt[33]).sum()
+    assert iou > 0.4, iou

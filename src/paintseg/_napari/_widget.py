@@ -458,7 +458,8 @@ class PaintsegWidget(QWidget):
         if runs:
             steps = sum(r.get("steps", 0) for r in runs)
             secs = sum(r.get("seconds", 0) for r in runs)
-            lines.append(f"trained: {len(runs)} run(s), {steps} steps, {secs:.0f} s")
+            lines.append(f"trained: {len(runs)} run(s), {steps} steps, {secs:.0f} s"
+                         + (f"; last on {runs[-1]['data']}" if runs[-1].get("data") else ""))
         if prov.get("note"):
             lines.append(str(prov["note"]))
         self.model_info.setText("<br>".join(lines))
@@ -817,6 +818,8 @@ class PaintsegWidget(QWidget):
                 yield ("event", event)
                 if event.kind is EventKind.DONE:
                     break
+            runs = model.provenance.get("training") or [{}]
+            runs[-1]["data"] = f"labels '{labels_name}' on image '{source}' (napari)"
             return model, last
 
         self.plot.clear()
