@@ -384,6 +384,108 @@ def _peak_rss() -> int:
         return 0
 
 
+def _labels_shape(job: Job, model: PaintsegModel, settings: SegmentSettings) -> tuple:
+    from .inference import output_spec
+
+    try:
+        image = read_image(job.source, axes=settings.axes)
+        return output_spec(image, model, background_class=settings.background_class)[1]
+    except (PaintsegError, ValueError):
+        return ()
+
+
+def _worker_block(job: Job, checkpoint: bytes, digest: str, settings: SegmentSettings,
+                  device: Any, start: int, stop: int, intensity_range: Any, part: str,
+                  threads: int | None) -> tuple[int, int, int, int]:
+    """Slices ``start:stop`` (of the first stack axis) of one file, normalised with the whole
+    stack's ``intensity_range``, saved to ``part`` (.npy). Returns (largest label, pid,
+    model loads, peak memory)."""
+    from .inference import AxesView, output_spec, segment_labels
+
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    model = _worker_model(checkpoint, digest)
+    image = read_image(job.source, axes=settings.axes)
+    axes, _shape, _dtype = output_spec(image, model, background_class=settings.background_class)
+    view = AxesView(image.data, image.axes, "C" + axes)
+    block = np.moveaxis(view[(slice(None), slice(start, stop))], 0, -1)
+    result = segment_labels(block, model, axes=axes + "C", output=settings.output,
+                            min_size=settings.min_size, tiles=settings.tiles, device=device,
+                            background_class=settings.background_class,
+                            intensity_range=intensity_range)
+    labels = np.asarray(result.labels)
+    tmp = Path(part).with_suffix(".tmp.npy")
+    np.save(tmp, labels)
+    os.replace(tmp, part)
+    top = int(labels.max()) if labels.size else 0
+    return top, os.getpid(), _WORKER_LOADS.count(digest), _peak_rss()
+
+
+def _stack_blocks(job: Job, model: PaintsegModel, settings: SegmentSettings,
+                  block_bytes: int) -> tuple[list[tuple[int, int]], Any, str, tuple, bool] | None:
+    """How to cut one file into blocks of slices for several workers, or None to run it whole.
+
+    Only a 2D model on a stack is cut (its slices are independent, so the labels are identical
+    to a whole-file run); not with rescaling, probabilities or an overlay.
+    """
+    from .inference import AxesView, output_spec, wants_instances
+    from .normalize import percentile_range
+
+    if settings.diameter or settings.probabilities or settings.overlay:
+        return None
+    try:
+        image = read_image(job.source, axes=settings.axes)
+        axes, shape, _dtype = output_spec(image, model, background_class=settings.background_class)
+        instances = wants_instances(model, settings.output)
+    except (PaintsegError, ValueError):
+        return None  # the whole-file task reports it
+    if len(axes) <= model.config.dims:
+        return None
+    nbytes = int(np.prod(image.shape)) * np.dtype(image.data.dtype).itemsize
+    if nbytes <= block_bytes:
+        return None
+    n = shape[0]
+    per = max(1, int(block_bytes // max(1, nbytes // n)))
+    blocks = [(a, min(n, a + per)) for a in range(0, n, per)]
+    view = AxesView(image.data, image.axes, "C" + axes)
+    lo_hi = percentile_range(view, model.normalization, name=str(job.source))
+    return blocks, lo_hi, axes, shape, instances
+
+
+def _assemble(job: Job, parts: list[str], tops: list[int], axes: str, shape: tuple,
+              instances: bool, model: PaintsegModel, settings: SegmentSettings,
+              out_dir: str | os.PathLike[str], seconds: float) -> FileResult:
+    """Write the blocks of a file into its labels output (atomically) and remove them."""
+    from .io import label_dtype, label_values
+
+    paths = output_paths(job, out_dir)
+    top = max(tops) if tops else 0
+    if instances:
+        dtype = label_dtype(max(top, 1))
+    else:
+        dtype = label_dtype(max(label_values(model.class_values, settings.background_class)))
+    paths["labels"].parent.mkdir(parents=True, exist_ok=True)
+    out = OutputTiff(paths["labels"], shape, dtype, axes=axes)
+    try:
+        z = 0
+        for part in parts:
+            block = np.load(part)
+            out.array[z:z + len(block)] = block.astype(dtype)
+            z += len(block)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        for part in parts:
+            Path(part).unlink(missing_ok=True)
+    return FileResult(str(job.source), "done", "", str(paths["labels"]), seconds,
+                      top if instances else None, [f"segmented in {len(parts)} blocks"])
+
+
 @dataclass
 class BatchStats:
     """How a parallel batch ran: ``loads`` maps worker pid to model loads (1 each) and
@@ -407,6 +509,7 @@ def run_batch(
     threads_per_worker: int | None = None,
     on_result: Callable[[FileResult], None] | None = None,
     stats: BatchStats | None = None,
+    block_bytes: int = 512 * 2**20,
 ) -> list[FileResult]:
     """Segment ``jobs``: in this process (``workers=1``, no scheduler), on a local cluster of
     ``workers`` processes, or on an existing Dask distributed cluster (``scheduler``: its
@@ -415,6 +518,11 @@ def run_batch(
     The checkpoint is sent to every worker once (broadcast) and loaded once per worker
     process; inputs and outputs must be on storage the workers can reach. Results come back
     in input order; ``on_result`` is called as each file finishes.
+
+    On a cluster, a stack larger than ``block_bytes`` segmented with a 2D model is cut into
+    blocks of slices that run as separate tasks (normalised with the whole stack's
+    intensities, so the labels are identical to a whole-file run) and written into its
+    output when all are done.
     """
     s = settings or SegmentSettings()
     if workers < 1:
@@ -454,23 +562,72 @@ def run_batch(
     try:
         n_workers = len(client.scheduler_info().get("workers", {})) or workers
         ckpt = client.scatter(checkpoint, broadcast=True)
-        futures = {
-            client.submit(_worker_task, job, ckpt, digest, str(out_dir), s, device, overwrite,
-                          threads_per_worker, key=f"paintseg-{digest[:8]}-{i}", pure=False): i
-            for i, job in enumerate(jobs)
-        }
+        local = None
         results: list[FileResult | None] = [None] * len(jobs)
         loads: dict[int, int] = {}
         peaks: dict[int, int] = {}
-        for fut in as_completed(futures):
-            i = futures[fut]
+        futures: dict[Any, tuple[int, int]] = {}  # future -> (job index, block index or -1)
+        split: dict[int, dict[str, Any]] = {}
+        for i, job in enumerate(jobs):
+            plan = None
+            if block_bytes:
+                if local is None:
+                    from .model import load_model_bytes
+
+                    local = load_model_bytes(checkpoint)
+                done_already = (not overwrite and output_complete(
+                    output_paths(job, out_dir)["labels"], _labels_shape(job, local, s)))
+                plan = None if done_already else _stack_blocks(job, local, s, block_bytes)
+            if plan is None:
+                fut = client.submit(_worker_task, job, ckpt, digest, str(out_dir), s, device,
+                                    overwrite, threads_per_worker, pure=False)
+                futures[fut] = (i, -1)
+                continue
+            blocks, lo_hi, axes, shape, instances = plan
+            base = output_paths(job, out_dir)["labels"]
+            base.parent.mkdir(parents=True, exist_ok=True)
+            parts = [str(base.with_name(f".{base.name}.block{b:04d}.npy"))
+                     for b in range(len(blocks))]
+            split[i] = {"parts": parts, "tops": [None] * len(blocks), "left": len(blocks),
+                        "axes": axes, "shape": shape, "instances": instances,
+                        "t0": time.perf_counter(), "failed": None}
+            for b, (a, z) in enumerate(blocks):
+                fut = client.submit(_worker_block, job, ckpt, digest, s, device, a, z, lo_hi,
+                                    parts[b], threads_per_worker, pure=False)
+                futures[fut] = (i, b)
+        for fut in as_completed(list(futures)):
+            i, b = futures[fut]
+            r = None
             try:
-                r, pid, n, rss = fut.result()
+                if b < 0:
+                    r, pid, n, rss = fut.result()
+                else:
+                    top, pid, n, rss = fut.result()
+                    split[i]["tops"][b] = top
                 loads[pid] = max(loads.get(pid, 0), n)
                 peaks[pid] = max(peaks.get(pid, 0), rss)
             except Exception as exc:  # noqa: BLE001 - a lost worker fails its file only
-                r = FileResult(str(jobs[i].source), "failed", f"{jobs[i].source}: worker "
-                               f"failed: {exc}")
+                msg = f"{jobs[i].source}: worker failed: {exc}"
+                if b < 0:
+                    r = FileResult(str(jobs[i].source), "failed", msg)
+                else:
+                    split[i]["failed"] = split[i]["failed"] or msg
+            if b >= 0:
+                info = split[i]
+                info["left"] -= 1
+                if info["left"]:
+                    continue
+                if info["failed"]:
+                    for part in info["parts"]:
+                        Path(part).unlink(missing_ok=True)
+                    r = FileResult(str(jobs[i].source), "failed", info["failed"])
+                else:
+                    try:
+                        r = _assemble(jobs[i], info["parts"], info["tops"], info["axes"],
+                                      info["shape"], info["instances"], local, s, out_dir,
+                                      time.perf_counter() - info["t0"])
+                    except (OSError, PaintsegError) as exc:
+                        r = FileResult(str(jobs[i].source), "failed", f"{jobs[i].source}: {exc}")
             results[i] = r
             if on_result is not None:
                 on_result(r)

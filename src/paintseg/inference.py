@@ -329,6 +329,7 @@ def segment(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     scale: float = 1.0,
+    intensity_range: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SegmentResult:
     """Segment an image (2D, 2D + channels, 3D, time series) with a model.
 
@@ -355,6 +356,11 @@ def segment(
         ``progress(done, total)`` in tiles over the whole image.
     should_stop : callable, optional
         Polled between batches of tiles; True raises :class:`~paintseg.errors.StopRequested`.
+    scale : float
+        Rescale the image by this factor for the model (and the result back).
+    intensity_range : (low, high) arrays, optional
+        Per-channel normalisation range; default: the model's percentiles of this image. Given
+        when this image is a block of a larger one, so that every block is normalised alike.
 
     Returns
     -------
@@ -382,11 +388,15 @@ def segment(
             background_class=background_class, labels_out=labels_out,
             probabilities_out=probabilities_out, return_probabilities=return_probabilities,
             progress=progress, should_stop=should_stop, name=name, t_start=t_start,
+            intensity_range=intensity_range,
         )
     n_batch_axes = len(out_axes) - cfg.dims
     spatial = labels_shape[n_batch_axes:]
 
-    lo, hi = percentile_range(view, model.normalization, name=name)
+    if intensity_range is not None:
+        lo, hi = (np.asarray(v, dtype=np.float32).reshape(-1) for v in intensity_range)
+    else:
+        lo, hi = percentile_range(view, model.normalization, name=name)
     messages: list[str] = []
     contrast = hi - lo
     if np.any(contrast <= 1e-12):
@@ -525,6 +535,7 @@ def segment_labels(
     return_probabilities: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    intensity_range: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SegmentResult:
     """:func:`segment` followed by the postprocessing a user asked for: the one path that the
     CLI, the batch runner and the napari widget share, so their labels are identical.
@@ -554,6 +565,7 @@ def segment_labels(
         labels_out=labels_out, probabilities_out=probabilities_out,
         return_probabilities=return_probabilities or instances, progress=progress,
         should_stop=should_stop, scale=scale_for(model, diameter),
+        intensity_range=intensity_range,
     )
     if instances:
         from .postprocess import instances_per_image
