@@ -219,3 +219,42 @@ def test_one_stack_in_blocks_on_the_cluster_is_identical(tmp_path, nuclei3d_path
         assert a == b
         assert sorted(p.name for p in (tmp_path / f"blocks_{output}").iterdir()) == [
             "nuclei3d_labels.tif"]  # no block files left
+
+
+def test_ome_zarr_output_equals_tiff_and_resumes(tmp_path, model_file, nuclei2d, nuclei3d_path):
+    zarr = pytest.importorskip("zarr")
+    src = tmp_path / "in"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", nuclei2d[:200])
+    (src / "stack.tif").symlink_to(nuclei3d_path)
+    for fmt in ("tiff", "zarr"):
+        rc = main(["segment", str(src), "--model", str(model_file), "--out", str(tmp_path / fmt),
+                   "--format", fmt, "--probabilities", "-q"])
+        assert rc == 0
+    for stem in ("a", "stack"):
+        group = zarr.open_group(str(tmp_path / "zarr" / f"{stem}_labels.ome.zarr"), mode="r")
+        assert group.attrs["multiscales"][0]["version"] == "0.4"
+        np.testing.assert_array_equal(group["0"][...],
+                                      tifffile.imread(tmp_path / "tiff" / f"{stem}_labels.tif"))
+        probs = zarr.open_group(str(tmp_path / "zarr" / f"{stem}_probabilities.ome.zarr"))["0"]
+        np.testing.assert_array_equal(
+            probs[...], tifffile.imread(tmp_path / "tiff" / f"{stem}_probabilities.tif"))
+    # complete outputs are skipped; a damaged one (a chunk missing) is redone
+    report = tmp_path / "r.json"
+    assert main(["segment", str(src), "--model", str(model_file), "--out", str(tmp_path / "zarr"),
+                 "--format", "zarr", "--probabilities", "-q", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["skipped"] == 2
+    import shutil
+
+    chunk = tmp_path / "zarr" / "stack_labels.ome.zarr" / "0" / "59.0.0"
+    assert chunk.exists()
+    chunk.unlink()
+    shutil.rmtree(tmp_path / "zarr" / "a_labels.ome.zarr" / "0")
+    assert main(["segment", str(src), "--model", str(model_file), "--out", str(tmp_path / "zarr"),
+                 "--format", "zarr", "--probabilities", "-q", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["done"] == 2 and data["skipped"] == 0
+    for stem in ("a", "stack"):
+        np.testing.assert_array_equal(
+            zarr.open_group(str(tmp_path / "zarr" / f"{stem}_labels.ome.zarr"))["0"][...],
+            tifffile.imread(tmp_path / "tiff" / f"{stem}_labels.tif"))

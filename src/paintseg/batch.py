@@ -22,7 +22,7 @@ import tifffile
 
 from .config import TileConfig
 from .errors import InputError, OutputError, PaintsegError, StopRequested
-from .io import OutputTiff, atomic_path, list_images, read_image, write_tiff
+from .io import atomic_path, list_images, open_output, read_image, write_tiff
 from .model import PaintsegModel
 
 __all__ = [
@@ -66,6 +66,8 @@ class SegmentSettings:
         Axes of the inputs when their metadata is missing or wrong.
     tiles : TileConfig
         Tiling.
+    format : str
+        ``"tiff"`` or ``"zarr"`` (OME-Zarr folders, which napari opens lazily).
     """
 
     output: str = "auto"
@@ -76,6 +78,11 @@ class SegmentSettings:
     overlay: bool = False
     axes: str | None = None
     tiles: TileConfig = field(default_factory=TileConfig)
+    format: str = "tiff"
+
+    def __post_init__(self) -> None:
+        if self.format not in ("tiff", "zarr"):
+            raise ValueError(f"format must be 'tiff' or 'zarr', got {self.format!r}")
 
 
 @dataclass
@@ -155,14 +162,25 @@ def collect_inputs(inputs: Sequence[str | os.PathLike[str]], *, pattern: str = "
     return jobs
 
 
-def output_paths(job: Job, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def output_paths(job: Job, out_dir: str | os.PathLike[str], fmt: str = "tiff") -> dict[str, Path]:
     """``{"labels", "probabilities", "overlay"}`` paths of a job's outputs."""
     base = Path(out_dir) / job.relative.parent / _stem(job.relative.name)
+    ext = ".ome.zarr" if fmt == "zarr" else ".tif"
     return {
-        "labels": base.with_name(base.name + "_labels.tif"),
-        "probabilities": base.with_name(base.name + "_probabilities.tif"),
+        "labels": base.with_name(base.name + "_labels" + ext),
+        "probabilities": base.with_name(base.name + "_probabilities" + ext),
         "overlay": base.with_name(base.name + "_overlay.png"),
     }
+
+
+def read_output(path: str | os.PathLike[str]) -> Any:
+    """An output image (TIFF, or the array of an OME-Zarr folder), not loaded."""
+    path = Path(path)
+    if path.is_dir():
+        import zarr
+
+        return zarr.open_group(str(path), mode="r")["0"]
+    return read_image(path).data
 
 
 def output_complete(path: str | os.PathLike[str], shape: Sequence[int]) -> bool:
@@ -172,6 +190,19 @@ def output_complete(path: str | os.PathLike[str], shape: Sequence[int]) -> bool:
     file left by something else, a different image under the same name, or a damaged disk.
     """
     path = Path(path)
+    if path.is_dir():
+        try:
+            arr = read_output(path)
+            if tuple(arr.shape) != tuple(shape):
+                return False
+            expected = int(np.prod([-(-n // c) for n, c in zip(arr.shape, arr.chunks)]))
+            stored = sum(1 for p in (path / "0").iterdir() if not p.name.startswith("."))
+            if stored != expected:  # paintseg stores every chunk (zeros included)
+                return False
+            arr[tuple(s - 1 for s in arr.shape)]  # the last chunk can be read
+            return True
+        except Exception:  # noqa: BLE001 - any failure to read means "not complete"
+            return False
     if not path.is_file():
         return False
     try:
@@ -218,9 +249,9 @@ def segment_file(
 
     s = settings or SegmentSettings()
     t0 = time.perf_counter()
-    paths = output_paths(job, out_dir)
+    paths = output_paths(job, out_dir, s.format)
     src = str(job.source)
-    outputs: list[OutputTiff] = []
+    outputs: list[Any] = []
     try:
         image = read_image(job.source, axes=s.axes)
         axes, shape, dtype = output_spec(image, model, background_class=s.background_class)
@@ -239,11 +270,11 @@ def segment_file(
             raise OutputError(f"cannot create {paths['labels'].parent}: {exc.strerror}") from None
         labels_file = probs_file = None
         if not instances:
-            labels_file = OutputTiff(paths["labels"], shape, dtype, axes=axes)
+            labels_file = open_output(paths["labels"], shape, dtype, axes=axes, fmt=s.format)
             outputs.append(labels_file)
         if s.probabilities:
-            probs_file = OutputTiff(paths["probabilities"], (model.config.classes, *shape),
-                                    "float32", axes="C" + axes)
+            probs_file = open_output(paths["probabilities"], (model.config.classes, *shape),
+                                     "float32", axes="C" + axes, fmt=s.format)
             outputs.append(probs_file)
         result = segment_labels(
             image, model, output=s.output, min_size=s.min_size, diameter=s.diameter,
@@ -254,7 +285,13 @@ def segment_file(
         )
         top = None
         if instances:
-            write_tiff(paths["labels"], result.labels, axes=axes)
+            if s.format == "zarr":
+                out = open_output(paths["labels"], shape, result.labels.dtype, axes=axes,
+                                  fmt="zarr")
+                outputs.append(out)
+                out.array[...] = result.labels
+            else:
+                write_tiff(paths["labels"], result.labels, axes=axes)
             top = int(result.labels.max()) if result.labels.size else 0
         for out in outputs:
             out.commit()
@@ -283,7 +320,7 @@ def _write_overlay(path: Path, image: Any, axes: str, labels_path: Path) -> None
     from .inference import AxesView
     from .postprocess import overlay_rgb
 
-    labels = read_image(labels_path).data
+    labels = read_output(labels_path)
     view = AxesView(image.data, image.axes, "C" + axes)
     index = tuple(s // 2 for s in labels.shape[:-2])
     img = np.moveaxis(view[(slice(None), *index)], 0, -1)
@@ -461,14 +498,14 @@ def _assemble(job: Job, parts: list[str], tops: list[int], axes: str, shape: tup
     """Write the blocks of a file into its labels output (atomically) and remove them."""
     from .io import label_dtype, label_values
 
-    paths = output_paths(job, out_dir)
+    paths = output_paths(job, out_dir, settings.format)
     top = max(tops) if tops else 0
     if instances:
         dtype = label_dtype(max(top, 1))
     else:
         dtype = label_dtype(max(label_values(model.class_values, settings.background_class)))
     paths["labels"].parent.mkdir(parents=True, exist_ok=True)
-    out = OutputTiff(paths["labels"], shape, dtype, axes=axes)
+    out = open_output(paths["labels"], shape, dtype, axes=axes, fmt=settings.format)
     try:
         z = 0
         for part in parts:
@@ -576,7 +613,8 @@ def run_batch(
 
                     local = load_model_bytes(checkpoint)
                 done_already = (not overwrite and output_complete(
-                    output_paths(job, out_dir)["labels"], _labels_shape(job, local, s)))
+                    output_paths(job, out_dir, s.format)["labels"],
+                    _labels_shape(job, local, s)))
                 plan = None if done_already else _stack_blocks(job, local, s, block_bytes)
             if plan is None:
                 fut = client.submit(_worker_task, job, ckpt, digest, str(out_dir), s, device,
@@ -584,7 +622,7 @@ def run_batch(
                 futures[fut] = (i, -1)
                 continue
             blocks, lo_hi, axes, shape, instances = plan
-            base = output_paths(job, out_dir)["labels"]
+            base = output_paths(job, out_dir, s.format)["labels"]
             base.parent.mkdir(parents=True, exist_ok=True)
             parts = [str(base.with_name(f".{base.name}.block{b:04d}.npy"))
                      for b in range(len(blocks))]

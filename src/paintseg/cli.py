@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "the sub-folders)")
     seg.add_argument("--pattern", default="*.tif*",
                      help="file names to take from INPUT folders (default '*.tif*')")
+    seg.add_argument("--format", choices=("tiff", "zarr"), default="tiff",
+                     help="output format: TIFF files, or OME-Zarr folders (<name>_labels.ome.zarr, "
+                     "opened lazily by napari; needs zarr)")
     seg.add_argument("--workers", type=int, default=1, metavar="N",
                      help="segment N files at a time, each in its own process on a local "
                      "Dask cluster (default 1: this process)")
@@ -187,6 +190,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             output=args.output, min_size=args.min_size, diameter=args.diameter,
             background_class=None if args.background_class < 0 else args.background_class,
             probabilities=args.probabilities, overlay=args.overlay, axes=args.axes, tiles=tiles,
+            format=args.format,
         )
         jobs = collect_inputs(args.inputs, pattern=args.pattern)
         out_dir = check_output_folder(args.out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -520,6 +521,82 @@ class OutputTiff:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class OutputZarr:
+    """An OME-Zarr image (NGFF 0.4, zarr format 2, one resolution) written under a temporary
+    folder name and renamed when committed, like :class:`OutputTiff`. napari opens it lazily.
+
+    Parameters
+    ----------
+    path : path-like
+        Final folder name (``....ome.zarr``).
+    shape, dtype, axes
+        As for :class:`OutputTiff`; chunks are whole planes of at most 1024 x 1024 pixels.
+    labels : bool
+        Mark it as a label image (NGFF ``image-label``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], shape: Sequence[int], dtype: Any, *,
+                 axes: str, labels: bool = True) -> None:
+        try:
+            import zarr
+        except ImportError:
+            raise OutputError("OME-Zarr output needs zarr: pip install zarr") from None
+        self.path = Path(path)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
+                                         dir=self.path.parent))
+        try:
+            group = zarr.open_group(str(self.tmp), mode="w", zarr_format=2)
+            shape = tuple(int(s) for s in shape)
+            chunks = tuple([1] * (len(shape) - 2) + [min(s, 1024) for s in shape[-2:]])
+            # every chunk is stored, zeros included, so a missing chunk file means damage
+            self.array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype,
+                                            fill_value=0, config={"write_empty_chunks": True})
+            kinds = {"T": "time", "C": "channel"}
+            group.attrs["multiscales"] = [{
+                "version": "0.4",
+                "name": self.path.name,
+                "axes": [{"name": a.lower(), "type": kinds.get(a, "space")} for a in axes],
+                "datasets": [{"path": "0", "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0] * len(shape)}]}],
+            }]
+            if labels:
+                group.attrs["image-label"] = {"version": "0.4"}
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def commit(self) -> Path:
+        """Rename the finished folder to its final name (replacing an older one)."""
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> OutputZarr:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def open_output(path: str | os.PathLike[str], shape: Sequence[int], dtype: Any, *, axes: str,
+                fmt: str = "tiff") -> OutputTiff | OutputZarr:
+    """A new output image in ``fmt`` (``"tiff"`` or ``"zarr"``), written atomically."""
+    if fmt == "zarr":
+        return OutputZarr(path, shape, dtype, axes=axes)
+    if fmt == "tiff":
+        return OutputTiff(path, shape, dtype, axes=axes)
+    raise ValueError(f"output format must be 'tiff' or 'zarr', got {fmt!r}")
 
 
 def write_tiff(
