@@ -390,17 +390,22 @@ def _worker_model(checkpoint: bytes, digest: str) -> PaintsegModel:
     return model
 
 
+def _set_threads(threads: int | None) -> None:
+    """Torch threads of this worker process (one per core it is meant to use)."""
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _worker_task(job: Job, checkpoint: bytes, digest: str, out_dir: str,
                  settings: SegmentSettings, device: Any, overwrite: bool,
                  threads: int | None) -> tuple[FileResult, int, int, int]:
     """One file on a worker; returns its result, the worker's pid, how many times this worker
     has loaded the model, and the worker's peak resident memory so far (bytes; 0 if the
     platform does not say)."""
-    if threads:
-        import torch
-
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    _set_threads(threads)
     model = _worker_model(checkpoint, digest)
     try:
         result = segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
@@ -439,11 +444,7 @@ def _worker_block(job: Job, checkpoint: bytes, digest: str, settings: SegmentSet
     model loads, peak memory)."""
     from .inference import AxesView, output_spec, segment_labels
 
-    if threads:
-        import torch
-
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    _set_threads(threads)
     model = _worker_model(checkpoint, digest)
     image = read_image(job.source, axes=settings.axes)
     axes, _shape, _dtype = output_spec(image, model, background_class=settings.background_class)

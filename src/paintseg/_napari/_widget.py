@@ -414,8 +414,6 @@ class PaintsegWidget(QWidget):
             if current in names:
                 combo.setCurrentText(current)
             combo.blockSignals(False)
-        if self.train_image.currentText() and not self.train_labels.currentText():
-            pass
         self._update_legend()
 
     def _watch_layer(self, event_or_layer: Any) -> None:
@@ -615,7 +613,7 @@ class PaintsegWidget(QWidget):
             return
         self._failed("Segmentation")(exc)
 
-    def _output_layer(self, source: str, role: str, suffix: str) -> Any:
+    def _output_layer(self, source: str, role: str) -> Any:
         """The paintseg layer of ``role`` for ``source`` that may be updated in place, or None."""
         for ly in self.viewer.layers:
             if (ly.metadata.get(ROLE) == role and ly.metadata.get(SOURCE) == source
@@ -649,7 +647,7 @@ class PaintsegWidget(QWidget):
                      lshape: tuple[int, ...], instances: bool, model: Any, image: Any) -> None:
         from napari.layers import Labels
 
-        layer = self._output_layer(source, "segmentation", "segmentation")
+        layer = self._output_layer(source, "segmentation")
         existing = np.asarray(layer.data) if layer is not None else None
         labels = merge_region(existing, result.labels, region, shape=lshape, instances=instances)
         scale = tuple(image.scale[: len(lshape)])
@@ -681,7 +679,6 @@ class PaintsegWidget(QWidget):
         for k, (value, cname) in enumerate(zip(model.class_values, model.class_names)):
             if k == 0:
                 continue  # the background's is 1 - the others
-            role = f"probability {value}"
             layer = None
             for ly in self.viewer.layers:
                 if ly.metadata.get(ROLE) == "probability" and ly.metadata.get(SOURCE) == source \
@@ -699,7 +696,6 @@ class PaintsegWidget(QWidget):
                 self._insert_above(self.viewer.layers[source], layer)
             else:
                 layer.data = full
-            del role
 
     # ------------------------------------------------------------------ train
 
