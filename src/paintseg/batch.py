@@ -230,8 +230,13 @@ def segment_file(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    block_bytes: int = 512 * 2**20,
 ) -> FileResult:
     """Segment one file and write its outputs atomically; never raises for a bad input.
+
+    Instance output of a 2D model on a stack needs the class probabilities in memory; a stack
+    whose probabilities would exceed ``block_bytes`` is done in blocks of slices (normalised
+    with the whole stack's range: the labels are the same), so memory stays bounded.
 
     Returns
     -------
@@ -268,6 +273,21 @@ def segment_file(
             paths["labels"].parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {paths['labels'].parent}: {exc.strerror}") from None
+        plan = _stack_blocks(job, model, s, block_bytes) if instances and block_bytes else None
+        if plan is not None:
+            blocks, lo_hi, axes, shape, _ = plan
+            base = paths["labels"]
+            parts = [str(base.with_name(f".{base.name}.block{b:04d}.npy"))
+                     for b in range(len(blocks))]
+            try:
+                tops = [_block_labels(job, model, s, device, a, z, lo_hi, parts[b], progress,
+                                      should_stop) for b, (a, z) in enumerate(blocks)]
+            except BaseException:
+                for part in parts:
+                    Path(part).unlink(missing_ok=True)
+                raise
+            return _assemble(job, parts, tops, axes, shape, True, model, s, out_dir,
+                             time.perf_counter() - t0)
         labels_file = probs_file = None
         if not instances:
             labels_file = open_output(paths["labels"], shape, dtype, axes=axes, fmt=s.format)
@@ -439,13 +459,22 @@ def _labels_shape(job: Job, model: PaintsegModel, settings: SegmentSettings) -> 
 def _worker_block(job: Job, checkpoint: bytes, digest: str, settings: SegmentSettings,
                   device: Any, start: int, stop: int, intensity_range: Any, part: str,
                   threads: int | None) -> tuple[int, int, int, int]:
-    """Slices ``start:stop`` (of the first stack axis) of one file, normalised with the whole
-    stack's ``intensity_range``, saved to ``part`` (.npy). Returns (largest label, pid,
-    model loads, peak memory)."""
-    from .inference import AxesView, output_spec, segment_labels
-
+    """:func:`_block_labels` on a worker. Returns (largest label, pid, model loads, peak
+    memory)."""
     _set_threads(threads)
     model = _worker_model(checkpoint, digest)
+    top = _block_labels(job, model, settings, device, start, stop, intensity_range, part)
+    return top, os.getpid(), _WORKER_LOADS.count(digest), _peak_rss()
+
+
+def _block_labels(job: Job, model: PaintsegModel, settings: SegmentSettings, device: Any,
+                  start: int, stop: int, intensity_range: Any, part: str,
+                  progress: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> int:
+    """Slices ``start:stop`` (of the first stack axis) of one file, normalised with the whole
+    stack's ``intensity_range``, saved to ``part`` (.npy); returns the largest label."""
+    from .inference import AxesView, output_spec, segment_labels
+
     image = read_image(job.source, axes=settings.axes)
     axes, _shape, _dtype = output_spec(image, model, background_class=settings.background_class)
     view = AxesView(image.data, image.axes, "C" + axes)
@@ -453,21 +482,23 @@ def _worker_block(job: Job, checkpoint: bytes, digest: str, settings: SegmentSet
     result = segment_labels(block, model, axes=axes + "C", output=settings.output,
                             min_size=settings.min_size, tiles=settings.tiles, device=device,
                             background_class=settings.background_class,
-                            intensity_range=intensity_range)
+                            intensity_range=intensity_range, progress=progress,
+                            should_stop=should_stop)
     labels = np.asarray(result.labels)
     tmp = Path(part).with_suffix(".tmp.npy")
     np.save(tmp, labels)
     os.replace(tmp, part)
-    top = int(labels.max()) if labels.size else 0
-    return top, os.getpid(), _WORKER_LOADS.count(digest), _peak_rss()
+    return int(labels.max()) if labels.size else 0
 
 
 def _stack_blocks(job: Job, model: PaintsegModel, settings: SegmentSettings,
                   block_bytes: int) -> tuple[list[tuple[int, int]], Any, str, tuple, bool] | None:
-    """How to cut one file into blocks of slices for several workers, or None to run it whole.
+    """How to cut one file into blocks of slices, or None to run it whole.
 
     Only a 2D model on a stack is cut (its slices are independent, so the labels are identical
-    to a whole-file run); not with rescaling, probabilities or an overlay.
+    to a whole-file run); not with rescaling, probabilities or an overlay. A block holds at
+    most ``block_bytes`` of input, or of class probabilities for instance output (which
+    needs them in memory).
     """
     from .inference import AxesView, output_spec, wants_instances
     from .normalize import percentile_range
@@ -482,11 +513,13 @@ def _stack_blocks(job: Job, model: PaintsegModel, settings: SegmentSettings,
         return None  # the whole-file task reports it
     if len(axes) <= model.config.dims:
         return None
-    nbytes = int(np.prod(image.shape)) * np.dtype(image.data.dtype).itemsize
-    if nbytes <= block_bytes:
-        return None
     n = shape[0]
-    per = max(1, int(block_bytes // max(1, nbytes // n)))
+    in_slice = int(np.prod(image.shape)) * np.dtype(image.data.dtype).itemsize // n
+    prob_slice = int(np.prod(shape[1:])) * model.config.classes * 4 if instances else 0
+    per_slice = max(in_slice, prob_slice, 1)
+    if n * per_slice <= block_bytes:
+        return None
+    per = max(1, int(block_bytes // per_slice))
     blocks = [(a, min(n, a + per)) for a in range(0, n, per)]
     view = AxesView(image.data, image.axes, "C" + axes)
     lo_hi = percentile_range(view, model.normalization, name=str(job.source))
