@@ -113,53 +113,65 @@ def dataset(name: str, rng: np.random.Generator):
     return train, test
 
 
+def run_one(name: str, seed: int, budget: float, device) -> tuple[float, float]:
+    """Forest IoU and paintseg IoU for one dataset and one seed (strokes drawn by ``seed``)."""
+    rng = np.random.default_rng(seed)
+    train, test = dataset(name, rng)
+    painted = sum(int((lab > 0).sum()) for _, lab in train)
+    full = 512 * 512 if name == "dsb2018" else train[0][0].size
+    print(f"\n{name}, seed {seed}: {len(train)} painted image(s), {painted} painted pixels "
+          f"({100 * painted / full:.2f}% of one image), {len(test)} held-out image(s)")
+    preds, fit_s, total_s = random_forest([t[0] for t in train], [t[1] for t in train],
+                                          [t[0] for t in test])
+    rf_iou = semantic_scores(np.concatenate([(p == 2).ravel() for p in preds]).astype(np.uint8),
+                             np.concatenate([g.ravel() for _, g in test]).astype(np.uint8))
+    rf = rf_iou["iou"].get(1, 0.0)
+    print(f"  random forest (ilastik-style): foreground IoU {rf:.3f}  "
+          f"(fit {fit_s:.1f} s, fit + predict {total_s:.1f} s)")
+    t = time.perf_counter()
+    data = prepare_data(train, dims=2, seed=seed)
+    cfg = preset_config("auto", dims=2, in_channels=1, classes=len(data.class_values),
+                        device=device)
+    model = new_model(cfg, class_values=data.class_values, seed=seed)
+    done = None
+    for ev in iter_train(model, data, TrainConfig(time_budget=budget, seed=seed),
+                         device=device):
+        done = ev
+    train_s = time.perf_counter() - t
+    # each held-out image on its own (normalised on its own, as the painted ones were)
+    t = time.perf_counter()
+    labels = [segment(img, model, axes="YX", device=device).labels for img, _ in test]
+    predict_s = time.perf_counter() - t
+    ps = semantic_scores(np.concatenate([(lab == 2).ravel() for lab in labels]).astype(np.uint8),
+                         np.concatenate([g.ravel() for _, g in test]).astype(np.uint8))
+    iou = ps["iou"].get(1, 0.0)
+    print(f"  paintseg ({cfg.depth}-level U-Net, base {cfg.base_features}, filter scales "
+          f"{', '.join(f'{x:g}' for x in cfg.features)}): foreground IoU {iou:.3f}  "
+          f"({done.step} steps, best step {done.best_step}, train {train_s:.1f} s, predict "
+          f"{predict_s:.1f} s)")
+    print(f"  paintseg / forest IoU: {iou / max(rf, 1e-9):.2f}x", flush=True)
+    return rf, iou
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=60.0, help="paintseg training seconds")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--datasets", nargs="+", default=["nuclei3d", "dsb2018"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="each seed draws other strokes and trains anew; means are printed")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; paintseg budget {args.budget:.0f} s")
+    summary = {}
     for name in args.datasets:
-        rng = np.random.default_rng(args.seed)
-        train, test = dataset(name, rng)
-        painted = sum(int((lab > 0).sum()) for _, lab in train)
-        full = 512 * 512 if name == "dsb2018" else train[0][0].size
-        print(f"\n{name}: {len(train)} painted image(s), {painted} painted pixels "
-              f"({100 * painted / full:.2f}% of one image), {len(test)} held-out "
-              "image(s)")
-        # baseline
-        preds, fit_s, total_s = random_forest([t[0] for t in train], [t[1] for t in train],
-                                              [t[0] for t in test])
-        rf_iou = semantic_scores(np.concatenate([(p == 2).ravel() for p in preds]).astype(np.uint8),
-                                 np.concatenate([g.ravel() for _, g in test]).astype(np.uint8))
-        rf = rf_iou["iou"].get(1, 0.0)
-        print(f"  random forest (ilastik-style): foreground IoU {rf:.3f}  "
-              f"(fit {fit_s:.1f} s, fit + predict {total_s:.1f} s)")
-        # paintseg
-        t = time.perf_counter()
-        data = prepare_data(train, dims=2, seed=args.seed)
-        cfg = preset_config("auto", dims=2, in_channels=1, classes=len(data.class_values),
-                            device=device)
-        model = new_model(cfg, class_values=data.class_values, seed=args.seed)
-        done = None
-        for ev in iter_train(model, data, TrainConfig(time_budget=args.budget, seed=args.seed),
-                             device=device):
-            done = ev
-        train_s = time.perf_counter() - t
-        # each held-out image on its own (normalised on its own, as the painted ones were)
-        t = time.perf_counter()
-        labels = [segment(img, model, axes="YX", device=device).labels for img, _ in test]
-        predict_s = time.perf_counter() - t
-        ps = semantic_scores(np.concatenate([(lab == 2).ravel() for lab in labels]).astype(np.uint8),
-                             np.concatenate([g.ravel() for _, g in test]).astype(np.uint8))
-        iou = ps["iou"].get(1, 0.0)
-        print(f"  paintseg ({cfg.depth}-level U-Net, base {cfg.base_features}): foreground IoU "
-              f"{iou:.3f}  ({done.step} steps, best step {done.best_step}, train "
-              f"{train_s:.1f} s, predict {predict_s:.1f} s)")
-        print(f"  paintseg / forest IoU: {iou / max(rf, 1e-9):.2f}x")
+        summary[name] = [run_one(name, seed, args.budget, device) for seed in args.seeds]
+    print(f"\nmeans over seeds {args.seeds}:")
+    for name, rows in summary.items():
+        rf, ps = (float(np.mean(v)) for v in zip(*rows))
+        wins = sum(p > r for r, p in rows)
+        print(f"  {name:<9} forest {rf:.3f}  paintseg {ps:.3f}  paintseg / forest {ps / rf:.2f}x"
+              f"  (paintseg ahead in {wins} of {len(rows)})")
 
 
 if __name__ == "__main__":
