@@ -194,27 +194,38 @@ def test_local_dask_cluster_gives_identical_labels(tmp_path, model_file, nuclei2
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
 
 
-def test_one_stack_in_blocks_on_the_cluster_is_identical(tmp_path, nuclei3d_path):
+@pytest.fixture
+def small_stack(tmp_path, nuclei3d_path):
+    """The sample stack cropped to 60 x 128 x 128 (quick to segment)."""
+    path = tmp_path / "stack" / "nuclei3d.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, tifffile.imread(nuclei3d_path)[:, 64:192, 64:192],
+                     metadata={"axes": "ZYX"})
+    return path
+
+
+def test_one_stack_in_blocks_on_the_cluster_is_identical(tmp_path, small_stack):
     """A stack larger than the block size is cut into blocks of slices on 2 workers; the
     labels equal the whole-file run byte for byte (semantic and instance output)."""
     pytest.importorskip("distributed")
     from paintseg.batch import BatchStats, run_batch
 
-    jobs = collect_inputs([nuclei3d_path])  # 60 x 256 x 256 uint16, 7.9 MB
-    for output in ("instances", "semantic"):
+    jobs = collect_inputs([small_stack])  # 60 x 128 x 128 uint16, 2 MB
+    # blocks of 10 slices (instances: 196 KB of probabilities a slice) and 16 (semantic)
+    for output, block in (("instances", 2 * 2**20), ("semantic", 2**19)):
         settings = SegmentSettings(output=output)
         ref = run_batch(jobs, "nuclei", out_dir=tmp_path / f"one_{output}", settings=settings)
         seen = []
         stats = BatchStats()
         par = run_batch(jobs, "nuclei", out_dir=tmp_path / f"blocks_{output}", workers=2,
-                        settings=settings, block_bytes=2 * 2**20, stats=stats,
+                        settings=settings, block_bytes=block, stats=stats,
                         on_result=seen.append)
         assert par[0].status == "done" and " blocks" in par[0].messages[0], par[0]
         assert int(par[0].messages[0].split()[2]) >= 4
         assert len(seen) == 1 and len(stats.loads) == 2  # both workers took blocks
         a = Path(ref[0].labels).read_bytes()
         b = Path(par[0].labels).read_bytes()
-        assert tifffile.imread(par[0].labels).shape == (60, 256, 256)
+        assert tifffile.imread(par[0].labels).shape == (60, 128, 128)
         np.testing.assert_array_equal(tifffile.imread(par[0].labels),
                                       tifffile.imread(ref[0].labels))
         assert a == b
@@ -261,14 +272,14 @@ def test_ome_zarr_output_equals_tiff_and_resumes(tmp_path, model_file, nuclei2d,
             tifffile.imread(tmp_path / "tiff" / f"{stem}_labels.tif"))
 
 
-def test_instance_output_of_a_large_stack_runs_in_blocks_in_process(tmp_path, nuclei3d_path):
+def test_instance_output_of_a_large_stack_runs_in_blocks_in_process(tmp_path, small_stack):
     """Instance output keeps class probabilities in memory: a stack whose probabilities exceed
     the block size is done block by block, with the same labels as in one piece."""
-    job = collect_inputs([nuclei3d_path])[0]
+    job = collect_inputs([small_stack])[0]
     model = load_model("nuclei")
     whole = segment_file(job, model, out_dir=tmp_path / "whole", block_bytes=0)
-    blocks = segment_file(job, model, out_dir=tmp_path / "blocks", block_bytes=8 * 2**20)
+    blocks = segment_file(job, model, out_dir=tmp_path / "blocks", block_bytes=2 * 2**20)
     assert whole.status == blocks.status == "done"
-    assert blocks.messages == ["segmented in 6 blocks"]  # 10 slices of 786 KB of probabilities
+    assert blocks.messages == ["segmented in 6 blocks"]  # 10 slices of 196 KB of probabilities
     assert Path(whole.labels).read_bytes() == Path(blocks.labels).read_bytes()
     assert [p.name for p in (tmp_path / "blocks").iterdir()] == ["nuclei3d_labels.tif"]
