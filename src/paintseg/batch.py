@@ -220,6 +220,39 @@ def output_complete(path: str | os.PathLike[str], shape: Sequence[int]) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class _FileInfo:
+    """An opened input and the labels it will give (from :func:`_inspect`)."""
+
+    image: Any
+    axes: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    instances: bool
+
+
+def _inspect(job: Job, model: PaintsegModel, settings: SegmentSettings) -> _FileInfo:
+    """Open ``job``'s input (header only) and check it against ``model``.
+
+    Raises
+    ------
+    PaintsegError, ValueError
+        Unreadable input, or one the model cannot take.
+    """
+    from .inference import output_spec, wants_instances
+
+    image = read_image(job.source, axes=settings.axes)
+    axes, shape, dtype = output_spec(image, model, background_class=settings.background_class)
+    return _FileInfo(image, axes, tuple(shape), np.dtype(dtype),
+                     wants_instances(model, settings.output))
+
+
+def _block_parts(labels_path: Path, n: int) -> list[str]:
+    """Temporary files (hidden, beside the output) for ``n`` blocks of one file."""
+    return [str(labels_path.with_name(f".{labels_path.name}.block{b:04d}.npy"))
+            for b in range(n)]
+
+
 def segment_file(
     job: Job,
     model: PaintsegModel,
@@ -250,7 +283,7 @@ def segment_file(
     StopRequested
         ``should_stop`` returned True (no output of this file is left behind).
     """
-    from .inference import output_spec, segment_labels, wants_instances
+    from .inference import segment_labels
 
     s = settings or SegmentSettings()
     t0 = time.perf_counter()
@@ -258,9 +291,9 @@ def segment_file(
     src = str(job.source)
     outputs: list[Any] = []
     try:
-        image = read_image(job.source, axes=s.axes)
-        axes, shape, dtype = output_spec(image, model, background_class=s.background_class)
-        instances = wants_instances(model, s.output)
+        info = _inspect(job, model, s)
+        image, axes, shape, dtype, instances = (info.image, info.axes, info.shape, info.dtype,
+                                                info.instances)
         wanted = [("labels", shape)]
         if s.probabilities:
             wanted.append(("probabilities", (model.config.classes, *shape)))
@@ -273,21 +306,19 @@ def segment_file(
             paths["labels"].parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {paths['labels'].parent}: {exc.strerror}") from None
-        plan = _stack_blocks(job, model, s, block_bytes) if instances and block_bytes else None
+        plan = _stack_blocks(info, model, s, block_bytes, src) if instances and block_bytes \
+            else None
         if plan is not None:
-            blocks, lo_hi, axes, shape, _ = plan
-            base = paths["labels"]
-            parts = [str(base.with_name(f".{base.name}.block{b:04d}.npy"))
-                     for b in range(len(blocks))]
+            blocks, lo_hi = plan
+            parts = _block_parts(paths["labels"], len(blocks))
             try:
-                tops = [_block_labels(job, model, s, device, a, z, lo_hi, parts[b], progress,
+                tops = [_block_labels(info, model, s, device, a, z, lo_hi, parts[b], progress,
                                       should_stop) for b, (a, z) in enumerate(blocks)]
             except BaseException:
                 for part in parts:
                     Path(part).unlink(missing_ok=True)
                 raise
-            return _assemble(job, parts, tops, axes, shape, True, model, s, out_dir,
-                             time.perf_counter() - t0)
+            return _assemble(job, parts, tops, info, s, out_dir, time.perf_counter() - t0)
         labels_file = probs_file = None
         if not instances:
             labels_file = open_output(paths["labels"], shape, dtype, axes=axes, fmt=s.format)
@@ -446,16 +477,6 @@ def _peak_rss() -> int:
         return 0
 
 
-def _labels_shape(job: Job, model: PaintsegModel, settings: SegmentSettings) -> tuple:
-    from .inference import output_spec
-
-    try:
-        image = read_image(job.source, axes=settings.axes)
-        return output_spec(image, model, background_class=settings.background_class)[1]
-    except (PaintsegError, ValueError):
-        return ()
-
-
 def _worker_block(job: Job, checkpoint: bytes, digest: str, settings: SegmentSettings,
                   device: Any, start: int, stop: int, intensity_range: Any, part: str,
                   threads: int | None) -> tuple[int, int, int, int]:
@@ -463,23 +484,22 @@ def _worker_block(job: Job, checkpoint: bytes, digest: str, settings: SegmentSet
     memory)."""
     _set_threads(threads)
     model = _worker_model(checkpoint, digest)
-    top = _block_labels(job, model, settings, device, start, stop, intensity_range, part)
+    info = _inspect(job, model, settings)
+    top = _block_labels(info, model, settings, device, start, stop, intensity_range, part)
     return top, os.getpid(), _WORKER_LOADS.count(digest), _peak_rss()
 
 
-def _block_labels(job: Job, model: PaintsegModel, settings: SegmentSettings, device: Any,
-                  start: int, stop: int, intensity_range: Any, part: str,
+def _block_labels(info: _FileInfo, model: PaintsegModel, settings: SegmentSettings,
+                  device: Any, start: int, stop: int, intensity_range: Any, part: str,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> int:
     """Slices ``start:stop`` (of the first stack axis) of one file, normalised with the whole
     stack's ``intensity_range``, saved to ``part`` (.npy); returns the largest label."""
-    from .inference import AxesView, output_spec, segment_labels
+    from .inference import AxesView, segment_labels
 
-    image = read_image(job.source, axes=settings.axes)
-    axes, _shape, _dtype = output_spec(image, model, background_class=settings.background_class)
-    view = AxesView(image.data, image.axes, "C" + axes)
+    view = AxesView(info.image.data, info.image.axes, "C" + info.axes)
     block = np.moveaxis(view[(slice(None), slice(start, stop))], 0, -1)
-    result = segment_labels(block, model, axes=axes + "C", output=settings.output,
+    result = segment_labels(block, model, axes=info.axes + "C", output=settings.output,
                             min_size=settings.min_size, tiles=settings.tiles, device=device,
                             background_class=settings.background_class,
                             intensity_range=intensity_range, progress=progress,
@@ -491,55 +511,47 @@ def _block_labels(job: Job, model: PaintsegModel, settings: SegmentSettings, dev
     return int(labels.max()) if labels.size else 0
 
 
-def _stack_blocks(job: Job, model: PaintsegModel, settings: SegmentSettings,
-                  block_bytes: int) -> tuple[list[tuple[int, int]], Any, str, tuple, bool] | None:
+def _stack_blocks(info: _FileInfo, model: PaintsegModel, settings: SegmentSettings,
+                  block_bytes: int, name: str) -> tuple[list[tuple[int, int]], Any] | None:
     """How to cut one file into blocks of slices, or None to run it whole.
 
     Only a 2D model on a stack is cut (its slices are independent, so the labels are identical
     to a whole-file run); not with rescaling, probabilities or an overlay. A block holds at
     most ``block_bytes`` of input, or of class probabilities for instance output (which
-    needs them in memory).
+    needs them in memory). Returns the blocks and the whole stack's intensity range.
     """
-    from .inference import AxesView, output_spec, wants_instances
+    from .inference import AxesView
     from .normalize import percentile_range
 
+    image, axes, shape = info.image, info.axes, info.shape
     if settings.diameter or settings.probabilities or settings.overlay:
         return None
-    try:
-        image = read_image(job.source, axes=settings.axes)
-        axes, shape, _dtype = output_spec(image, model, background_class=settings.background_class)
-        instances = wants_instances(model, settings.output)
-    except (PaintsegError, ValueError):
-        return None  # the whole-file task reports it
     if len(axes) <= model.config.dims:
         return None
     n = shape[0]
     in_slice = int(np.prod(image.shape)) * np.dtype(image.data.dtype).itemsize // n
-    prob_slice = int(np.prod(shape[1:])) * model.config.classes * 4 if instances else 0
+    prob_slice = int(np.prod(shape[1:])) * model.config.classes * 4 if info.instances else 0
     per_slice = max(in_slice, prob_slice, 1)
     if n * per_slice <= block_bytes:
         return None
     per = max(1, int(block_bytes // per_slice))
     blocks = [(a, min(n, a + per)) for a in range(0, n, per)]
     view = AxesView(image.data, image.axes, "C" + axes)
-    lo_hi = percentile_range(view, model.normalization, name=str(job.source))
-    return blocks, lo_hi, axes, shape, instances
+    return blocks, percentile_range(view, model.normalization, name=name)
 
 
-def _assemble(job: Job, parts: list[str], tops: list[int], axes: str, shape: tuple,
-              instances: bool, model: PaintsegModel, settings: SegmentSettings,
-              out_dir: str | os.PathLike[str], seconds: float) -> FileResult:
+def _assemble(job: Job, parts: list[str], tops: list[int], info: _FileInfo,
+              settings: SegmentSettings, out_dir: str | os.PathLike[str],
+              seconds: float) -> FileResult:
     """Write the blocks of a file into its labels output (atomically) and remove them."""
-    from .io import label_dtype, label_values
+    from .io import label_dtype
 
     paths = output_paths(job, out_dir, settings.format)
     top = max(tops) if tops else 0
-    if instances:
-        dtype = label_dtype(max(top, 1))
-    else:
-        dtype = label_dtype(max(label_values(model.class_values, settings.background_class)))
+    # instance numbers are known only now; class labels have the type output_spec gave
+    dtype = label_dtype(max(top, 1)) if info.instances else info.dtype
     paths["labels"].parent.mkdir(parents=True, exist_ok=True)
-    out = open_output(paths["labels"], shape, dtype, axes=axes, fmt=settings.format)
+    out = open_output(paths["labels"], info.shape, dtype, axes=info.axes, fmt=settings.format)
     try:
         z = 0
         for part in parts:
@@ -554,7 +566,7 @@ def _assemble(job: Job, parts: list[str], tops: list[int], axes: str, shape: tup
         for part in parts:
             Path(part).unlink(missing_ok=True)
     return FileResult(str(job.source), "done", "", str(paths["labels"]), seconds,
-                      top if instances else None, [f"segmented in {len(parts)} blocks"])
+                      top if info.instances else None, [f"segmented in {len(parts)} blocks"])
 
 
 @dataclass
@@ -640,29 +652,30 @@ def run_batch(
         futures: dict[Any, tuple[int, int]] = {}  # future -> (job index, block index or -1)
         split: dict[int, dict[str, Any]] = {}
         for i, job in enumerate(jobs):
-            plan = None
+            plan = info = None
+            labels_path = output_paths(job, out_dir, s.format)["labels"]
             if block_bytes:
                 if local is None:
                     from .model import load_model_bytes
 
                     local = load_model_bytes(checkpoint)
-                done_already = (not overwrite and output_complete(
-                    output_paths(job, out_dir, s.format)["labels"],
-                    _labels_shape(job, local, s)))
-                plan = None if done_already else _stack_blocks(job, local, s, block_bytes)
+                try:
+                    info = _inspect(job, local, s)
+                except (PaintsegError, ValueError):
+                    info = None  # the whole-file task reports it
+                if info is not None and (overwrite
+                                         or not output_complete(labels_path, info.shape)):
+                    plan = _stack_blocks(info, local, s, block_bytes, str(job.source))
             if plan is None:
                 fut = client.submit(_worker_task, job, ckpt, digest, str(out_dir), s, device,
                                     overwrite, threads_per_worker, pure=False)
                 futures[fut] = (i, -1)
                 continue
-            blocks, lo_hi, axes, shape, instances = plan
-            base = output_paths(job, out_dir, s.format)["labels"]
-            base.parent.mkdir(parents=True, exist_ok=True)
-            parts = [str(base.with_name(f".{base.name}.block{b:04d}.npy"))
-                     for b in range(len(blocks))]
+            blocks, lo_hi = plan
+            labels_path.parent.mkdir(parents=True, exist_ok=True)
+            parts = _block_parts(labels_path, len(blocks))
             split[i] = {"parts": parts, "tops": [None] * len(blocks), "left": len(blocks),
-                        "axes": axes, "shape": shape, "instances": instances,
-                        "t0": time.perf_counter(), "failed": None}
+                        "info": info, "t0": time.perf_counter(), "failed": None}
             for b, (a, z) in enumerate(blocks):
                 fut = client.submit(_worker_block, job, ckpt, digest, s, device, a, z, lo_hi,
                                     parts[b], threads_per_worker, pure=False)
@@ -695,9 +708,8 @@ def run_batch(
                     r = FileResult(str(jobs[i].source), "failed", info["failed"])
                 else:
                     try:
-                        r = _assemble(jobs[i], info["parts"], info["tops"], info["axes"],
-                                      info["shape"], info["instances"], local, s, out_dir,
-                                      time.perf_counter() - info["t0"])
+                        r = _assemble(jobs[i], info["parts"], info["tops"], info["info"], s,
+                                      out_dir, time.perf_counter() - info["t0"])
                     except (OSError, PaintsegError) as exc:
                         r = FileResult(str(jobs[i].source), "failed", f"{jobs[i].source}: {exc}")
             results[i] = r

@@ -214,8 +214,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     results = []
     t0 = time.perf_counter()
 
-    def show(r, k: int) -> None:
-        head = f"[{k}/{len(jobs)}] {r.source}"
+    def record(r) -> None:
+        results.append(r)
+        head = f"[{len(results)}/{len(jobs)}] {r.source}"
         if r.status == "skipped":
             say(f"{head}: {r.reason}, skipped (use --overwrite to redo)")
         elif r.status == "failed":
@@ -232,18 +233,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
             where = args.scheduler or f"a local cluster of {args.workers} processes"
             say(f"paintseg: {len(jobs)} file(s) on {where}")
-            results = run_batch(jobs, model, out_dir=out_dir, settings=settings, device=device,
-                                overwrite=args.overwrite, workers=max(args.workers, 1),
-                                scheduler=args.scheduler,
-                                on_result=lambda r: show(r, len(results) + 1) or
-                                results.append(r))
+            run_batch(jobs, model, out_dir=out_dir, settings=settings, device=device,
+                      overwrite=args.overwrite, workers=max(args.workers, 1),
+                      scheduler=args.scheduler, on_result=record)
+            order = {str(job.source): k for k, job in enumerate(jobs)}
+            results.sort(key=lambda r: order[r.source])  # the report lists inputs in order
         else:
-            for k, job in enumerate(jobs, 1):
-                r = segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
-                                 overwrite=args.overwrite,
-                                 progress=_progress_printer(not args.quiet, job.source.name))
-                results.append(r)
-                show(r, k)
+            for job in jobs:
+                record(segment_file(job, model, out_dir=out_dir, settings=settings,
+                                    device=device, overwrite=args.overwrite,
+                                    progress=_progress_printer(not args.quiet, job.source.name)))
     except KeyboardInterrupt:
         print("paintseg: interrupted; no partial output was left (a rerun resumes)",
               file=sys.stderr)
@@ -276,8 +275,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
     from .io import read_image
-    from .model import load_model, new_model, save_model
-    from .training import EventKind, adapt_model, iter_train, prepare_data, preset_config
+    from .model import load_model, save_model
+    from .training import EventKind, iter_train, model_for_training, prepare_data
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if len(args.pairs) % 2:
@@ -312,18 +311,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed, names=names,
             normalization=init.normalization if init is not None else None,
         )
-        if init is not None:
-            if init.config.in_channels != channels:
-                raise PaintsegError(
-                    f"{args.init} expects {init.config.in_channels} channel(s) but the images "
-                    f"have {channels}"
-                )
-            model = adapt_model(init, data.class_values, data.class_names, seed=args.seed)
-        else:
-            cfg = preset_config(args.preset, dims=dims, in_channels=channels,
-                                classes=len(data.class_values), device=device)
-            model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
-                              seed=args.seed)
+        if init is not None and init.config.in_channels != channels:
+            raise PaintsegError(
+                f"{args.init} expects {init.config.in_channels} channel(s) but the images "
+                f"have {channels}"
+            )
+        model = model_for_training(init, data, in_channels=channels, preset=args.preset,
+                                   device=device, seed=args.seed)
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL

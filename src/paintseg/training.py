@@ -16,7 +16,7 @@ import copy
 import enum
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,8 @@ __all__ = [
     "train",
     "PRESETS",
     "preset_config",
+    "classes_to_continue",
+    "model_for_training",
     "median_diameter",
 ]
 
@@ -734,6 +736,40 @@ def adapt_model(
         f"output layer re-initialised for classes {list(class_values)}"
     )
     return fresh
+
+
+def classes_to_continue(
+    model: PaintsegModel, painted: Iterable[int]
+) -> tuple[tuple[int, ...], tuple[str, ...] | None]:
+    """Classes to continue training ``model`` on scribbles with the ``painted`` values.
+
+    The model's own classes and names when every painted value is one of them (the output
+    layer is kept); otherwise their union with the painted values (a new output layer, names
+    by default).
+    """
+    painted = {int(v) for v in painted}
+    if painted <= set(model.class_values):
+        return tuple(model.class_values), tuple(model.class_names)
+    return tuple(sorted(painted | set(model.class_values))), None
+
+
+def model_for_training(
+    base: PaintsegModel | None,
+    data: TrainingData,
+    *,
+    in_channels: int,
+    preset: str = "auto",
+    device: torch.device | None = None,
+    seed: int | None = None,
+) -> PaintsegModel:
+    """The model to train on ``data``: ``base`` adapted to its classes (warm start), or a new
+    U-Net of ``preset`` when ``base`` is None."""
+    if base is not None:
+        return adapt_model(base, data.class_values, data.class_names, seed=seed)
+    cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
+                        classes=len(data.class_values), device=device)
+    return new_model(cfg, class_values=data.class_values, class_names=data.class_names,
+                     seed=seed)
 
 
 def train(

@@ -192,7 +192,7 @@ class PaintsegWidget(QWidget):
         self.new_preset.addItems(["auto", "fast", "accurate"])
         self.new_preset.setToolTip("fast: small U-Net for the CPU; accurate: larger, for a GPU")
         self.new_btn = QPushButton("New U-Net")
-        self.new_btn.clicked.connect(self._new_clicked)
+        self.new_btn.clicked.connect(self.new_model)
         for w in (self.new_dims, QLabel("classes"), self.new_classes, self.new_preset,
                   self.new_btn):
             row.addWidget(w)
@@ -498,9 +498,6 @@ class PaintsegWidget(QWidget):
 
     def new_model(self) -> None:
         """A fresh U-Net from the New U-Net settings (untrained: paint, then Train)."""
-        self._new_clicked()
-
-    def _new_clicked(self) -> None:
         from ..devices import resolve_device
         from ..model import new_model
         from ..training import preset_config
@@ -753,8 +750,8 @@ class PaintsegWidget(QWidget):
         """Fine-tune on the painted labels in the background; True if started."""
         from ..config import TrainConfig
         from ..devices import resolve_device
-        from ..model import new_model
-        from ..training import EventKind, adapt_model, iter_train, prepare_data, preset_config
+        from ..training import EventKind, classes_to_continue, iter_train, model_for_training, \
+            prepare_data
 
         try:
             image = self._layer(self.train_image.currentText(), "an image layer")
@@ -787,23 +784,15 @@ class PaintsegWidget(QWidget):
         base_copy = copy.deepcopy(base) if base is not None else None
 
         def job(report, should_stop):
-            painted = set(int(v) for v in np.unique(lab)) - {0}
             cvals = cnames = None
             if base_copy is not None and kind == "scribbles":
-                if painted <= set(base_copy.class_values):
-                    cvals, cnames = base_copy.class_values, base_copy.class_names
-                else:
-                    cvals = tuple(sorted(painted | set(base_copy.class_values)))
+                cvals, cnames = classes_to_continue(base_copy, set(np.unique(lab).tolist()) - {0})
             td = prepare_data([(img, lab)], dims=dims, labels_kind=kind, channel_axis=-1,
                               class_values=cvals, class_names=cnames,
                               normalization=base_copy.normalization if base_copy else None,
                               names=[labels_name])
-            if base_copy is not None:
-                model = adapt_model(base_copy, td.class_values, td.class_names)
-            else:
-                cfg = preset_config(preset, dims=dims, in_channels=img.shape[-1],
-                                    classes=len(td.class_values), device=device)
-                model = new_model(cfg, class_values=td.class_values, class_names=td.class_names)
+            model = model_for_training(base_copy, td, in_channels=img.shape[-1], preset=preset,
+                                       device=device)
             if kind == "instances":
                 model.provenance["output"] = "instances"
             for note in td.notes:
