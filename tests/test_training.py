@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -184,6 +186,17 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
     rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "m2.pt"),
                "--init", str(out), "--steps", "2", "--patch-size", "64", "-q"])
     assert rc == 0 and len(load_model(tmp_path / "m2.pt").provenance["training"]) == 2
+    # as in the napari widget: continuing the 3-class starter on 2 painted classes keeps its
+    # classes, and a model trained on instances segments into instances by default
+    rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "m3.pt"),
+               "--init", "nuclei", "--steps", "1", "--patch-size", "64", "-q"])
+    assert rc == 0 and load_model(tmp_path / "m3.pt").class_values == (1, 2, 3)
+    inst = tmp_path / "inst.tif"
+    gt_instances = Path(__file__).parents[1] / "sample_data" / "nuclei2d_instances.tif"
+    tifffile.imwrite(inst, tifffile.imread(gt_instances))
+    rc = main(["train", str(nuclei2d_path), str(inst), "--out", str(tmp_path / "m4.pt"),
+               "--labels-kind", "instances", "--steps", "1", "--patch-size", "64", "-q"])
+    assert rc == 0 and load_model(tmp_path / "m4.pt").provenance["output"] == "instances"
     # bad inputs: odd number of paths, budget 0, only one class; nothing written
     assert main(["train", str(nuclei2d_path), "--out", str(tmp_path / "x.pt")]) == 2
     assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "x.pt"),

@@ -276,7 +276,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .errors import PaintsegError
     from .io import read_image
     from .model import load_model, save_model
-    from .training import EventKind, iter_train, model_for_training, prepare_data
+    from .training import (
+        EventKind,
+        classes_to_continue,
+        iter_train,
+        model_for_training,
+        prepare_data,
+    )
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if len(args.pairs) % 2:
@@ -305,9 +311,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             pairs.append((data, np.asarray(labels.data)))  # shapes checked by prepare_data
             names.append(str(lab_path))
         dims = init.config.dims if init is not None else args.dims
+        class_values = class_names = None
+        if init is not None and args.labels_kind == "scribbles":  # as the napari widget does
+            painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}
+            class_values, class_names = classes_to_continue(init, painted)
         data = prepare_data(
             pairs, dims=dims, labels_kind=args.labels_kind, channel_axis=-1,
-            class_values=None, validation_fraction=args.validation_fraction,
+            class_values=class_values, class_names=class_names,
+            validation_fraction=args.validation_fraction,
             seed=args.seed, names=names,
             normalization=init.normalization if init is not None else None,
         )
@@ -316,7 +327,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{args.init} expects {init.config.in_channels} channel(s) but the images "
                 f"have {channels}"
             )
-        model = model_for_training(init, data, in_channels=channels, preset=args.preset,
+        model = model_for_training(init, data, in_channels=channels,
+                                   labels_kind=args.labels_kind, preset=args.preset,
                                    device=device, seed=args.seed)
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)

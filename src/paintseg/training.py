@@ -758,18 +758,24 @@ def model_for_training(
     data: TrainingData,
     *,
     in_channels: int,
+    labels_kind: str = "scribbles",
     preset: str = "auto",
     device: torch.device | None = None,
     seed: int | None = None,
 ) -> PaintsegModel:
     """The model to train on ``data``: ``base`` adapted to its classes (warm start), or a new
-    U-Net of ``preset`` when ``base`` is None."""
+    U-Net of ``preset`` when ``base`` is None. A model trained on instances records it, so
+    that segmenting with it gives instances by default."""
     if base is not None:
-        return adapt_model(base, data.class_values, data.class_names, seed=seed)
-    cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
-                        classes=len(data.class_values), device=device)
-    return new_model(cfg, class_values=data.class_values, class_names=data.class_names,
-                     seed=seed)
+        model = adapt_model(base, data.class_values, data.class_names, seed=seed)
+    else:
+        cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
+                            classes=len(data.class_values), device=device)
+        model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
+                          seed=seed)
+    if labels_kind == "instances":
+        model.provenance["output"] = "instances"
+    return model
 
 
 def train(

@@ -791,10 +791,8 @@ class PaintsegWidget(QWidget):
                               class_values=cvals, class_names=cnames,
                               normalization=base_copy.normalization if base_copy else None,
                               names=[labels_name])
-            model = model_for_training(base_copy, td, in_channels=img.shape[-1], preset=preset,
-                                       device=device)
-            if kind == "instances":
-                model.provenance["output"] = "instances"
+            model = model_for_training(base_copy, td, in_channels=img.shape[-1],
+                                       labels_kind=kind, preset=preset, device=device)
             for note in td.notes:
                 yield ("note", note)
             last = None
