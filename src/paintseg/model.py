@@ -93,6 +93,10 @@ def _gaussian_kernels(sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return g.float(), d1.float(), d2.float(), radius
 
 
+# kernels at least this long are applied through the FFT (sigma >= 4)
+_FFT_KERNEL = 25
+
+
 class FilterBank(nn.Module):
     """Fixed multiscale filters in front of the U-Net (not trained).
 
@@ -115,14 +119,35 @@ class FilterBank(nn.Module):
         # raw + per scale: smooth, gradient magnitude, LoG, two Hessian features
         self.out_channels = in_channels * (1 + 5 * len(self.sigmas))
 
-    def _sep(self, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
-        # x: (N*C, 1, *spatial); one 1D kernel per spatial axis
-        for axis, k in enumerate(kernels):
+    def _along(self, x: torch.Tensor, k: torch.Tensor, axis: int) -> torch.Tensor:
+        """Valid correlation of ``x`` (N, 1, *spatial) with the 1D kernel ``k`` along
+        ``axis``; long kernels through the FFT (the same numbers up to float rounding)."""
+        d = 2 + axis
+        m = k.numel()
+        if m < _FFT_KERNEL:
             shape = [1, 1] + [1] * self.dims
-            shape[2 + axis] = k.numel()
-            w = k.view(shape)
-            x = (F.conv2d if self.dims == 2 else F.conv3d)(x, w)
-        return x
+            shape[d] = m
+            return (F.conv2d if self.dims == 2 else F.conv3d)(x, k.view(shape))
+        n = x.shape[d]
+        shape = [1] * x.ndim
+        shape[d] = -1
+        spectrum = torch.fft.rfft(k.flip(0), n=n).view(shape)
+        y = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=d) * spectrum, n=n, dim=d)
+        return y.narrow(d, m - 1, n - m + 1)
+
+    def _derivatives(self, x: torch.Tensor, kernels: Sequence[torch.Tensor]
+                     ) -> dict[tuple[int, ...], torch.Tensor]:
+        """Gaussian derivatives of total order <= 2, keyed by the order along each axis;
+        axis by axis, sharing the passes they have in common."""
+        level: dict[tuple[int, ...], torch.Tensor] = {(): x}
+        for axis in range(self.dims):
+            level = {
+                orders + (o,): self._along(t, kernels[o], axis)
+                for orders, t in level.items()
+                for o in range(3)
+                if sum(orders) + o <= 2
+            }
+        return level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
@@ -132,26 +157,20 @@ class FilterBank(nn.Module):
         mode = "reflect" if min(spatial) > r else "replicate"
         padded = F.pad(flat, [r, r] * self.dims, mode=mode)
         feats = [flat]
+        dims = self.dims
+
+        def order(*axes: int) -> tuple[int, ...]:
+            return tuple(axes.count(a) for a in range(dims))
+
         for i, s in enumerate(self.sigmas):
             g, d1, d2 = getattr(self, f"g{i}"), getattr(self, f"d1_{i}"), getattr(self, f"d2_{i}")
             ri = g.numel() // 2
             crop = r - ri
-            xi = padded[(..., *[slice(crop, padded.shape[2 + a] - crop) for a in range(self.dims)])]
-            smooth = self._sep(xi, [g] * self.dims)
-            grads = [self._sep(xi, [d1 if a == b else g for b in range(self.dims)])
-                     for a in range(self.dims)]
-            second = {}
-            for a in range(self.dims):
-                for b in range(a, self.dims):
-                    ks = []
-                    for ax in range(self.dims):
-                        if a == b == ax:
-                            ks.append(d2)
-                        elif ax in (a, b) and a != b:
-                            ks.append(d1)
-                        else:
-                            ks.append(g)
-                    second[(a, b)] = self._sep(xi, ks)
+            xi = padded[(..., *[slice(crop, padded.shape[2 + a] - crop) for a in range(dims)])]
+            der = self._derivatives(xi, (g, d1, d2))
+            smooth = der[order()]
+            grads = [der[order(a)] for a in range(dims)]
+            second = {(a, b): der[order(a, b)] for a in range(dims) for b in range(a, dims)}
             gradmag = torch.sqrt(sum(gr * gr for gr in grads) + 1e-12)
             log = sum(second[(a, a)] for a in range(self.dims))
             if self.dims == 2:
