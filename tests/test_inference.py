@@ -163,3 +163,40 @@ def test_out_of_memory_back_off_sequence():
                     (1, 256, "cuda"), (1, 128, "cuda"), (1, 64, "cuda"), (1, 32, "cuda"),
                     (None, None, "cpu")]
     assert "using the CPU" in note
+
+
+def test_a_block_of_a_volume_equals_the_whole_run(small_model_3d, nuclei3d_path):
+    """With the whole volume's tiling (resolve_tiles) and intensity range, segmenting Z planes
+    a:b alone equals planes a:b of the whole run: labels and probabilities, bit for bit."""
+    from paintseg.inference import resolve_tiles
+    from paintseg.normalize import percentile_range
+
+    img = tifffile.imread(nuclei3d_path)[:40, :96, :80]
+    tiles = resolve_tiles(img.shape, small_model_3d, TileConfig(tile=16), device="cpu")
+    assert tiles.tile == 16 and tiles.halo > 0 and tiles.batch_size >= 1
+    whole = segment(img, small_model_3d, tiles=tiles, device="cpu", return_probabilities=True)
+    lo_hi = percentile_range(img[np.newaxis], small_model_3d.normalization)
+    for rows in [(0, 9), (16, 32), (39, 40)]:
+        part = segment(img, small_model_3d, tiles=tiles, device="cpu", rows=rows,
+                       intensity_range=lo_hi, return_probabilities=True)
+        np.testing.assert_array_equal(part.labels, whole.labels[rows[0]:rows[1]])
+        np.testing.assert_array_equal(part.probabilities,
+                                      whole.probabilities[:, rows[0]:rows[1]])
+
+
+def test_auto_tiling_uses_one_window_without_halo_when_the_image_fits(small_model_3d,
+                                                                      monkeypatch):
+    """A volume that fits the memory budget is one window with no halo (no reflected
+    context to compute), and the tiling does not change with small changes of free memory
+    (the blocks of one stack, planned in one process and run in others, need the same)."""
+    import paintseg.inference as inference
+
+    tiles = inference.resolve_tiles((60, 256, 256), small_model_3d,
+                                    TileConfig(memory_budget=2**30), device="cpu")
+    assert tiles.tile == 256 and tiles.halo == 0
+    big = []
+    for free in (9.1e9, 9.9e9, 20e9):
+        monkeypatch.setattr(inference, "memory_available", lambda _dev, f=free: f)
+        big.append(inference.resolve_tiles((600, 1024, 1024), small_model_3d, device="cpu"))
+    assert big[0] == big[1] != big[2]
+    assert big[0].tile < 1024 and big[0].halo > 0

@@ -203,3 +203,24 @@ def test_exact_with_filter_bank(dims, shape, tile):
     assert plan.n_tiles > 1
     out = predict_tiled(img, _predictor(net), classes=2, plan=plan, batch_size=4)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("inner", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_block_of_rows_equals_the_same_rows_of_the_whole(inner, batch_size):
+    """A block (rows a:b of the first axis) run alone gives the same numbers, bit for bit, as
+    those rows of a whole-image run: what a cluster task computes for one huge stack."""
+    rng = np.random.default_rng(0)
+    img = rng.random((1, 70, 50, 40)).astype(np.float32)
+    conv = torch.nn.Conv3d(1, 3, 5, padding=2)
+    plan = plan_tiles(img.shape[1:], tile=16, halo=8, align=8, blend=4, inner=inner)
+    full = predict_tiled(img, _predictor(conv), classes=3, plan=plan, batch_size=batch_size)
+    seen = []
+    for rows in [(0, 70), (0, 5), (13, 37), (30, 31), (60, 70), (69, 70)]:
+        part = predict_tiled(img, _predictor(conv), classes=3, plan=plan, batch_size=batch_size,
+                             rows=rows, progress=lambda d, t: seen.append((d, t)))
+        assert part.shape == (3, rows[1] - rows[0], 50, 40)
+        np.testing.assert_array_equal(part, full[:, rows[0]:rows[1]])
+        assert seen[-1][0] == seen[-1][1] < plan.n_tiles or rows == (0, 70)
+    with pytest.raises(ValueError, match="not a range"):
+        predict_tiled(img, _predictor(conv), classes=3, plan=plan, rows=(40, 40))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "SegmentResult",
     "AxesView",
     "choose_tiling",
+    "resolve_tiles",
     "output_axes",
     "output_spec",
     "wants_instances",
@@ -210,14 +211,84 @@ def choose_tiling(
     padded = [int(math.ceil(s / a) * a) for s in spatial]
     if tiles.tile is not None:
         tile = int(math.ceil(tiles.tile / a) * a)
-    elif np.prod([p + 2 * halo for p in padded]) <= max_px:
-        tile = max(padded)
+    elif np.prod([p + 2 * halo for p in padded]) <= max_px or (
+        tiles.mode == "blend" and np.prod(padded) <= max_px
+    ):
+        tile = max(padded)  # one window (in blend mode it needs no halo)
     else:
         edge = int(max_px ** (1.0 / len(spatial)))
         tile = max(a, ((edge - 2 * halo) // a) * a)
     window_px = float(np.prod([min(tile, p) + 2 * halo for p in padded]))
     batch = tiles.batch_size or _fill_batch(window_px, max_px)
     return tile, halo, batch
+
+
+def _auto_budget(device: torch.device) -> int:
+    """A quarter of the available memory (at most 8 GiB), rounded down to a power of two so
+    that small changes in free memory do not change the tiling (and so the numbers)."""
+    free = int(min(memory_available(device) * 0.25, 8 * 2**30))
+    return 2 ** max(20, int(math.floor(math.log2(max(free, 1)))))
+
+
+def _plan(labels_shape: tuple[int, ...], config: ModelConfig, fixed: TileConfig) -> TilePlan:
+    """The tile plan of a label output for fixed tile and halo (see :func:`resolve_tiles`)."""
+    nb = len(labels_shape) - config.dims
+    tile, halo, a = int(fixed.tile or 1), int(fixed.halo or 0), config.align
+    blend = fixed.mode == "blend"
+    # in blend mode an axis that one core spans needs no halo (a plain forward pass along it)
+    halos = tuple(0 if blend and math.ceil(s / a) * a <= tile else halo
+                  for s in labels_shape[nb:])
+    return plan_tiles(
+        labels_shape,
+        tile=(1,) * nb + (tile,) * config.dims,
+        halo=(0,) * nb + halos,
+        align=(1,) * nb + (a,) * config.dims,
+        blend=(0,) * nb + tuple(0 if not blend else h // 2 for h in halos),
+        inner=blend,
+    )
+
+
+def resolve_tiles(
+    labels_shape: Sequence[int],
+    model: PaintsegModel,
+    tiles: TileConfig | None = None,
+    *,
+    device: str | torch.device = "auto",
+) -> TileConfig:
+    """The tiling :func:`segment` would use, with tile, halo and batch size all fixed.
+
+    Parameters
+    ----------
+    labels_shape : sequence of int
+        Shape of the label output (batch axes, then the model's spatial axes).
+    tiles : TileConfig, optional
+        What the user asked for; unset fields are chosen from the memory of ``device``.
+
+    Returns
+    -------
+    TileConfig
+        Passing it to :func:`segment` gives the same windows in the same batches anywhere,
+        e.g. for the blocks of one image run on different machines.
+    """
+    tiles = tiles or TileConfig()
+    cfg = model.config
+    dev = resolve_device(device)
+    shape = tuple(int(v) for v in labels_shape)
+    spatial = shape[len(shape) - cfg.dims:]
+    budget = tiles.memory_budget or _auto_budget(dev)
+    half = amp_dtype(dev) is not None
+    tile, halo, batch = choose_tiling(spatial, cfg, tiles, budget=budget, half=half)
+    if tiles.mode == "blend" and tile >= max(spatial):
+        halo = 0  # one window over the image: exactly the plain forward pass
+    fixed = dataclasses.replace(tiles, tile=tile, halo=halo, memory_budget=budget)
+    if tiles.batch_size is None:
+        # size the batch on the real window (the halo may have been dropped). On the CPU a
+        # batch larger than a few megapixels buys no speed, only memory: cap it there.
+        budget_px = budget / _bytes_per_pixel(cfg, half)
+        if dev.type != "cuda":
+            budget_px = min(budget_px, _CPU_BATCH_PIXELS)
+        batch = _fill_batch(float(np.prod(_plan(shape, cfg, fixed).window)), budget_px)
+    return dataclasses.replace(fixed, batch_size=batch)
 
 
 def _fill_batch(window_px: float, budget_px: float) -> int:
@@ -330,6 +401,7 @@ def segment(
     should_stop: Callable[[], bool] | None = None,
     scale: float = 1.0,
     intensity_range: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> SegmentResult:
     """Segment an image (2D, 2D + channels, 3D, time series) with a model.
 
@@ -361,6 +433,11 @@ def segment(
     intensity_range : (low, high) arrays, optional
         Per-channel normalisation range; default: the model's percentiles of this image. Given
         when this image is a block of a larger one, so that every block is normalised alike.
+    rows : (start, stop), optional
+        Segment only this range of the output's first axis, reading the context it needs
+        around it: a block of a large image. With the whole image's ``intensity_range`` and
+        the tiling of :func:`resolve_tiles` for the whole image, the block equals the same
+        range of a whole-image run. Outputs then have the block's shape.
 
     Returns
     -------
@@ -382,6 +459,15 @@ def segment(
     cfg = model.config
     out_axes, labels_shape, ldtype = output_spec(image, model, background_class=background_class)
     view = AxesView(image.data, image.axes, "C" + out_axes)
+    if rows is not None:
+        r0, r1 = int(rows[0]), int(rows[1])
+        if not 0 <= r0 < r1 <= labels_shape[0]:
+            raise ValueError(f"rows {rows} are not a range inside 0..{labels_shape[0]}")
+        if scale != 1.0:
+            raise ValueError("a block (rows) cannot be rescaled; rescale the whole image")
+    else:
+        r0, r1 = 0, labels_shape[0]
+    out_shape = (r1 - r0, *labels_shape[1:])
     if scale != 1.0:
         return _segment_rescaled(
             view, model, scale=scale, out_axes=out_axes, tiles=tiles, device=device,
@@ -418,44 +504,27 @@ def segment(
 
     lut_values = label_values(model.class_values, background_class)
     if labels_out is None:
-        labels_out = np.zeros(labels_shape, dtype=ldtype)
-    elif tuple(labels_out.shape) != tuple(labels_shape):
-        raise ValueError(f"labels_out has shape {labels_out.shape}, expected {labels_shape}")
+        labels_out = np.zeros(out_shape, dtype=ldtype)
+    elif tuple(labels_out.shape) != out_shape:
+        raise ValueError(f"labels_out has shape {labels_out.shape}, expected {out_shape}")
     if probabilities_out is None and return_probabilities:
-        probabilities_out = np.zeros((cfg.classes, *labels_shape), dtype=np.float32)
+        probabilities_out = np.zeros((cfg.classes, *out_shape), dtype=np.float32)
 
     dev = resolve_device(device)
     network = model.network
     used = {"tile": 0, "batch": 1}  # what the last attempt ran with (for OOM retries)
 
     def run_on(dev: torch.device, tile_cfg: TileConfig) -> tuple[TilePlan, int]:
-        budget = tile_cfg.memory_budget or int(min(memory_available(dev) * 0.25, 8 * 2**30))
-        half = amp_dtype(dev) is not None
-        tile, halo, batch = choose_tiling(spatial, cfg, tile_cfg, budget=budget, half=half)
-        if tile_cfg.mode == "blend" and tile >= max(spatial):
-            halo = 0  # one window over the image: exactly the plain forward pass
-        blend = 0 if tile_cfg.mode == "exact" else halo // 2
-        plan = plan_tiles(
-            labels_shape,
-            tile=(1,) * n_batch_axes + (tile,) * cfg.dims,
-            halo=(0,) * n_batch_axes + (halo,) * cfg.dims,
-            align=(1,) * n_batch_axes + (cfg.align,) * cfg.dims,
-            blend=(0,) * n_batch_axes + (blend,) * cfg.dims,
-            inner=tile_cfg.mode == "blend",
-        )
-        if tile_cfg.batch_size is None:
-            # size the batch on the real window (the halo may have been dropped). On the CPU a
-            # batch larger than a few megapixels buys no speed, only memory: cap it there.
-            budget_px = budget / _bytes_per_pixel(cfg, half)
-            if dev.type != "cuda":
-                budget_px = min(budget_px, _CPU_BATCH_PIXELS)
-            batch = _fill_batch(float(np.prod(plan.window)), budget_px)
-        used.update(tile=min(tile, max(spatial)), batch=batch)
+        fixed = resolve_tiles(labels_shape, model, tile_cfg, device=dev)
+        plan = _plan(labels_shape, cfg, fixed)
+        batch = int(fixed.batch_size or 1)
+        used.update(tile=min(int(fixed.tile or 0), max(spatial)), batch=batch)
         net = network.to(dev)
         net.eval()
         lut = torch.tensor(lut_values, dtype=torch.int64, device=dev)
 
         def sink(region: tuple[slice, ...], block: torch.Tensor) -> None:
+            region = (slice(region[0].start - r0, region[0].stop - r0), *region[1:])
             labels_out[region] = lut[block.argmax(0)].to("cpu").numpy().astype(ldtype)
             if probabilities_out is not None:
                 probabilities_out[(slice(None), *region)] = block.to("cpu").numpy()
@@ -471,6 +540,7 @@ def segment(
             sink=sink,
             progress=progress,
             should_stop=should_stop,
+            rows=(r0, r1),
         )
         return plan, batch
 

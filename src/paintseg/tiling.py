@@ -255,6 +255,7 @@ def predict_tiled(
     sink: Sink | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray | None:
     """Run ``predictor`` over an image window by window and blend the results.
 
@@ -284,6 +285,11 @@ def predict_tiled(
         Called as ``progress(done, total)`` in windows after every batch.
     should_stop : callable, optional
         Polled between batches; when it returns True, :class:`StopRequested` is raised.
+    rows : (start, stop), optional
+        Compute only this range of the first spatial axis (a block of a larger image, e.g.
+        one task of a cluster). The windows are those of the whole image's ``plan``, run in
+        the same batches, so the block equals the same range of a whole-image run. Regions
+        given to ``sink`` are in whole-image coordinates; the returned array holds the range.
 
     Returns
     -------
@@ -294,12 +300,16 @@ def predict_tiled(
     spatial = tuple(int(s) for s in image.shape[1:])
     if spatial != plan.shape:
         raise ValueError(f"plan is for shape {plan.shape}, image has spatial shape {spatial}")
+    r0, r1 = (0, spatial[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= r0 < r1 <= spatial[0]:
+        raise ValueError(f"rows {rows} are not a range inside 0..{spatial[0]}")
     result: np.ndarray | None = None
     if sink is None:
-        result = np.zeros((classes, *spatial), dtype=np.float32)
+        result = np.zeros((classes, r1 - r0, *spatial[1:]), dtype=np.float32)
 
         def sink(region: tuple[slice, ...], block: torch.Tensor) -> None:
-            result[(slice(None), *region)] = block.to("cpu").numpy()
+            local = (slice(region[0].start - r0, region[0].stop - r0), *region[1:])
+            result[(slice(None), *local)] = block.to("cpu").numpy()
 
     window = plan.window
     weights: dict[tuple[bool, ...], torch.Tensor] = {}
@@ -312,7 +322,6 @@ def predict_tiled(
             weights[key] = torch.from_numpy(window_weight(plan, index)).to(device)
         return weights[key]
 
-    total = plan.n_tiles
     done = 0
     s0 = plan.shape[0]
     rest = spatial[1:]
@@ -334,16 +343,26 @@ def predict_tiled(
 
     # Windows in C order (rows along the first axis), cut into batches that may span rows
     # (slices of a stack are batched together). Reading the next batch overlaps with the
-    # predictor on the current one.
-    rows = plan.starts[0]
+    # predictor on the current one. For a block (``rows``), the batches of the whole image
+    # that hold a window reaching into the block are run whole (the same batches give the
+    # same numbers); only the windows reaching into the block are accumulated.
+    n_rows = len(plan.starts[0])
     all_indices = [tuple(i) for i in np.ndindex(*[len(st) for st in plan.starts])]
-    per_row = len(all_indices) // len(rows)
-    batches = [all_indices[k : k + batch_size] for k in range(0, len(all_indices), batch_size)]
+    per_row = len(all_indices) // n_rows
+    wanted = [r for r in range(n_rows) if _reach(plan, 0, r)[0] < r1
+              and _reach(plan, 0, r)[1] > r0]
+    first_row, last_row = wanted[0], wanted[-1]
+    batches = []
+    for k in range(0, len(all_indices), batch_size):
+        chunk = all_indices[k : k + batch_size]
+        if chunk[-1][0] >= first_row and chunk[0][0] <= last_row:
+            batches.append(chunk)
+    total = per_row * len(wanted)
 
     def origin(index: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(plan.starts[a][i] for a, i in enumerate(index))
 
-    lo = 0  # first index of axis 0 not yet flushed
+    lo = _reach(plan, 0, first_row)[0]  # first index of axis 0 not yet flushed
     acc: torch.Tensor | None = None
     wsum: torch.Tensor | None = None
     acc_lo = 0
@@ -368,8 +387,11 @@ def predict_tiled(
         if upto <= lo or acc is None:
             return
         n = upto - acc_lo
-        block = acc[:, :n] / wsum[:n].clamp_min(1e-12)
-        sink((slice(acc_lo, upto), *(slice(0, s) for s in rest)), block)
+        e0, e1 = max(acc_lo, r0), min(upto, r1)  # the part of the block in these rows
+        if e0 < e1:
+            block = acc[:, e0 - acc_lo : e1 - acc_lo] / wsum[e0 - acc_lo : e1 - acc_lo].clamp_min(
+                1e-12)
+            sink((slice(e0, e1), *(slice(0, s) for s in rest)), block)
         acc = acc[:, n:].clone() if n < acc.shape[1] else None
         wsum = wsum[n:].clone() if acc is not None else None
         acc_lo = upto
@@ -394,6 +416,8 @@ def predict_tiled(
                     f"{(len(indices), classes, *window)}"
                 )
             for index, pred in zip(indices, out):
+                if not first_row <= index[0] <= last_row:
+                    continue  # batched with the block's windows; reaches no row of it
                 # window coordinates -> image coordinates, clipped to the image and to the
                 # part where the weight can be non-zero
                 core = origin(index)
@@ -410,14 +434,19 @@ def predict_tiled(
                 )
                 acc[(slice(None), *region)] += pred[(slice(None), *src)].float() * w
                 wsum[region] += w
-            done += len(indices)
+            done_rows = [i for i in indices if first_row <= i[0] <= last_row]
+            done += len(done_rows)
             if progress is not None:
                 progress(done, total)
             # rows whose windows are all done can be finalised
-            r_next = done // per_row  # first row with windows still to run
-            if r_next > 0:
-                nxt = _reach(plan, 0, r_next)[0] if r_next < len(rows) else s0
-                flush(min(max(nxt, 0), s0))
+            if done_rows:
+                last = done_rows[-1]
+                row_done = all(i == len(st) - 1 for i, st in zip(last[1:], plan.starts[1:]))
+                r_next = last[0] + int(row_done)  # first row with windows still to run
+                if r_next > last_row:
+                    flush(r1)
+                elif r_next > first_row:
+                    flush(min(_reach(plan, 0, r_next)[0], r1))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
     return result
