@@ -44,3 +44,27 @@ def small_model():
 @pytest.fixture
 def small_model_3d():
     return new_model(ModelConfig(dims=3, depth=2, base_features=4), seed=0)
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def balls3d_model() -> Path:
+    """A small 3D instance model for blurred balls (trained by scripts/train_test_model3d.py)."""
+    return ROOT / "tests" / "data" / "balls3d.pt"
+
+
+@pytest.fixture(scope="session")
+def balls3d(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A 48 x 96 x 96 volume of balls the model never saw (another seed), and its labels."""
+    image, labels = _script("train_test_model3d").balls((48, 96, 96), 45, seed=3)
+    path = tmp_path_factory.mktemp("balls") / "balls.tif"
+    tifffile.imwrite(path, image, metadata={"axes": "ZYX"})
+    return path, labels

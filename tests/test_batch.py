@@ -280,6 +280,114 @@ def test_instance_output_of_a_large_stack_runs_in_blocks_in_process(tmp_path, sm
     whole = segment_file(job, model, out_dir=tmp_path / "whole", block_bytes=0)
     blocks = segment_file(job, model, out_dir=tmp_path / "blocks", block_bytes=2 * 2**20)
     assert whole.status == blocks.status == "done"
-    assert blocks.messages == ["segmented in 6 blocks"]  # 10 slices of 196 KB of probabilities
+    # 60 slices of 128x128, 3 classes: 0.5 MB of probabilities and working memory each
+    assert blocks.messages == ["segmented in 15 blocks"]
     assert Path(whole.labels).read_bytes() == Path(blocks.labels).read_bytes()
     assert [p.name for p in (tmp_path / "blocks").iterdir()] == ["nuclei3d_labels.tif"]
+
+
+# tiles of 24 planes (halo 8): blocks of a volume are cut at tile borders
+_TILES3D = TileConfig(tile=24, halo=8)
+
+
+def _borders(job, model, settings, block_bytes):
+    from paintseg.batch import _inspect, _plan_blocks
+
+    plan = _plan_blocks(_inspect(job, model, settings), model, settings, block_bytes, "x", "cpu")
+    return plan, [b for _a, b in plan.ranges[:-1]]
+
+
+def test_3d_instances_in_blocks_with_halos_match_the_whole_volume(tmp_path, balls3d,
+                                                                  balls3d_model):
+    """A 3D model's instance output of one volume, done in blocks of Z planes with halos
+    (bounded memory), finds the objects of the whole-volume run: objects crossing a block
+    border are joined into one, and the scores against the truth are the same."""
+    from paintseg.metrics import instance_scores
+
+    path, truth = balls3d
+    model = load_model(balls3d_model)
+    job = collect_inputs([path])[0]
+    settings = SegmentSettings(tiles=_TILES3D, min_size=30)
+    # 96 x 96 planes of 3 probabilities + work (295 KB): 42 planes, less 2 x 13 of halo
+    block_bytes = 12 * 2**20
+    plan, borders = _borders(job, model, settings, block_bytes)
+    assert plan.volume and plan.instances and plan.overlap >= 10 and len(borders) >= 1
+    whole = segment_file(job, model, out_dir=tmp_path / "whole", settings=settings,
+                         block_bytes=0)
+    blocks = segment_file(job, model, out_dir=tmp_path / "blocks", settings=settings,
+                          block_bytes=block_bytes)
+    assert blocks.messages == [f"segmented in {len(plan.ranges)} blocks with halos, joined"]
+    assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == ["balls_labels.tif"]
+    a, b = tifffile.imread(whole.labels), tifffile.imread(blocks.labels)
+    assert a.shape == b.shape == truth.shape
+    crossing = set().union(*(set(np.unique(a[z - 1])) & set(np.unique(a[z])) for z in borders))
+    crossing -= {0}
+    assert len(crossing) >= 3  # the borders cut objects, so joining is exercised
+    for obj in crossing:  # each is one object in the blocked result too
+        assert len(set(np.unique(b[a == obj])) - {0}) == 1
+    same = instance_scores(b, a)
+    assert same["f1"][4] >= 0.95, same  # at IoU 0.7
+    s_whole, s_blocks = instance_scores(a, truth), instance_scores(b, truth)
+    assert s_whole["f1"][0] > 0.6
+    assert abs(s_whole["f1"][0] - s_blocks["f1"][0]) <= 0.03
+    assert b.max() == len(np.unique(b)) - 1  # numbered 1..N
+    assert np.bincount(b.ravel())[1:].min() >= 30  # small objects removed after joining
+
+
+def test_3d_model_volume_in_blocks_on_the_cluster_is_identical(tmp_path, balls3d,
+                                                               balls3d_model):
+    """One volume of a 3D model, cut into blocks of Z planes with their halos on 2 workers:
+    class labels equal the single-process whole-volume run; instance labels equal the
+    single-process blocked run, byte for byte."""
+    pytest.importorskip("distributed")
+    from distributed import Client, LocalCluster
+
+    from paintseg.batch import BatchStats, run_batch
+
+    path, _truth = balls3d
+    jobs = collect_inputs([path])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        # semantic: blocks of 18 KB planes; instances: as in the test above
+        for output, block_bytes in (("semantic", 2**18), ("instances", 12 * 2**20)):
+            settings = SegmentSettings(output=output, tiles=_TILES3D)
+            ref = run_batch(jobs, balls3d_model, out_dir=tmp_path / f"one_{output}",
+                            settings=settings, block_bytes=block_bytes)
+            stats = BatchStats()
+            par = run_batch(jobs, balls3d_model, out_dir=tmp_path / f"par_{output}",
+                            settings=settings, scheduler=client, block_bytes=block_bytes,
+                            stats=stats)
+            assert par[0].status == "done" and "blocks" in par[0].messages[0], par[0]
+            assert len(stats.loads) == 2  # both workers took blocks
+            assert ("blocks" in " ".join(ref[0].messages)) == (output == "instances")
+            assert Path(par[0].labels).read_bytes() == Path(ref[0].labels).read_bytes()
+            assert sorted(p.name for p in (tmp_path / f"par_{output}").iterdir()) == [
+                "balls_labels.tif"]
+
+
+def test_stitching_joins_objects_where_the_halos_agree(tmp_path):
+    """Objects of two blocks that share most of their voxels in the common planes become one
+    (its size counted over both blocks for the minimum size); others stay apart."""
+    from paintseg.blocks import stitch_instances
+
+    # planes 0..3 belong to block 0, planes 4..7 to block 1; both segmented planes 2..5
+    vol0 = np.zeros((6, 8, 8), np.uint16)  # block 0 saw planes 0..5
+    vol1 = np.zeros((6, 8, 8), np.uint16)  # block 1 saw planes 2..7
+    vol0[1:6, 0:3, 0:3] = 1  # crosses the border; 5 planes x 9 voxels
+    vol1[0:4, 0:3, 0:3] = 2  # the same object as block 1 sees it
+    vol0[2:4, 5:8, 5:8] = 2  # in block 0 only (planes 2, 3)
+    vol1[2:4, 5:8, 0:2] = 1  # in block 1 only, touches nothing of block 0
+    vol1[2:3, 5:6, 5:6] = 3  # a 1-voxel overlap with block 0's object 2: not the same
+    parts = []
+    for k, (core, lo, hi) in enumerate([(vol0[:4], vol0[:0], vol0[2:]),
+                                        (vol1[2:], vol1[:4], vol1[6:])]):
+        part = tmp_path / f"b{k}.npz"
+        np.savez(part, labels=core, halo_lo=lo, halo_hi=hi)
+        parts.append(part)
+    luts, count = stitch_instances(parts, [2, 3], min_size=0)
+    assert luts[0][1] == luts[1][2] != 0  # joined
+    assert len({luts[0][2], luts[1][1], luts[1][3], luts[0][1]}) == 4 and count == 4
+    # the joined object has 3 x 9 voxels in block 0's planes and 2 x 9 in block 1's
+    luts, count = stitch_instances(parts, [2, 3], min_size=40)
+    assert luts[0][1] == luts[1][2] == 1 and count == 1 and luts[0][2] == luts[1][1] == 0

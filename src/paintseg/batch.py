@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tifffile
@@ -24,6 +24,9 @@ from .config import TileConfig
 from .errors import InputError, OutputError, PaintsegError, StopRequested
 from .io import atomic_path, list_images, open_output, read_image, write_tiff
 from .model import PaintsegModel
+
+if TYPE_CHECKING:
+    from .blocks import BlockPlan
 
 __all__ = [
     "SegmentSettings",
@@ -249,7 +252,7 @@ def _inspect(job: Job, model: PaintsegModel, settings: SegmentSettings) -> _File
 
 def _block_parts(labels_path: Path, n: int) -> list[str]:
     """Temporary files (hidden, beside the output) for ``n`` blocks of one file."""
-    return [str(labels_path.with_name(f".{labels_path.name}.block{b:04d}.npy"))
+    return [str(labels_path.with_name(f".{labels_path.name}.block{b:04d}.npz"))
             for b in range(n)]
 
 
@@ -267,9 +270,10 @@ def segment_file(
 ) -> FileResult:
     """Segment one file and write its outputs atomically; never raises for a bad input.
 
-    Instance output of a 2D model on a stack needs the class probabilities in memory; a stack
-    whose probabilities would exceed ``block_bytes`` is done in blocks of slices (normalised
-    with the whole stack's range: the labels are the same), so memory stays bounded.
+    Instance output needs the class probabilities in memory; a stack whose probabilities
+    would exceed ``block_bytes`` is done in blocks (see :mod:`paintseg.blocks`), so memory
+    stays bounded: blocks of slices for a 2D model (the labels are the same as whole), blocks
+    of Z planes with halos for a 3D model (objects joined across block borders).
 
     Returns
     -------
@@ -306,19 +310,18 @@ def segment_file(
             paths["labels"].parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {paths['labels'].parent}: {exc.strerror}") from None
-        plan = _stack_blocks(info, model, s, block_bytes, src) if instances and block_bytes \
-            else None
+        plan = _plan_blocks(info, model, s, block_bytes, src, device) \
+            if instances and block_bytes else None
         if plan is not None:
-            blocks, lo_hi = plan
-            parts = _block_parts(paths["labels"], len(blocks))
+            parts = _block_parts(paths["labels"], len(plan.ranges))
             try:
-                tops = [_block_labels(info, model, s, device, a, z, lo_hi, parts[b], progress,
-                                      should_stop) for b, (a, z) in enumerate(blocks)]
+                tops = [_block_labels(info, model, s, device, plan, b, parts[b], progress,
+                                      should_stop) for b in range(len(plan.ranges))]
             except BaseException:
                 for part in parts:
                     Path(part).unlink(missing_ok=True)
                 raise
-            return _assemble(job, parts, tops, info, s, out_dir, time.perf_counter() - t0)
+            return _assemble(job, parts, tops, info, plan, s, out_dir, time.perf_counter() - t0)
         labels_file = probs_file = None
         if not instances:
             labels_file = open_output(paths["labels"], shape, dtype, axes=axes, fmt=s.format)
@@ -390,19 +393,22 @@ def iter_batch(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    block_bytes: int = 512 * 2**20,
 ) -> Iterator[FileResult]:
     """Segment ``jobs`` one after another in this process, yielding a result per file.
 
     A bad file yields a ``failed`` result and the batch goes on. A stop request ends the
     batch between files or tiles; the file being written is discarded (a rerun redoes it).
-    ``progress(done, total)`` reports tiles of the current file.
+    ``progress(done, total)`` reports tiles of the current file; ``block_bytes`` is that of
+    :func:`segment_file`.
     """
     for job in jobs:
         if should_stop is not None and should_stop():
             return
         try:
             yield segment_file(job, model, out_dir=out_dir, settings=settings, device=device,
-                               overwrite=overwrite, progress=progress, should_stop=should_stop)
+                               overwrite=overwrite, progress=progress, should_stop=should_stop,
+                               block_bytes=block_bytes)
         except StopRequested:
             return
 
@@ -478,95 +484,77 @@ def _peak_rss() -> int:
 
 
 def _worker_block(job: Job, checkpoint: bytes, digest: str, settings: SegmentSettings,
-                  device: Any, start: int, stop: int, intensity_range: Any, part: str,
+                  device: Any, plan: BlockPlan, index: int, part: str,
                   threads: int | None) -> tuple[int, int, int, int]:
     """:func:`_block_labels` on a worker. Returns (largest label, pid, model loads, peak
     memory)."""
     _set_threads(threads)
     model = _worker_model(checkpoint, digest)
     info = _inspect(job, model, settings)
-    top = _block_labels(info, model, settings, device, start, stop, intensity_range, part)
+    top = _block_labels(info, model, settings, device, plan, index, part)
     return top, os.getpid(), _WORKER_LOADS.count(digest), _peak_rss()
 
 
 def _block_labels(info: _FileInfo, model: PaintsegModel, settings: SegmentSettings,
-                  device: Any, start: int, stop: int, intensity_range: Any, part: str,
+                  device: Any, plan: BlockPlan, index: int, part: str,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> int:
-    """Slices ``start:stop`` (of the first stack axis) of one file, normalised with the whole
-    stack's ``intensity_range``, saved to ``part`` (.npy); returns the largest label."""
-    from .inference import AxesView, segment_labels
+    """Block ``index`` of one file saved to ``part``; returns its largest label."""
+    from .blocks import segment_block
 
-    view = AxesView(info.image.data, info.image.axes, "C" + info.axes)
-    block = np.moveaxis(view[(slice(None), slice(start, stop))], 0, -1)
-    result = segment_labels(block, model, axes=info.axes + "C", output=settings.output,
-                            min_size=settings.min_size, tiles=settings.tiles, device=device,
-                            background_class=settings.background_class,
-                            intensity_range=intensity_range, progress=progress,
-                            should_stop=should_stop)
-    labels = np.asarray(result.labels)
-    tmp = Path(part).with_suffix(".tmp.npy")
-    np.save(tmp, labels)
-    os.replace(tmp, part)
-    return int(labels.max()) if labels.size else 0
+    return segment_block(info.image, model, plan, index, part, axes=info.axes,
+                         output=settings.output, min_size=settings.min_size,
+                         tiles=settings.tiles, device=device,
+                         background_class=settings.background_class, progress=progress,
+                         should_stop=should_stop)
 
 
-def _stack_blocks(info: _FileInfo, model: PaintsegModel, settings: SegmentSettings,
-                  block_bytes: int, name: str) -> tuple[list[tuple[int, int]], Any] | None:
-    """How to cut one file into blocks of slices, or None to run it whole.
+def _plan_blocks(info: _FileInfo, model: PaintsegModel, settings: SegmentSettings,
+                 block_bytes: int, name: str, device: Any) -> BlockPlan | None:
+    """How to cut one file into blocks (see :mod:`paintseg.blocks`), or None to run it whole;
+    never with rescaling, probabilities or an overlay."""
+    from .blocks import plan_blocks
 
-    Only a 2D model on a stack is cut (its slices are independent, so the labels are identical
-    to a whole-file run); not with rescaling, probabilities or an overlay. A block holds at
-    most ``block_bytes`` of input, or of class probabilities for instance output (which
-    needs them in memory). Returns the blocks and the whole stack's intensity range.
-    """
-    from .inference import AxesView
-    from .normalize import percentile_range
-
-    image, axes, shape = info.image, info.axes, info.shape
     if settings.diameter or settings.probabilities or settings.overlay:
         return None
-    if len(axes) <= model.config.dims:
-        return None
-    n = shape[0]
-    in_slice = int(np.prod(image.shape)) * np.dtype(image.data.dtype).itemsize // n
-    prob_slice = int(np.prod(shape[1:])) * model.config.classes * 4 if info.instances else 0
-    per_slice = max(in_slice, prob_slice, 1)
-    if n * per_slice <= block_bytes:
-        return None
-    per = max(1, int(block_bytes // per_slice))
-    blocks = [(a, min(n, a + per)) for a in range(0, n, per)]
-    view = AxesView(image.data, image.axes, "C" + axes)
-    return blocks, percentile_range(view, model.normalization, name=name)
+    return plan_blocks(info.image, model, axes=info.axes, shape=info.shape,
+                       instances=info.instances, block_bytes=block_bytes,
+                       tiles=settings.tiles, device=device, name=name)
 
 
-def _assemble(job: Job, parts: list[str], tops: list[int], info: _FileInfo,
+def _assemble(job: Job, parts: list[str], tops: list[int], info: _FileInfo, plan: BlockPlan,
               settings: SegmentSettings, out_dir: str | os.PathLike[str],
               seconds: float) -> FileResult:
     """Write the blocks of a file into its labels output (atomically) and remove them."""
+    from .blocks import read_block, stitch_instances
     from .io import label_dtype
 
     paths = output_paths(job, out_dir, settings.format)
-    top = max(tops) if tops else 0
-    # instance numbers are known only now; class labels have the type output_spec gave
-    dtype = label_dtype(max(top, 1)) if info.instances else info.dtype
-    paths["labels"].parent.mkdir(parents=True, exist_ok=True)
-    out = open_output(paths["labels"], info.shape, dtype, axes=info.axes, fmt=settings.format)
     try:
-        z = 0
-        for part in parts:
-            block = np.load(part)
-            out.array[z:z + len(block)] = block.astype(dtype)
-            z += len(block)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+        luts = None
+        if plan.volume and plan.instances:
+            luts, top = stitch_instances(parts, tops, min_size=settings.min_size)
+        else:
+            top = max(tops) if tops else 0
+        # instance numbers are known only now; class labels have the type output_spec gave
+        dtype = label_dtype(max(top, 1)) if info.instances else info.dtype
+        paths["labels"].parent.mkdir(parents=True, exist_ok=True)
+        out = open_output(paths["labels"], info.shape, dtype, axes=info.axes,
+                          fmt=settings.format)
+        try:
+            for k, ((a, b), part) in enumerate(zip(plan.ranges, parts)):
+                block = read_block(part)
+                out.array[a:b] = (block if luts is None else luts[k][block]).astype(dtype)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
     finally:
         for part in parts:
             Path(part).unlink(missing_ok=True)
+    how = "blocks with halos, joined" if plan.volume and plan.instances else "blocks"
     return FileResult(str(job.source), "done", "", str(paths["labels"]), seconds,
-                      top if info.instances else None, [f"segmented in {len(parts)} blocks"])
+                      top if info.instances else None, [f"segmented in {len(parts)} {how}"])
 
 
 @dataclass
@@ -602,10 +590,9 @@ def run_batch(
     process; inputs and outputs must be on storage the workers can reach. Results come back
     in input order; ``on_result`` is called as each file finishes.
 
-    On a cluster, a stack larger than ``block_bytes`` segmented with a 2D model is cut into
-    blocks of slices that run as separate tasks (normalised with the whole stack's
-    intensities, so the labels are identical to a whole-file run) and written into its
-    output when all are done.
+    On a cluster, a stack larger than ``block_bytes`` is cut into blocks that run as separate
+    tasks and are written into its output when all are done (see :mod:`paintseg.blocks`):
+    blocks of slices for a 2D model, blocks of Z planes with their halos for a 3D model.
     """
     s = settings or SegmentSettings()
     if workers < 1:
@@ -616,7 +603,7 @@ def run_batch(
         net = model if isinstance(model, PaintsegModel) else load_model(model)
         out = []
         for r in iter_batch(jobs, net, out_dir=out_dir, settings=s, device=device,
-                            overwrite=overwrite):
+                            overwrite=overwrite, block_bytes=block_bytes):
             out.append(r)
             if on_result is not None:
                 on_result(r)
@@ -665,19 +652,19 @@ def run_batch(
                     info = None  # the whole-file task reports it
                 if info is not None and (overwrite
                                          or not output_complete(labels_path, info.shape)):
-                    plan = _stack_blocks(info, local, s, block_bytes, str(job.source))
+                    plan = _plan_blocks(info, local, s, block_bytes, str(job.source), device)
             if plan is None:
                 fut = client.submit(_worker_task, job, ckpt, digest, str(out_dir), s, device,
                                     overwrite, threads_per_worker, pure=False)
                 futures[fut] = (i, -1)
                 continue
-            blocks, lo_hi = plan
+            n_blocks = len(plan.ranges)
             labels_path.parent.mkdir(parents=True, exist_ok=True)
-            parts = _block_parts(labels_path, len(blocks))
-            split[i] = {"parts": parts, "tops": [None] * len(blocks), "left": len(blocks),
-                        "info": info, "t0": time.perf_counter(), "failed": None}
-            for b, (a, z) in enumerate(blocks):
-                fut = client.submit(_worker_block, job, ckpt, digest, s, device, a, z, lo_hi,
+            parts = _block_parts(labels_path, n_blocks)
+            split[i] = {"parts": parts, "tops": [None] * n_blocks, "left": n_blocks,
+                        "info": info, "plan": plan, "t0": time.perf_counter(), "failed": None}
+            for b in range(n_blocks):
+                fut = client.submit(_worker_block, job, ckpt, digest, s, device, plan, b,
                                     parts[b], threads_per_worker, pure=False)
                 futures[fut] = (i, b)
         for fut in as_completed(list(futures)):
@@ -708,8 +695,8 @@ def run_batch(
                     r = FileResult(str(jobs[i].source), "failed", info["failed"])
                 else:
                     try:
-                        r = _assemble(jobs[i], info["parts"], info["tops"], info["info"], s,
-                                      out_dir, time.perf_counter() - info["t0"])
+                        r = _assemble(jobs[i], info["parts"], info["tops"], info["info"],
+                                      info["plan"], s, out_dir, time.perf_counter() - info["t0"])
                     except (OSError, PaintsegError) as exc:
                         r = FileResult(str(jobs[i].source), "failed", f"{jobs[i].source}: {exc}")
             results[i] = r
