@@ -286,7 +286,7 @@ def test_instance_output_of_a_large_stack_runs_in_blocks_in_process(tmp_path, sm
     assert [p.name for p in (tmp_path / "blocks").iterdir()] == ["nuclei3d_labels.tif"]
 
 
-# tiles of 24 planes (halo 8): blocks of a volume are cut at tile borders
+# tiles of 24 planes (halo 8): blocks of a volume's class labels are cut at tile borders
 _TILES3D = TileConfig(tile=24, halo=8)
 
 
@@ -307,7 +307,7 @@ def test_3d_instances_in_blocks_with_halos_match_the_whole_volume(tmp_path, ball
     path, truth = balls3d
     model = load_model(balls3d_model)
     job = collect_inputs([path])[0]
-    settings = SegmentSettings(tiles=_TILES3D, min_size=30)
+    settings = SegmentSettings(min_size=30)
     # 96 x 96 planes of 3 probabilities + work (295 KB): 42 planes, less 2 x 13 of halo
     block_bytes = 12 * 2**20
     plan, borders = _borders(job, model, settings, block_bytes)
@@ -332,6 +332,10 @@ def test_3d_instances_in_blocks_with_halos_match_the_whole_volume(tmp_path, ball
     assert abs(s_whole["f1"][0] - s_blocks["f1"][0]) <= 0.03
     assert b.max() == len(np.unique(b)) - 1  # numbered 1..N
     assert np.bincount(b.ravel())[1:].min() >= 30  # small objects removed after joining
+    # the command line does the same with --block
+    assert main(["segment", str(path), "--model", str(balls3d_model), "--out",
+                 str(tmp_path / "cli"), "--block", "12M", "-q"]) == 0
+    assert (tmp_path / "cli" / "balls_labels.tif").read_bytes() == Path(blocks.labels).read_bytes()
 
 
 def test_3d_model_volume_in_blocks_on_the_cluster_is_identical(tmp_path, balls3d,

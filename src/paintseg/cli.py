@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="working memory for inference, e.g. 2G (default: a quarter of free "
                      "memory, at most 8G)")
     seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    seg.add_argument("--block", type=_parse_size, default=512 * 2**20, metavar="SIZE",
+                     help="a stack larger than this is segmented in blocks (of slices for a 2D "
+                     "model, of Z planes with halos for a 3D model) when its instance output "
+                     "would not fit, and on a cluster to spread it over workers (default 512M)")
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     seg.add_argument("--axes", default=None,
                      help="axes of the inputs when the metadata is missing or wrong, e.g. ZYX, "
@@ -235,14 +239,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
             say(f"paintseg: {len(jobs)} file(s) on {where}")
             run_batch(jobs, model, out_dir=out_dir, settings=settings, device=device,
                       overwrite=args.overwrite, workers=max(args.workers, 1),
-                      scheduler=args.scheduler, on_result=record)
+                      scheduler=args.scheduler, on_result=record, block_bytes=args.block)
             order = {str(job.source): k for k, job in enumerate(jobs)}
             results.sort(key=lambda r: order[r.source])  # the report lists inputs in order
         else:
             for job in jobs:
                 record(segment_file(job, model, out_dir=out_dir, settings=settings,
                                     device=device, overwrite=args.overwrite,
-                                    progress=_progress_printer(not args.quiet, job.source.name)))
+                                    progress=_progress_printer(not args.quiet, job.source.name),
+                                    block_bytes=args.block))
     except KeyboardInterrupt:
         print("paintseg: interrupted; no partial output was left (a rerun resumes)",
               file=sys.stderr)
