@@ -85,8 +85,9 @@ def test_segment_with_starter_model_updates_one_layer(viewer_widget):
 
 def test_field_of_view_and_probabilities(viewer_widget, qtbot):
     viewer, w = viewer_widget
-    viewer.camera.zoom = viewer.camera.zoom * 4  # look at the centre
-    viewer.camera.center = (0, 256, 256)
+    camera = getattr(viewer, "scene", viewer).camera  # napari 0.9 moved it to the scene
+    camera.zoom = camera.zoom * 4  # look at the centre
+    camera.center = (0, 256, 256)
     qtbot.wait(100)  # napari updates the visible box when it draws
     w.seg_scope.setCurrentText("field of view")
     w.seg_probs.setChecked(True)
