@@ -387,7 +387,7 @@ def test_stitching_joins_objects_where_the_halos_agree(tmp_path):
     for k, (core, lo, hi) in enumerate([(vol0[:4], vol0[:0], vol0[2:]),
                                         (vol1[2:], vol1[:4], vol1[6:])]):
         part = tmp_path / f"b{k}.npz"
-        np.savez(part, labels=core, halo_lo=lo, halo_hi=hi)
+        np.savez(part, labels=core, halo_lo=lo, halo_hi=hi, sizes=np.bincount(core.ravel()))
         parts.append(part)
     luts, count = stitch_instances(parts, [2, 3], min_size=0)
     assert luts[0][1] == luts[1][2] != 0  # joined

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 
-from .config import TileConfig
+from .config import DEFAULT_BLOCK_BYTES, TileConfig
 from .errors import InputError, OutputError, PaintsegError, StopRequested
 from .io import atomic_path, list_images, open_output, read_image, write_tiff
 from .model import PaintsegModel
@@ -266,7 +266,7 @@ def segment_file(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    block_bytes: int = 512 * 2**20,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> FileResult:
     """Segment one file and write its outputs atomically; never raises for a bad input.
 
@@ -393,7 +393,7 @@ def iter_batch(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    block_bytes: int = 512 * 2**20,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> Iterator[FileResult]:
     """Segment ``jobs`` one after another in this process, yielding a result per file.
 
@@ -580,7 +580,7 @@ def run_batch(
     threads_per_worker: int | None = None,
     on_result: Callable[[FileResult], None] | None = None,
     stats: BatchStats | None = None,
-    block_bytes: int = 512 * 2**20,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> list[FileResult]:
     """Segment ``jobs``: in this process (``workers=1``, no scheduler), on a local cluster of
     ``workers`` processes, or on an existing Dask distributed cluster (``scheduler``: its

@@ -159,6 +159,14 @@ def plan_blocks(
     return BlockPlan(ranges, lo_hi, volume=True, instances=False, tiles=fixed)
 
 
+def _planes(image: ImageData, axes: str, start: int, stop: int) -> np.ndarray:
+    """Planes ``start:stop`` of the first output axis, channels last (read from the file)."""
+    from .inference import AxesView
+
+    view = AxesView(image.data, image.axes, "C" + axes)
+    return np.moveaxis(view[(slice(None), slice(start, stop))], 0, -1)
+
+
 def segment_block(
     image: ImageData,
     model: PaintsegModel,
@@ -180,36 +188,35 @@ def segment_block(
     Returns
     -------
     int
-        The largest label of the block.
+        The largest label of the block (for volume instances, of its planes and halos; their
+        voxel counts per label are saved as ``sizes``).
     """
-    from .inference import AxesView, segment, segment_labels
+    from .inference import segment, segment_labels
 
     a, b = plan.ranges[index]
-    halo_lo = halo_hi = None
+    arrays: dict[str, np.ndarray] = {}
     if not plan.volume:
-        view = AxesView(image.data, image.axes, "C" + axes)
-        block = np.moveaxis(view[(slice(None), slice(a, b))], 0, -1)
         labels = np.asarray(segment_labels(
-            block, model, axes=axes + "C", output=output, min_size=min_size, tiles=tiles,
-            device=device, background_class=background_class,
+            _planes(image, axes, a, b), model, axes=axes + "C", output=output,
+            min_size=min_size, tiles=tiles, device=device, background_class=background_class,
             intensity_range=plan.intensity_range, progress=progress, should_stop=should_stop,
         ).labels)
+        top = int(labels.max(initial=0))
     elif not plan.instances:
         labels = np.asarray(segment(
             image, model, tiles=plan.tiles, device=device, background_class=background_class,
             intensity_range=plan.intensity_range, rows=(a, b), progress=progress,
             should_stop=should_stop,
         ).labels)
+        top = int(labels.max(initial=0))
     else:
         from .postprocess import instances_from_probabilities
 
         e0, e1 = plan.extent(index)
         c0, c1 = max(0, e0 - plan.context), min(plan.ranges[-1][1], e1 + plan.context)
-        view = AxesView(image.data, image.axes, "C" + axes)
-        sub = np.moveaxis(view[(slice(None), slice(c0, c1))], 0, -1)
         probs = segment(
-            sub, model, axes=axes + "C", tiles=plan.tiles, device=device,
-            background_class=background_class, intensity_range=plan.intensity_range,
+            _planes(image, axes, c0, c1), model, axes=axes + "C", tiles=plan.tiles,
+            device=device, background_class=background_class, intensity_range=plan.intensity_range,
             rows=(e0 - c0, e1 - c0), return_probabilities=True, progress=progress,
             should_stop=should_stop,
         ).probabilities
@@ -218,18 +225,16 @@ def segment_block(
         del probs
         labels = ext[a - e0 : b - e0]
         k = plan.overlap
-        halo_lo = ext[: max(0, min(a + k, e1) - e0)]  # planes [a - k, a + k)
-        halo_hi = ext[max(0, b - k - e0) :]  # planes [b - k, b + k)
-    top = int(labels.max()) if labels.size else 0
-    if halo_lo is not None:
-        top = int(max(top, halo_lo.max(initial=0), halo_hi.max(initial=0)))
+        arrays.update(
+            halo_lo=ext[: max(0, min(a + k, e1) - e0)],  # planes [a - k, a + k)
+            halo_hi=ext[max(0, b - k - e0) :],  # planes [b - k, b + k)
+            sizes=np.bincount(labels.ravel()),  # voxels per label, for stitching
+        )
+        top = int(ext.max(initial=0))  # the halos may hold labels the planes do not
     part = Path(part)
     tmp = part.with_name(part.name + ".tmp")
     with open(tmp, "wb") as fh:
-        arrays = {"labels": labels}
-        if halo_lo is not None:
-            arrays.update(halo_lo=halo_lo, halo_hi=halo_hi)
-        np.savez(fh, **arrays)
+        np.savez(fh, labels=labels, **arrays)
     os.replace(tmp, part)
     return top
 
@@ -297,19 +302,19 @@ def stitch_instances(
             i, j = divmod(pair, width)
             if count > agree * min(size_u[i], size_l[j]):
                 joins.union(int(offsets[k]) + i, int(offsets[k + 1]) + j)
-    sizes = np.zeros(int(offsets[-1]), dtype=np.int64)
+    n = int(offsets[-1])
+    sizes = np.zeros(n, dtype=np.int64)
     for k, part in enumerate(parts):
-        counts = np.bincount(read_block(part).ravel(), minlength=int(tops[k]) + 1)
+        counts = read_block(part, "sizes")
         sizes[offsets[k] : offsets[k] + len(counts)] += counts
-    roots = np.array([joins.find(i) for i in range(int(offsets[-1]))], dtype=np.int64)
-    total = np.bincount(roots, weights=sizes, minlength=len(roots))
-    final = np.zeros(len(roots), dtype=np.int64)
-    count = 0
-    for i in range(len(roots)):  # numbered in block order (roots are the smallest member)
-        if roots[i] == i and i not in offsets[:-1] and total[i] >= max(min_size, 1):
-            count += 1
-            final[i] = count
-    final = final[roots]
-    final[offsets[:-1]] = 0  # each block's background
+    roots = np.array([joins.find(i) for i in range(n)], dtype=np.int64)
+    total = np.bincount(roots, weights=sizes, minlength=n)
+    # an object is kept under its root (its smallest member), numbered in block order
+    keep = (roots == np.arange(n)) & (total >= max(min_size, 1))
+    keep[offsets[:-1]] = False  # each block's background
+    number = np.zeros(n, dtype=np.int64)
+    number[keep] = np.arange(1, int(keep.sum()) + 1)
+    final = number[roots]
+    count = int(keep.sum())
     luts = [final[offsets[k] : offsets[k + 1]] for k in range(len(parts))]
     return luts, count

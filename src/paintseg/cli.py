@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import DEFAULT_BLOCK_BYTES
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL = 0, 1, 2
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="working memory for inference, e.g. 2G (default: a quarter of free "
                      "memory, at most 8G)")
     seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
-    seg.add_argument("--block", type=_parse_size, default=512 * 2**20, metavar="SIZE",
+    seg.add_argument("--block", type=_parse_size, default=DEFAULT_BLOCK_BYTES, metavar="SIZE",
                      help="a stack larger than this is segmented in blocks (of slices for a 2D "
                      "model, of Z planes with halos for a 3D model) when its instance output "
                      "would not fit, and on a cluster to spread it over workers (default 512M)")

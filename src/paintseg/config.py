@@ -11,12 +11,17 @@ import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "to_json", "from_json"]
+__all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "to_json", "from_json",
+           "DEFAULT_BLOCK_BYTES"]
 
 T = TypeVar("T")
 
 NORMS = ("layer", "batch", "group", "none")
 UPSAMPLINGS = ("transpose", "upsample")
+
+
+#: Stacks larger than this are segmented in blocks where needed (see :mod:`paintseg.blocks`).
+DEFAULT_BLOCK_BYTES = 512 * 2**20
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
