@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--labels-kind", choices=("scribbles", "instances"), default="scribbles")
     tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
     tr.add_argument("--steps", type=int, default=None)
-    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--batch-size", type=int, default=None,
+                    help="patches per step (default 16 for 2D, 4 for 3D)")
     tr.add_argument("--patch-size", type=int, default=None)
     tr.add_argument("--learning-rate", type=float, default=3e-3)
     tr.add_argument("--augment", choices=("none", "flips", "full"), default="flips")

@@ -55,9 +55,19 @@ INSTANCE_CLASSES = (1, 2, 3)
 INSTANCE_NAMES = ("background", "object", "boundary")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # on 2 CPU cores a step on 8 patches of 128^2 takes ~0.2 s
-    "fast": {"depth": 3, "base_features": 16, "features": (1.0, 2.0, 4.0, 8.0, 16.0)},
+    # 2D, 2 CPU cores: a step on 16 patches of 64^2 takes ~0.2 s. No normalisation layers:
+    # the per-pixel layer norm made the network blind to absolute brightness, and dim
+    # out-of-focus haze came out as nuclei (cells3d strokes, held-out IoU 0.77 -> 0.83 with EMA)
+    "fast": {"depth": 3, "base_features": 16, "features": (1.0, 2.0, 4.0, 8.0, 16.0),
+             "norm": "none"},
     "accurate": {"depth": 4, "base_features": 32, "features": (1.0, 2.0, 4.0, 8.0, 16.0)},
+}
+# 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
+# 128^3), so filter scales stop at 4; base 8. A step on 4 patches of 32^3 takes ~0.3 s on
+# 2 CPU cores (was 4.4 s with the 2D preset on 16 patches).
+PRESETS_3D: dict[str, dict[str, Any]] = {
+    "fast": {"depth": 3, "base_features": 8, "features": (1.0, 2.0, 4.0), "norm": "none"},
+    "accurate": {"depth": 3, "base_features": 16, "features": (1.0, 2.0, 4.0, 8.0)},
 }
 
 
@@ -69,7 +79,8 @@ def preset_config(
         preset = "accurate" if device is not None and device.type == "cuda" else "fast"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use fast, accurate or auto")
-    return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **PRESETS[preset])
+    arch = (PRESETS_3D if dims == 3 else PRESETS)[preset]
+    return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
 class EventKind(enum.Enum):
@@ -604,6 +615,7 @@ def iter_train(
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     psize = cfg.patch_size or (64 if data.dims == 2 else 32)
+    batch = cfg.batch_size or (16 if data.dims == 2 else 4)
     align = model.config.align
     psize = max(align, int(math.ceil(psize / align) * align))
     size = (psize,) * data.dims
@@ -618,6 +630,8 @@ def iter_train(
     val = _val_batches(data, size, np.random.default_rng(0 if cfg.seed is None else cfg.seed)) \
         if data.has_validation else []
     best_state = copy.deepcopy({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
+    ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
+    eval_net = ema_net if ema_net is not None else net
     best_score, best_step = -1.0, 0
     t0 = time.perf_counter()
     last_report = last_val = t0
@@ -641,7 +655,7 @@ def iter_train(
 
     def validate_now() -> TrainEvent:
         nonlocal best_score, best_step, best_state
-        result = _validate(net, val, dev, k, data.class_values, weights)
+        result = _validate(eval_net, val, dev, k, data.class_values, weights)
         score = result["mean_iou"] - 1e-3 * result["loss"]
         # keep the latest weights whose score is within a small tolerance of the best so far:
         # a few held-out strokes give a noisy score, and picking the single best score often
@@ -649,7 +663,7 @@ def iter_train(
         # 0.86 for the final weights on DSB2018)
         if score >= best_score - _BEST_TOLERANCE:
             best_score, best_step = max(score, best_score), step
-            best_state = {kk: v.detach().cpu().clone() for kk, v in net.state_dict().items()}
+            best_state = {kk: v.detach().cpu().clone() for kk, v in eval_net.state_dict().items()}
         return TrainEvent(EventKind.VALIDATION, step, float(np.mean(recent[-10:] or [0.0])),
                           time.perf_counter() - t0, eta(), fraction(), result, best_step)
 
@@ -662,7 +676,7 @@ def iter_train(
             lr = cfg.learning_rate * (min(1.0, (step + 1) / warmup)) * 0.5 * (1 + math.cos(math.pi * f))
             for group in opt.param_groups:
                 group["lr"] = max(lr, cfg.learning_rate * 0.02)
-            xb_np, yb_np = _sample_batch(data, cfg.batch_size, size, rng)
+            xb_np, yb_np = _sample_batch(data, batch, size, rng)
             xb = torch.from_numpy(xb_np).to(dev)
             yb = torch.from_numpy(yb_np).to(dev)
             if cfg.augment != "none":
@@ -672,6 +686,11 @@ def iter_train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema_net is not None:
+                with torch.no_grad():
+                    decay = min(cfg.ema, (1 + step) / (10 + step))
+                    for pe, pn in zip(ema_net.parameters(), net.parameters()):
+                        pe.lerp_(pn, 1 - decay)
             step += 1
             recent.append(float(loss.detach()))
             now = time.perf_counter()
@@ -688,6 +707,8 @@ def iter_train(
         yield validate_now()
     if val:
         net.load_state_dict(best_state)
+    elif ema_net is not None and step > 0:
+        net.load_state_dict(ema_net.state_dict())
     elif stopped and step == 0:
         net.load_state_dict(best_state)
     net.eval()
@@ -698,7 +719,7 @@ def iter_train(
         "best_step": best_step if val else step,
         "stopped": stopped,
         "patch": psize,
-        "batch": cfg.batch_size,
+        "batch": batch,
         "device": str(dev),
         "painted_pixels": [int(c) for c in data.counts],
         "validation_iou": round(best_score, 4) if val else None,
