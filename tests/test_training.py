@@ -45,6 +45,18 @@ def tiny(classes=2, **kw):
     return new_model(ModelConfig(depth=2, base_features=8, classes=classes), seed=0, **kw)
 
 
+def fixed_batch_loss(model, xb: np.ndarray, yb: np.ndarray):
+    """A function giving the model's current loss on one fixed batch (eval mode)."""
+    x, y = torch.from_numpy(xb), torch.from_numpy(yb)
+
+    def loss_now() -> float:
+        model.network.eval()
+        with torch.no_grad():
+            return float(masked_loss(model.network(x), y))
+
+    return loss_now
+
+
 def test_ignored_pixels_carry_no_gradient():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 16, 16, requires_grad=True)
@@ -86,14 +98,8 @@ def test_training_lowers_the_loss_on_real_data(real_pair):
     model = tiny(class_values=data.class_values)
     from paintseg.training import _sample_batch
 
-    rng = np.random.default_rng(123)
-    xb, yb = _sample_batch(data, 8, (64, 64), rng)
-    x, y = torch.from_numpy(xb), torch.from_numpy(yb)
-
-    def loss_now():
-        model.network.eval()
-        with torch.no_grad():
-            return float(masked_loss(model.network(x), y))
+    loss_now = fixed_batch_loss(model, *_sample_batch(data, 8, (64, 64),
+                                                       np.random.default_rng(123)))
 
     start = loss_now()
     events = list(iter_train(model, data, TrainConfig(steps=40, seed=0, patch_size=64),
@@ -255,13 +261,8 @@ def test_a_3d_model_learns_from_a_real_stack():
     cfg = preset_config("fast", dims=3, in_channels=1, classes=3)
     assert max(cfg.features) <= 4 and cfg.dims == 3
     model = new_model(cfg, class_values=data.class_values, seed=0)
-    xb, yb = _sample_batch(data, 4, (32, 32, 32), np.random.default_rng(5))
-    x, y = torch.from_numpy(xb), torch.from_numpy(yb)
-
-    def loss_now():
-        model.network.eval()
-        with torch.no_grad():
-            return float(masked_loss(model.network(x), y))
+    loss_now = fixed_batch_loss(model, *_sample_batch(data, 4, (32, 32, 32),
+                                                       np.random.default_rng(5)))
 
     start = loss_now()
     list(iter_train(model, data, TrainConfig(steps=30, seed=0), device="cpu"))
