@@ -349,8 +349,8 @@ def predict_tiled(
     n_rows = len(plan.starts[0])
     all_indices = [tuple(i) for i in np.ndindex(*[len(st) for st in plan.starts])]
     per_row = len(all_indices) // n_rows
-    wanted = [r for r in range(n_rows) if _reach(plan, 0, r)[0] < r1
-              and _reach(plan, 0, r)[1] > r0]
+    reach = [_reach(plan, 0, r) for r in range(n_rows)]
+    wanted = [r for r in range(n_rows) if reach[r][0] < r1 and reach[r][1] > r0]
     first_row, last_row = wanted[0], wanted[-1]
     batches = []
     for k in range(0, len(all_indices), batch_size):
@@ -362,7 +362,7 @@ def predict_tiled(
     def origin(index: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(plan.starts[a][i] for a, i in enumerate(index))
 
-    lo = _reach(plan, 0, first_row)[0]  # first index of axis 0 not yet flushed
+    lo = reach[first_row][0]  # first index of axis 0 not yet flushed
     acc: torch.Tensor | None = None
     wsum: torch.Tensor | None = None
     acc_lo = 0
@@ -446,7 +446,7 @@ def predict_tiled(
                 if r_next > last_row:
                     flush(r1)
                 elif r_next > first_row:
-                    flush(min(_reach(plan, 0, r_next)[0], r1))
+                    flush(min(reach[r_next][0], r1))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
     return result

@@ -691,6 +691,10 @@ def iter_train(
                     decay = min(cfg.ema, (1 + step) / (10 + step))
                     for pe, pn in zip(ema_net.parameters(), net.parameters()):
                         pe.lerp_(pn, 1 - decay)
+                    # buffers (batch-norm statistics) are not averaged but follow the network;
+                    # only the training network runs in train mode and updates them
+                    for be, bn in zip(ema_net.buffers(), net.buffers()):
+                        be.copy_(bn)
             step += 1
             recent.append(float(loss.detach()))
             now = time.perf_counter()
