@@ -45,13 +45,46 @@ def percentile_range(
     InputError
         If the sample contains NaN or infinite values.
     """
-    values = sample_values(image, max_samples=norm.max_samples).astype(np.float32, copy=False)
+    values = sample_values(image, max_samples=norm.max_samples)
+    if values.dtype.kind in "iub" and values.dtype.itemsize <= 2:
+        # 8- and 16-bit images (most microscopy): exact percentiles from a histogram, a
+        # single O(n) pass (np.percentile partitions the sample: ~0.1 s for 4 Mpx)
+        qs = (float(norm.low), float(norm.high))
+        both = np.stack([_histogram_percentiles(v, qs) for v in values])
+        return both[:, 0].astype(np.float32), both[:, 1].astype(np.float32)
+    values = values.astype(np.float32, copy=False)
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum())
         raise InputError(
             f"{name}: contains NaN or infinite values ({bad} found in a sample of "
             f"{values.size:,}); replace them before segmenting"
         )
-    lo = np.percentile(values, norm.low, axis=1).astype(np.float32)
-    hi = np.percentile(values, norm.high, axis=1).astype(np.float32)
+    lo, hi = np.percentile(values, (norm.low, norm.high), axis=1).astype(np.float32)
     return lo, hi
+
+
+def _histogram_percentiles(values: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """``np.percentile(values, qs)`` (linear interpolation) of 1D integer values, by counting.
+
+    The value of sorted rank ``k`` is read off the cumulative histogram, then interpolated
+    between ranks as numpy does.
+    """
+    if values.dtype.kind in "ub":
+        vmin, counts = 0, np.bincount(values.ravel().view(np.uint8) if values.dtype == bool
+                                      else values.ravel())
+    else:
+        v = values.astype(np.int32).ravel()
+        vmin = int(v.min())
+        counts = np.bincount(v - vmin)
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        h = (n - 1) * q / 100.0
+        k = int(np.floor(h))
+        a = vmin + int(np.searchsorted(cum, k, side="right"))
+        b = vmin + int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
+        t = h - k
+        # numpy's _lerp: exact at both ends
+        out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
+    return np.asarray(out, dtype=np.float64)
