@@ -13,18 +13,21 @@ stay inside), about 1% of the pixels of one image, half background and half nucl
 
 Both methods get the same strokes. The baseline is scikit-image ``multiscale_basic_features``
 (intensity, edges, texture at sigma 1..16) with a scikit-learn random forest (100 trees), as in
-ilastik's pixel classification. paintseg trains its "fast" CPU preset for ``--budget`` seconds
+ilastik's pixel classification. paintseg trains its default preset ("fast", on every device;
+``--presets`` tries others) for ``--budget`` seconds
 and predicts the held-out pixels with tiled inference. Both report the foreground IoU against
 the ground truth.
 
 Usage::
 
     python benchmarks/interactive.py [--budget 60] [--device auto] [--datasets nuclei3d dsb2018]
+        [--seeds 0 1 2 3 4] [--presets auto accurate accurate:none fast,dims=3,patch_size=48]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -145,8 +148,10 @@ def foreground_iou(preds, test) -> float:
     return semantic_scores(p.astype(np.uint8), g.astype(np.uint8))["iou"].get(1, 0.0)
 
 
-def run_one(name: str, seed: int, budget: float, device) -> tuple[float, float]:
-    """Forest IoU and paintseg IoU for one dataset and one seed (strokes drawn by ``seed``)."""
+def run_one(name: str, seed: int, budget: float, device,
+            presets: list[str]) -> tuple[float, ...]:
+    """Forest IoU and paintseg's IoU per preset for one dataset and one seed (strokes drawn by
+    ``seed``)."""
     rng = np.random.default_rng(seed)
     train, test = dataset(name, rng)
     painted = sum(int((lab > 0).sum()) for _, lab in train)
@@ -159,13 +164,35 @@ def run_one(name: str, seed: int, budget: float, device) -> tuple[float, float]:
     rf = foreground_iou([p == 2 for p in preds], test)
     print(f"  random forest (ilastik-style): foreground IoU {rf:.3f}  "
           f"(fit {fit_s:.1f} s, fit + predict {total_s:.1f} s)")
+    ious = [paintseg_iou(train, test, seed=seed, budget=budget, device=device, preset=p)
+            for p in presets]
+    return (rf, *ious)
+
+
+def paintseg_iou(train, test, *, seed: int, budget: float, device, preset: str) -> float:
+    """Train a new model of ``preset`` on the strokes for ``budget`` s; held-out IoU.
+
+    ``preset`` may name a normalisation after a colon (``accurate:none``) to try the preset's
+    architecture with other normalisation layers, and training options after commas
+    (``fast,patch_size=128,dice_weight=0``) or ``dims=3`` for a 3D model (stacks only)."""
     t = time.perf_counter()
-    data = prepare_data(train, dims=2, seed=seed)
-    cfg = preset_config("auto", dims=2, in_channels=1, classes=len(data.class_values),
-                        device=device)
+    head, *options = preset.split(",")
+    name, _, norm = head.partition(":")
+    overrides, dims = {}, 2
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key == "dims":
+            dims = int(value)
+            continue
+        default = getattr(TrainConfig, key)
+        overrides[key] = type(default)(value) if default is not None else int(value)
+    data = prepare_data(train, dims=dims, seed=seed)
+    cfg = preset_config(name, dims=dims, in_channels=1, classes=len(data.class_values))
+    if norm:
+        cfg = dataclasses.replace(cfg, norm=norm)
     model = new_model(cfg, class_values=data.class_values, seed=seed)
     done = None
-    for ev in iter_train(model, data, TrainConfig(time_budget=budget, seed=seed),
+    for ev in iter_train(model, data, TrainConfig(time_budget=budget, seed=seed, **overrides),
                          device=device):
         done = ev
     train_s = time.perf_counter() - t
@@ -174,12 +201,11 @@ def run_one(name: str, seed: int, budget: float, device) -> tuple[float, float]:
               == 2 for img, _, _ in test]
     predict_s = time.perf_counter() - t
     iou = foreground_iou(labels, test)
-    print(f"  paintseg ({cfg.depth}-level U-Net, base {cfg.base_features}, {cfg.norm} norm, "
-          f"filter scales {', '.join(f'{x:g}' for x in cfg.features)}): foreground IoU {iou:.3f}  "
-          f"({done.step} steps, best step {done.best_step}, train {train_s:.1f} s, predict "
-          f"{predict_s:.1f} s)")
-    print(f"  paintseg / forest IoU: {iou / max(rf, 1e-9):.2f}x", flush=True)
-    return rf, iou
+    print(f"  paintseg {preset} ({cfg.dims}D {cfg.depth}-level U-Net, base {cfg.base_features}, "
+          f"{cfg.norm} norm, filter scales {', '.join(f'{x:g}' for x in cfg.features)}): "
+          f"foreground IoU {iou:.3f}  ({done.step} steps, best step {done.best_step}, train "
+          f"{train_s:.1f} s, predict {predict_s:.1f} s)", flush=True)
+    return iou
 
 
 def main() -> None:
@@ -189,18 +215,24 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["nuclei3d", "dsb2018"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="each seed draws other strokes and trains anew; means are printed")
+    parser.add_argument("--presets", nargs="+", default=["auto"],
+                        help="model presets to train on the same strokes (auto = fast; "
+                             "accurate:none = accurate without norm layers)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; paintseg budget {args.budget:.0f} s")
     summary = {}
     for name in args.datasets:
-        summary[name] = [run_one(name, seed, args.budget, device) for seed in args.seeds]
+        summary[name] = [run_one(name, seed, args.budget, device, args.presets)
+                         for seed in args.seeds]
     print(f"\nmeans over seeds {args.seeds}:")
     for name, rows in summary.items():
-        rf, ps = (float(np.mean(v)) for v in zip(*rows))
-        wins = sum(p > r for r, p in rows)
-        print(f"  {name:<9} forest {rf:.3f}  paintseg {ps:.3f}  paintseg / forest {ps / rf:.2f}x"
-              f"  (paintseg ahead in {wins} of {len(rows)})")
+        rf = float(np.mean([r[0] for r in rows]))
+        for i, preset in enumerate(args.presets, start=1):
+            ps = float(np.mean([r[i] for r in rows]))
+            wins = sum(r[i] > r[0] for r in rows)
+            print(f"  {name:<9} forest {rf:.3f}  paintseg {preset} {ps:.3f}  "
+                  f"paintseg / forest {ps / rf:.2f}x  (paintseg ahead in {wins} of {len(rows)})")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from this checkpoint (or a bundled model name) instead of a new U-Net")
     tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D or 3D U-Net (new models)")
     tr.add_argument("--preset", choices=("auto", "fast", "accurate"), default="auto",
-                    help="size of a new U-Net: fast (CPU) or accurate (GPU); auto by device")
+                    help="size of a new U-Net: fast (default, any device) or accurate (larger, "
+                         "for a GPU); auto = fast")
     tr.add_argument("--labels-kind", choices=("scribbles", "instances"), default="scribbles")
     tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
     tr.add_argument("--steps", type=int, default=None)
@@ -337,7 +338,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         model = model_for_training(init, data, in_channels=channels,
                                    labels_kind=args.labels_kind, preset=args.preset,
-                                   device=device, seed=args.seed)
+                                   seed=args.seed)
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL

@@ -190,7 +190,9 @@ class PaintsegWidget(QWidget):
         self.new_classes.setToolTip("Number of classes of a new U-Net (1 = background)")
         self.new_preset = QComboBox()
         self.new_preset.addItems(["auto", "fast", "accurate"])
-        self.new_preset.setToolTip("fast: small U-Net for the CPU; accurate: larger, for a GPU")
+        self.new_preset.setToolTip(
+            "auto = fast: small U-Net, best from strokes on any device; accurate: larger, "
+            "for a GPU")
         self.new_btn = QPushButton("New U-Net")
         self.new_btn.clicked.connect(self.new_model)
         for w in (self.new_dims, QLabel("classes"), self.new_classes, self.new_preset,
@@ -498,7 +500,6 @@ class PaintsegWidget(QWidget):
 
     def new_model(self) -> None:
         """A fresh U-Net from the New U-Net settings (untrained: paint, then Train)."""
-        from ..devices import resolve_device
         from ..model import new_model
         from ..training import preset_config
 
@@ -506,7 +507,7 @@ class PaintsegWidget(QWidget):
         k = self.new_classes.value()
         try:
             cfg = preset_config(self.new_preset.currentText(), dims=dims, in_channels=1,
-                                classes=k, device=resolve_device(self._device()))
+                                classes=k)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._notify(_message(exc), "error")
             return
@@ -792,7 +793,7 @@ class PaintsegWidget(QWidget):
                               normalization=base_copy.normalization if base_copy else None,
                               names=[labels_name])
             model = model_for_training(base_copy, td, in_channels=img.shape[-1],
-                                       labels_kind=kind, preset=preset, device=device)
+                                       labels_kind=kind, preset=preset)
             for note in td.notes:
                 yield ("note", note)
             last = None
