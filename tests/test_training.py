@@ -147,6 +147,17 @@ def test_stop_keeps_the_best_weights(real_pair):
         assert torch.equal(v, best[k]), k
 
 
+def test_each_step_is_validated_once(real_pair):
+    # validating every step, the run's end must not score the last step a second time
+    img, gt = real_pair
+    data = prepare_data([(img, strokes(gt, n=120))], dims=2, seed=0)
+    model = tiny(class_values=data.class_values)
+    cfg = TrainConfig(steps=4, seed=0, patch_size=64, validate_every=0.0)
+    steps = [ev.step for ev in iter_train(model, data, cfg, device="cpu")
+             if ev.kind is EventKind.VALIDATION]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_averaged_weights_are_the_ones_returned(real_pair):
     """With ``ema``, the model ends with the moving average of the weights of every step."""
     img, gt = real_pair

@@ -639,6 +639,7 @@ def iter_train(
     best_score, best_step = -1.0, 0
     t0 = time.perf_counter()
     last_report = last_val = t0
+    validated_at = -1  # the step of the latest validation
     step = 0
     recent: list[float] = []
     stopped = False
@@ -707,11 +708,11 @@ def iter_train(
                 yield TrainEvent(EventKind.STEP, step, recent[-1], now - t0, eta(), fraction(),
                                  best_step=best_step if val else None)
             if val and now - last_val >= cfg.validate_every:
-                last_val = now
+                last_val, validated_at = now, step
                 yield validate_now()
     finally:
         net.train(False)
-    if val and not stopped:
+    if val and not stopped and validated_at != step:  # the last weights, unless just scored
         yield validate_now()
     if val:
         net.load_state_dict(best_state)
