@@ -35,11 +35,12 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from paintseg.config import TrainConfig
+from paintseg.config import NormConfig, TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import segment
 from paintseg.metrics import semantic_scores
 from paintseg.model import new_model
+from paintseg.normalize import percentile_range
 from paintseg.training import iter_train, prepare_data, preset_config
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
@@ -78,8 +79,8 @@ def random_forest(train, test):
     from sklearn.ensemble import RandomForestClassifier
 
     def norm(img):
-        lo, hi = np.percentile(img, (1, 99.8))
-        return ((img - lo) / (hi - lo)).astype(np.float32)
+        lo, hi = percentile_range(img[np.newaxis], NormConfig())
+        return ((img - lo[0]) / (hi[0] - lo[0])).astype(np.float32)
 
     def feats(plane):
         return multiscale_basic_features(plane, intensity=True, edges=True, texture=True,

@@ -21,7 +21,7 @@ instances by seeded watershed, AP / F1 at IoU 0.5 against the slice's labels.
 
 Usage::
 
-    python scripts/train_starter.py [--budget 360] [--out src/paintseg/models/nuclei.pt]
+    python scripts/train_starter.py [--budget 300] [--out src/paintseg/models/nuclei.pt]
 """
 
 from __future__ import annotations
