@@ -441,11 +441,13 @@ def _augment(
     xs, ys = [], []
     for i in range(n):
         xi, yi = x[i], y[i]
+        # flips and rotations are drawn and read on the CPU: reading a number back from the
+        # device would wait for the GPU, up to 48 times a step
         for axis in range(nd):
-            if rand(1).item() < 0.5:
+            if torch.rand(1, generator=gen).item() < 0.5:
                 xi, yi = xi.flip(axis + 1), yi.flip(axis)
         if xi.shape[-1] == xi.shape[-2]:
-            k = int(rand(1).item() * 4)
+            k = int(torch.rand(1, generator=gen).item() * 4)
             xi, yi = torch.rot90(xi, k, (-2, -1)), torch.rot90(yi, k, (-2, -1))
         xs.append(xi)
         ys.append(yi)
@@ -454,8 +456,9 @@ def _augment(
         return x, y
     # elastic deformation on half of the batch: smooth random displacement of a coarse grid
     if nd == 2:
-        warp = rand(n) < 0.5
-        if warp.any():
+        warp_cpu = torch.rand(n, generator=gen) < 0.5
+        if warp_cpu.any():
+            warp = warp_cpu.to(dev)
             h, w = x.shape[-2:]
             coarse = (rand(n, 2, 5, 5) - 0.5) * (2 * 0.08)  # up to ~8% of the patch
             flow = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
