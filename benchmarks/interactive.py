@@ -35,7 +35,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from paintseg.config import NormConfig, TrainConfig
+from paintseg.config import ModelConfig, NormConfig, TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import segment
 from paintseg.metrics import semantic_scores
@@ -175,22 +175,26 @@ def paintseg_iou(train, test, *, seed: int, budget: float, device, preset: str) 
 
     ``preset`` may name a normalisation after a colon (``accurate:none``) to try the preset's
     architecture with other normalisation layers, and training options after commas
-    (``fast,patch_size=128,dice_weight=0``) or ``dims=3`` for a 3D model (stacks only)."""
+    (``fast,patch_size=128,dice_weight=0``), numeric architecture options
+    (``fast,derivative_gain=1``) or ``dims=3`` for a 3D model (stacks only)."""
     t = time.perf_counter()
     head, *options = preset.split(",")
     name, _, norm = head.partition(":")
-    overrides, dims = {}, 2
+    overrides, arch, dims = {}, {}, 2
     for opt in options:
         key, _, value = opt.partition("=")
         if key == "dims":
             dims = int(value)
             continue
+        if key in {f.name for f in dataclasses.fields(ModelConfig)}:
+            arch[key] = type(getattr(ModelConfig(), key))(value)
+            continue
         default = getattr(TrainConfig, key)
         overrides[key] = type(default)(value) if default is not None else int(value)
     data = prepare_data(train, dims=dims, seed=seed)
     cfg = preset_config(name, dims=dims, in_channels=1, classes=len(data.class_values))
-    if norm:
-        cfg = dataclasses.replace(cfg, norm=norm)
+    if norm or arch:
+        cfg = dataclasses.replace(cfg, **({"norm": norm} if norm else {}), **arch)
     model = new_model(cfg, class_values=data.class_values, seed=seed)
     done = None
     for ev in iter_train(model, data, TrainConfig(time_budget=budget, seed=seed, **overrides),
@@ -203,7 +207,8 @@ def paintseg_iou(train, test, *, seed: int, budget: float, device, preset: str) 
     predict_s = time.perf_counter() - t
     iou = foreground_iou(labels, test)
     print(f"  paintseg {preset} ({cfg.dims}D {cfg.depth}-level U-Net, base {cfg.base_features}, "
-          f"{cfg.norm} norm, filter scales {', '.join(f'{x:g}' for x in cfg.features)}): "
+          f"{cfg.norm} norm, filter scales {', '.join(f'{x:g}' for x in cfg.features)}, "
+          f"derivative gain {cfg.derivative_gain:g}): "
           f"foreground IoU {iou:.3f}  ({done.step} steps, best step {done.best_step}, train "
           f"{train_s:.1f} s, predict {predict_s:.1f} s)", flush=True)
     return iou

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -64,6 +65,37 @@ def test_config_json_round_trip():
         from_json(ModelConfig, '{"colour": 1}')
     with pytest.raises(ValueError, match="dims must be between 2 and 3"):
         ModelConfig(dims=4)
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (1, 1, 40, 33)), (3, (1, 1, 12, 20, 17))])
+def test_derivative_gain_scales_only_the_derivative_channels(dims, shape):
+    from paintseg.model import FilterBank
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    plain = FilterBank(1, (1.0, 2.0), dims)(x)
+    damped = FilterBank(1, (1.0, 2.0), dims, derivative_gain=0.25)(x)
+    for i in range(plain.shape[1]):  # raw, then per scale: smooth + 4 derivative channels
+        factor = 1.0 if i == 0 or (i - 1) % 5 == 0 else 0.25
+        torch.testing.assert_close(damped[:, i], plain[:, i] * factor)
+        assert plain[:, i].abs().max() > 1e-3  # every channel responds, so the check bites
+
+
+def test_derivative_gain_travels_with_the_checkpoint(tmp_path, nuclei2d):
+    cfg = ModelConfig(depth=2, base_features=4, features=(1.0, 4.0), derivative_gain=0.1)
+    model = new_model(cfg, seed=0)
+    loaded = load_model(save_model(model, tmp_path / "m.pt"))
+    assert loaded.config.derivative_gain == 0.1
+    assert "derivative channels x0.1" in loaded.describe()
+    a = segment(nuclei2d, model, return_probabilities=True).probabilities
+    np.testing.assert_array_equal(a, segment(nuclei2d, loaded, return_probabilities=True).probabilities)
+    ungained = new_model(ModelConfig(depth=2, base_features=4, features=(1.0, 4.0)), seed=0)
+    b = segment(nuclei2d, ungained, return_probabilities=True).probabilities
+    assert np.abs(a - b).max() > 1e-3  # the same weights see other features
+    # a config written before the option existed reads as gain 1
+    old = {k: v for k, v in json.loads(to_json(cfg)).items() if k != "derivative_gain"}
+    assert from_json(ModelConfig, old).derivative_gain == 1.0
+    with pytest.raises(ValueError, match="derivative_gain must be > 0"):
+        ModelConfig(derivative_gain=0)
 
 
 def test_checkpoint_round_trip_identical_predictions(tmp_path, nuclei2d):

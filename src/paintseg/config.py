@@ -60,6 +60,11 @@ class ModelConfig:
         Scales (sigma, pixels) of a fixed filter bank in front of the network: per scale the
         Gaussian-smoothed image, its gradient magnitude, Laplacian of Gaussian and Hessian
         eigenvalues, per channel (ilastik's features). Empty: the raw image only.
+    derivative_gain : float
+        Factor on the filter bank's derivative channels (gradient magnitude, Laplacian,
+        Hessian) against the smoothed ones. Below 1 a freshly initialised network leans on
+        brightness first and on shape second, as a random forest on the same features does;
+        1 leaves the responses as they are (models saved before this option existed).
     """
 
     dims: int = 2
@@ -70,9 +75,13 @@ class ModelConfig:
     norm: str = "layer"
     upsampling: str = "transpose"
     features: tuple[float, ...] = ()
+    derivative_gain: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(float(s) for s in self.features))
+        object.__setattr__(self, "derivative_gain", float(self.derivative_gain))
+        if not 0 < self.derivative_gain <= 100:
+            raise ValueError(f"derivative_gain must be > 0 and <= 100, got {self.derivative_gain}")
         if any(not 0.3 <= s <= 32 for s in self.features):
             raise ValueError(f"feature scales must be between 0.3 and 32, got {self.features}")
         _check_int("dims", self.dims, 2, 3)

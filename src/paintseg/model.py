@@ -104,12 +104,15 @@ class FilterBank(nn.Module):
     and two Hessian features, with scale-normalised derivatives; the raw channels come first.
     In 2D the two features are the Hessian's eigenvalues; in 3D they are cheap bounds on its
     largest and smallest eigenvalues (extreme diagonal entry plus / minus the norm of the
-    off-diagonal entries). Borders are reflected.
+    off-diagonal entries). Borders are reflected. The derivative channels are multiplied by
+    ``derivative_gain``.
     """
 
-    def __init__(self, in_channels: int, sigmas: Sequence[float], dims: int) -> None:
+    def __init__(self, in_channels: int, sigmas: Sequence[float], dims: int,
+                 derivative_gain: float = 1.0) -> None:
         super().__init__()
         self.dims, self.sigmas = dims, tuple(sigmas)
+        self.gain = float(derivative_gain)
         self.radius = max(_gaussian_kernels(s)[3] for s in self.sigmas)
         for i, s in enumerate(self.sigmas):
             g, d1, d2, _r = _gaussian_kernels(s)
@@ -181,6 +184,8 @@ class FilterBank(nn.Module):
                 off = torch.sqrt(sum(second[(a, b)] ** 2 for a in range(3) for b in range(a + 1, 3)) + 1e-12)
                 diag = torch.stack([second[(a, a)] for a in range(3)])
                 ev = [diag.max(0).values + off, diag.min(0).values - off]
+            if self.gain != 1.0:
+                gradmag, log, ev = gradmag * self.gain, log * self.gain, [e * self.gain for e in ev]
             feats += [smooth, gradmag, log, *ev]
         out = torch.cat(feats, 1)
         return out.reshape(n, -1, *spatial)
@@ -221,7 +226,7 @@ class UNet(nn.Module):
         cin = config.in_channels
         self.filters: FilterBank | None = None
         if config.features:
-            self.filters = FilterBank(cin, config.features, d)
+            self.filters = FilterBank(cin, config.features, d, config.derivative_gain)
             cin = self.filters.out_channels
         for f in feats[:-1]:
             self.down.append(_Block(cin, f, d, n))
@@ -360,8 +365,11 @@ class PaintsegModel:
             "classes: "
             + ", ".join(f"{v}={n}" for v, n in zip(self.class_values, self.class_names)),
             f"parameters: {sum(p.numel() for p in self.network.parameters()):,}",
-            f"normalisation: percentiles {self.normalization.low}-{self.normalization.high}",
         ]
+        if c.features:
+            gain = "" if c.derivative_gain == 1 else f"; derivative channels x{c.derivative_gain:g}"
+            lines.append(f"filter bank: scales {', '.join(f'{x:g}' for x in c.features)}{gain}")
+        lines.append(f"normalisation: percentiles {self.normalization.low}-{self.normalization.high}")
         prov = self.provenance
         if prov.get("created"):
             lines.append(
