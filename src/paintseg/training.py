@@ -58,9 +58,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2D, 2 CPU cores: a step on 16 patches of 64^2 takes ~0.2 s. No normalisation layers:
     # the per-pixel layer norm made the network blind to absolute brightness, and dim
     # out-of-focus haze came out as nuclei (cells3d strokes, held-out IoU 0.77 -> 0.83 with EMA)
-    # Derivative channels x0.1: the network then starts from brightness, as the forest does,
-    # and 60 s of strokes on the cells3d stack gave IoU 0.884 instead of 0.819 (5 seeds;
-    # DSB2018 0.797 instead of 0.816, both ahead of the forest's 0.871 / 0.795; RESULTS.md).
+    # Derivative channels x0.1: the network then starts from brightness, as the forest does;
+    # 60 s of strokes, 5 seeds: cells3d stack IoU 0.881 (was 0.820), DSB2018 0.804 (was 0.816),
+    # forest 0.871 / 0.795 (benchmarks/RESULTS.md).
     "fast": {"depth": 3, "base_features": 16, "features": (1.0, 2.0, 4.0, 8.0, 16.0),
              "norm": "none", "derivative_gain": 0.1},
     "accurate": {"depth": 4, "base_features": 32, "features": (1.0, 2.0, 4.0, 8.0, 16.0)},
@@ -78,7 +78,8 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int) -> 
     """Architecture of a new model: ``"fast"``, ``"accurate"`` or ``"auto"`` (= fast).
 
     ``auto`` is the fast preset on every device. Measured on an H100 (strokes on 2 slices,
-    10 s of training, 5 seeds, ``benchmarks/interactive.py``): held-out IoU on the cells3d
+    10 s of training, 5 seeds, ``benchmarks/interactive.py``, before the fast preset damped its
+    derivative channels): held-out IoU on the cells3d
     stack 0.823 fast, 0.700 accurate; on DSB2018 0.824 fast, 0.845 accurate. The larger model
     gains little where it wins and loses much on the stack, so it is a choice, not a default.
     """
