@@ -53,7 +53,7 @@ def main() -> None:
         w = img.shape[2] // 2
         train, test, dims, min_size = (img[..., :w], gt[..., :w]), (img[..., w:], gt[..., w:]), 3, 200
     data = prepare_data([train], dims=dims, labels_kind="instances", seed=args.seed)
-    cfg = preset_config("auto", dims=dims, in_channels=1, classes=3)
+    cfg = preset_config("auto", dims=dims, in_channels=1, classes=3, labels_kind="instances")
     model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
                       seed=args.seed)
     t = time.perf_counter()

@@ -282,3 +282,14 @@ def test_a_3d_model_learns_from_a_real_stack():
     assert loss_now() < 0.8 * start
     assert model.provenance["object_diameter"] > 10
     np.testing.assert_array_equal(gt, before)
+
+
+def test_fast_preset_damps_derivatives_for_strokes_only():
+    from paintseg.training import preset_config
+
+    strokes = preset_config("auto", dims=2, in_channels=1, classes=2)
+    dense = preset_config("auto", dims=2, in_channels=1, classes=3, labels_kind="instances")
+    assert strokes.derivative_gain == 0.1 and dense.derivative_gain == 1.0
+    assert strokes.features == dense.features and strokes.depth == dense.depth
+    with pytest.raises(ValueError, match="labels_kind must be"):
+        preset_config("fast", dims=2, in_channels=1, classes=2, labels_kind="dense")

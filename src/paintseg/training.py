@@ -74,8 +74,13 @@ PRESETS_3D: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(preset: str, *, dims: int, in_channels: int, classes: int) -> ModelConfig:
+def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
+                  labels_kind: str = "scribbles") -> ModelConfig:
     """Architecture of a new model: ``"fast"``, ``"accurate"`` or ``"auto"`` (= fast).
+
+    ``labels_kind="instances"`` (dense labels) keeps the filter bank's derivative channels at
+    full strength: the fast preset's x0.1 helps sparse strokes but cost dense training on the
+    DSB2018 top half AP@0.5 0.573 -> 0.513 (``benchmarks/dense.py --budget 120``).
 
     ``auto`` is the fast preset on every device. Measured on an H100 (strokes on 2 slices,
     10 s of training, 5 seeds, ``benchmarks/interactive.py``, before the fast preset damped its
@@ -87,7 +92,11 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int) -> 
         preset = "fast"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use fast, accurate or auto")
-    arch = (PRESETS_3D if dims == 3 else PRESETS)[preset]
+    arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
+    if labels_kind == "instances":
+        arch.pop("derivative_gain", None)
+    elif labels_kind != "scribbles":
+        raise ValueError(f"labels_kind must be 'scribbles' or 'instances', got {labels_kind!r}")
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
@@ -806,7 +815,7 @@ def model_for_training(
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
     else:
         cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
-                            classes=len(data.class_values))
+                            classes=len(data.class_values), labels_kind=labels_kind)
         model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
                           seed=seed)
     if labels_kind == "instances":
