@@ -23,6 +23,9 @@ from paintseg.inference import segment_labels  # noqa: E402
 from paintseg.model import load_model  # noqa: E402
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "sample_data")
+# a new U-Net's training in the GUI tests: about 80 steps on 2 idle cores; 8 s gave ~50 steps
+# alone but ~20 (nothing learned yet, IoU 0.21) once under load in the full suite
+TRAIN_SECONDS = 15
 
 
 @pytest.fixture
@@ -113,9 +116,7 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     assert "1 = background" in w.legend.text()
     _paint_strokes(lab, gt2d, np.random.default_rng(0))
     painted = lab.data.copy()
-    # 15 s: about 80 steps on 2 idle cores; 8 s gave ~50 steps alone but ~20 (nothing learned
-    # yet, IoU 0.21) once under load in the full suite
-    w.train_seconds.setValue(15)
+    w.train_seconds.setValue(TRAIN_SECONDS)
     w.train_btn.click()
     assert w.train_stop.isEnabled() and not w.segment_btn.isEnabled()
     assert w.jobs.wait(120_000)  # training, then the automatic Segment
@@ -247,9 +248,7 @@ def test_stack_paint_two_slices_train_segment_current_slice(make_napari_viewer, 
             for i in rng.choice(len(ys), 40, replace=False):
                 lab.paint((z, ys[i], xs[i]), cls)
     w.train_refresh.setChecked(False)
-    # 15 s: about 80 steps on 2 idle cores; 8 s gave ~50 steps alone but ~20 (nothing learned
-    # yet, IoU 0.21) once under load in the full suite
-    w.train_seconds.setValue(15)
+    w.train_seconds.setValue(TRAIN_SECONDS)
     w.train_btn.click()
     assert w.jobs.wait(120_000)
     viewer.dims.set_current_step(0, 33)

@@ -53,6 +53,12 @@ IGNORE = -1
 _BEST_TOLERANCE = 0.02  # mean IoU on held-out painted pixels
 INSTANCE_CLASSES = (1, 2, 3)
 INSTANCE_NAMES = ("background", "object", "boundary")
+LABELS_KINDS = ("scribbles", "instances")
+
+
+def _check_labels_kind(labels_kind: str) -> None:
+    if labels_kind not in LABELS_KINDS:
+        raise ValueError(f"labels_kind must be 'scribbles' or 'instances', got {labels_kind!r}")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 2D, 2 CPU cores: a step on 16 patches of 64^2 takes ~0.2 s. No normalisation layers:
@@ -92,11 +98,10 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
         preset = "fast"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use fast, accurate or auto")
+    _check_labels_kind(labels_kind)
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
     if labels_kind == "instances":
         arch.pop("derivative_gain", None)
-    elif labels_kind != "scribbles":
-        raise ValueError(f"labels_kind must be 'scribbles' or 'instances', got {labels_kind!r}")
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
@@ -311,6 +316,7 @@ def prepare_data(
     """
     if not pairs:
         raise InputError("no image / labels pairs were given")
+    _check_labels_kind(labels_kind)
     norm = normalization or NormConfig()
     rng = np.random.default_rng(seed)
     names = list(names) if names else [f"image {i + 1}" for i in range(len(pairs))]
@@ -327,14 +333,12 @@ def prepare_data(
         lab = _check_labels(labels, spatial, name)
         if labels_kind == "instances":
             tgt = instance_targets(lab)
-        elif labels_kind == "scribbles":
+        else:
             values = set(int(v) for v in np.unique(lab)) - {0}
             if not values:
                 raise InputError(f"{name}: nothing is painted (all labels are 0)")
             painted_values |= values
-            tgt = lab  # converted once all class values are known
-        else:
-            raise ValueError(f"labels_kind must be 'scribbles' or 'instances', got {labels_kind!r}")
+            tgt = lab  # scribbles, converted once all class values are known
         raw.append((img, tgt, name))
     diameter = None
     if labels_kind == "instances":
