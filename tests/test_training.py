@@ -17,7 +17,9 @@ from paintseg.training import (
     EventKind,
     adapt_model,
     instance_targets,
+    _clearly_beaten,
     iter_train,
+    kept_weights_text,
     masked_loss,
     prepare_data,
     scribble_targets,
@@ -148,14 +150,44 @@ def test_stop_keeps_the_best_weights(real_pair):
 
 
 def test_each_step_is_validated_once(real_pair):
-    # validating every step, the run's end must not score the last step a second time
+    # validating every step, the run's end must not score the last step a second time; the
+    # starting weights are scored first (step 0)
     img, gt = real_pair
     data = prepare_data([(img, strokes(gt, n=120))], dims=2, seed=0)
     model = tiny(class_values=data.class_values)
     cfg = TrainConfig(steps=4, seed=0, patch_size=64, validate_every=0.0)
     steps = [ev.step for ev in iter_train(model, data, cfg, device="cpu")
              if ev.kind is EventKind.VALIDATION]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]
+
+
+def test_a_retrain_that_makes_things_worse_returns_the_starting_weights(real_pair):
+    img, gt = real_pair
+    data = prepare_data([(img, strokes(gt, n=120))], dims=2, seed=0)
+    model = tiny(class_values=data.class_values)
+    list(iter_train(model, data, TrainConfig(steps=60, seed=0, patch_size=64), device="cpu"))
+    start = {k: v.clone() for k, v in model.network.state_dict().items()}
+    # continue with a learning rate that wrecks the weights within a step or two
+    cfg = TrainConfig(steps=8, seed=1, patch_size=64, learning_rate=5.0, validate_every=0.0,
+                      ema=0.0)
+    events = list(iter_train(model, data, cfg, device="cpu"))
+    vals = [ev for ev in events if ev.kind is EventKind.VALIDATION]
+    assert vals[0].step == 0 and vals[0].validation["mean_iou"] > 0.6
+    assert max(v.validation["mean_iou"] for v in vals[1:]) < 0.5  # every step made it worse
+    done = events[-1]
+    assert done.kind is EventKind.DONE and done.step == 8 and done.best_step == 0
+    assert "starting weights are kept" in kept_weights_text(done)
+    for k, v in model.network.state_dict().items():
+        assert torch.equal(v, start[k]), k
+
+
+def test_latest_weights_are_kept_unless_clearly_beaten():
+    # an early lucky score with an unsure (high-loss) network does not hold back later weights
+    assert not _clearly_beaten(0.80, 0.54, [(0.88, 0.86)])
+    # a drop within the noise of a few held-out strokes does not either
+    assert not _clearly_beaten(0.825, 0.32, [(0.215, 1.38), (0.864, 0.24)])
+    # worse on both counts, by a clear margin: the earlier weights stay
+    assert _clearly_beaten(0.50, 3.0, [(0.30, 1.2), (0.90, 0.20)])
 
 
 def test_averaged_weights_are_the_ones_returned(real_pair):

@@ -289,6 +289,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         EventKind,
         classes_to_continue,
         iter_train,
+        kept_weights_text,
         model_for_training,
         prepare_data,
     )
@@ -363,8 +364,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     save_model(model, args.out)
     assert done is not None
-    say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; weights of "
-        f"step {done.best_step})")
+    say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; "
+        f"{kept_weights_text(done)})")
     return EXIT_OK
 
 

@@ -61,7 +61,7 @@ class LossPlot(QWidget):
             p.end()
             return
         last = max(s for s, _ in self.loss + self.iou)
-        first = min(s for s, _ in self.loss)
+        first = min(s for s, _ in self.loss + self.iou)
         span = max(1, last - first)
 
         def x(step: int) -> float:

@@ -837,6 +837,8 @@ class PaintsegWidget(QWidget):
         self.train_info.setText(f"step {ev.step}, loss {ev.loss:.4f}{val}{eta}{stop}")
 
     def _trained(self, result: Any, source: str) -> None:
+        from ..training import kept_weights_text
+
         model, done = result
         name = self.model_source if self.train_continue.isChecked() and self.model_source \
             else "new U-Net"
@@ -844,8 +846,8 @@ class PaintsegWidget(QWidget):
             name = f"{name} (trained)"
         self._set_model(model, name)
         stopped = " (stopped; best weights kept)" if done is not None and done.stopped else ""
-        msg = (f"Training done{stopped}: {done.step} steps in {done.elapsed:.0f} s, weights of "
-               f"step {done.best_step}." if done is not None else "Training done.")
+        msg = (f"Training done{stopped}: {done.step} steps in {done.elapsed:.0f} s, "
+               f"{kept_weights_text(done)}." if done is not None else "Training done.")
         self.train_info.setText(msg)
         self.train_bar.setValue(1000)
         self._notify(msg)
