@@ -211,9 +211,10 @@ class TrainConfig:
         AdamW weight decay.
     validation_fraction : float
         Share of the painted pixels (taken as whole blocks of the image) held out to choose
-        the best weights; 0 keeps the last weights.
+        the weights kept: the latest, unless earlier ones (the starting weights included)
+        scored clearly better there; 0 keeps the last weights.
     validate_every : float
-        Seconds between validations (also validated at the end).
+        Seconds between validations (also validated before the first step and at the end).
     augment : str
         ``"flips"`` (default: flips and 90-degree rotations, true invariances of microscopy),
         ``"full"`` (also intensity scale / shift, noise and elastic deformation: for long
