@@ -290,6 +290,30 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
     assert result["ap"][0] == 1.0 and result["n_true"] == 125
 
 
+def test_evaluate_warns_when_classes_meet_instances(tmp_path, real_pair, capsys):
+    import json
+
+    _, gt = real_pair
+    gt_path, sem_path = tmp_path / "gt.tif", tmp_path / "sem.tif"
+    tifffile.imwrite(gt_path, gt)
+    tifffile.imwrite(sem_path, np.where(gt > 0, 2, 0).astype(np.uint8))  # as 'segment' writes
+    # semantic scores of classes against object ids: scored, with a warning naming the file
+    assert main(["evaluate", str(sem_path), str(gt_path)]) == 0
+    out = capsys.readouterr()
+    assert f"{gt_path} has 125 label values but {sem_path} has 1" in out.err
+    assert "--foreground" in out.err and json.loads(out.out)["iou"]["2"] < 0.1
+    # instance matching of a class image: the warning names the class image
+    assert main(["evaluate", str(sem_path), str(gt_path), "--instances"]) == 0
+    assert f"{sem_path} has 1 label value(s)" in capsys.readouterr().err
+    # foreground against foreground: the same mask scores 1, and nothing to warn about
+    assert main(["evaluate", str(sem_path), str(gt_path), "--foreground"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and json.loads(out.out)["iou"] == {"0": 1.0, "1": 1.0}
+    # two instance images: no warning
+    assert main(["evaluate", str(gt_path), str(gt_path), "--instances"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_a_3d_model_learns_from_a_real_stack():
     """The 3D fast preset (small filter scales, 4 patches of 32^3 per step) lowers the loss on
     dense 3D instance labels of the cells3d stack; the painted labels are not modified."""

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train (or continue training) a U-Net on painted labels",
         description="Fine-tune a U-Net on IMAGE / LABELS pairs. LABELS: 0 = not painted, "
         "1..K = class (1 = background by convention); or a dense instance image with "
-        "--labels-kind instances. Writes the model with the best validation score.",
+        "--labels-kind instances. Writes the latest weights, unless earlier ones scored clearly "
+        "better on the held-out painted pixels (the starting weights included).",
     )
     tr.add_argument("pairs", nargs="+", metavar="IMAGE LABELS", help="image and labels TIFFs, in pairs")
     tr.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
@@ -153,8 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score a prediction against ground truth (JSON)")
     ev.add_argument("pred", help="predicted label TIFF")
     ev.add_argument("gt", help="ground-truth label TIFF")
-    ev.add_argument("--instances", action="store_true",
-                    help="instance matching: AP / F1 / precision / recall at IoU 0.5..0.9")
+    how = ev.add_mutually_exclusive_group()
+    how.add_argument("--instances", action="store_true",
+                     help="instance matching: AP / F1 / precision / recall at IoU 0.5..0.9")
+    how.add_argument("--foreground", action="store_true",
+                     help="score foreground against background: every nonzero label is "
+                     "foreground (e.g. semantic labels from 'segment' against instance ground "
+                     "truth)")
 
     info = sub.add_parser("info", help="describe a model, or this installation")
     info.add_argument("model", nargs="?", help="checkpoint file")
@@ -369,6 +375,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _labels_kind_warning(pred, gt, args: argparse.Namespace) -> str | None:
+    """A warning when one label image looks like instances and the other like classes."""
+    import numpy as np
+
+    if args.foreground:
+        return None
+    counts = [(str(name), int(np.count_nonzero(np.unique(a))))
+              for name, a in ((args.pred, pred), (args.gt, gt))]
+    (many_name, many), (few_name, few) = sorted(counts, key=lambda nc: -nc[1])
+    if many <= 8 or many < 4 * max(few, 1):
+        return None
+    if args.instances:
+        return (f"{few_name} has {few} label value(s) but {many_name} has {many}: {few_name} "
+                f"looks like classes, not objects, and instance matching takes each class for "
+                f"one object (segment with --output instances, or use --foreground)")
+    return (f"{many_name} has {many} label values but {few_name} has {few}: {many_name} looks "
+            f"like instances, and semantic scores compare class values with object ids (use "
+            f"--foreground to score foreground against background, or --instances)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -383,8 +409,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise PaintsegError(
                 f"{args.pred} has shape {pred.shape} but {args.gt} has shape {gt.shape}"
             )
+        warning = _labels_kind_warning(pred, gt, args)
+        if warning:
+            print(f"paintseg: warning: {warning}", file=sys.stderr)
         if args.instances:
             result = instance_scores(pred, gt)
+        elif args.foreground:
+            result = semantic_scores((pred > 0).view(np.uint8), (gt > 0).view(np.uint8))
         else:
             result = semantic_scores(pred, gt)
             result["iou"] = {str(k): v for k, v in result["iou"].items()}
