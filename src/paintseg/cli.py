@@ -12,8 +12,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import DEFAULT_BLOCK_BYTES
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["main"]
 
@@ -375,18 +379,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _labels_kind_warning(pred, gt, args: argparse.Namespace) -> str | None:
-    """A warning when one label image looks like instances and the other like classes."""
+def _labels_kind_warning(pred: np.ndarray, gt: np.ndarray, *, pred_name: str, gt_name: str,
+                         instances: bool) -> str | None:
+    """A warning when one label image looks like instances and the other like classes: more
+    than 8 nonzero values in one, and at least 4 times as many as in the other."""
     import numpy as np
 
-    if args.foreground:
-        return None
-    counts = [(str(name), int(np.count_nonzero(np.unique(a))))
-              for name, a in ((args.pred, pred), (args.gt, gt))]
+    counts = [(name, int(np.count_nonzero(np.unique(a))))
+              for name, a in ((pred_name, pred), (gt_name, gt))]
     (many_name, many), (few_name, few) = sorted(counts, key=lambda nc: -nc[1])
     if many <= 8 or many < 4 * max(few, 1):
         return None
-    if args.instances:
+    if instances:
         return (f"{few_name} has {few} label value(s) but {many_name} has {many}: {few_name} "
                 f"looks like classes, not objects, and instance matching takes each class for "
                 f"one object (segment with --output instances, or use --foreground)")
@@ -409,7 +413,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise PaintsegError(
                 f"{args.pred} has shape {pred.shape} but {args.gt} has shape {gt.shape}"
             )
-        warning = _labels_kind_warning(pred, gt, args)
+        warning = None if args.foreground else _labels_kind_warning(
+            pred, gt, pred_name=str(args.pred), gt_name=str(args.gt), instances=args.instances)
         if warning:
             print(f"paintseg: warning: {warning}", file=sys.stderr)
         if args.instances:
