@@ -290,6 +290,16 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
     assert result["ap"][0] == 1.0 and result["n_true"] == 125
 
 
+def test_cli_says_when_a_seeded_run_cannot_repeat(tmp_path, nuclei2d_path, real_pair, capsys):
+    _, gt = real_pair
+    lab_path = tmp_path / "strokes.tif"
+    tifffile.imwrite(lab_path, strokes(gt))
+    for budget, note in ((["--time-budget", "0.5"], True), (["--steps", "2"], False)):
+        assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "m.pt"),
+                     "--seed", "0", "--patch-size", "64", *budget]) == 0
+        assert ("repeats exactly on the CPU only with --steps" in capsys.readouterr().err) == note
+
+
 def test_evaluate_warns_when_classes_meet_instances(tmp_path, real_pair, capsys):
     import json
 
