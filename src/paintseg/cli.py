@@ -423,9 +423,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"paintseg: warning: {warning}", file=sys.stderr)
         if args.instances:
             result = instance_scores(pred, gt)
-        elif args.foreground:
-            result = semantic_scores((pred > 0).view(np.uint8), (gt > 0).view(np.uint8))
         else:
+            if args.foreground:
+                pred, gt = (pred > 0).view(np.uint8), (gt > 0).view(np.uint8)
             result = semantic_scores(pred, gt)
             result["iou"] = {str(k): v for k, v in result["iou"].items()}
             result["dice"] = {str(k): v for k, v in result["dice"].items()}

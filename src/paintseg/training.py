@@ -67,6 +67,7 @@ def _check_labels_kind(labels_kind: str) -> None:
     if labels_kind not in LABELS_KINDS:
         raise ValueError(f"labels_kind must be 'scribbles' or 'instances', got {labels_kind!r}")
 
+
 PRESETS: dict[str, dict[str, Any]] = {
     # 2D, 2 CPU cores: a step on 16 patches of 64^2 takes ~0.2 s. No normalisation layers:
     # the per-pixel layer norm made the network blind to absolute brightness, and dim
@@ -693,8 +694,8 @@ def iter_train(
     best_state = copy.deepcopy({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
     ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
     eval_net = ema_net if ema_net is not None else net
-    best_score, best_step = -1.0, 0
-    history: list[tuple[float, float]] = []  # (mean IoU, loss) of each validation
+    best_step = 0
+    history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
     t0 = time.perf_counter()
     last_report = last_val = t0
     validated_at = -1  # the step of the latest validation
@@ -717,14 +718,14 @@ def iter_train(
         return el / f - el if f > 0 else None
 
     def validate_now() -> TrainEvent:
-        nonlocal best_score, best_step, best_state
+        nonlocal best_step, best_state
         result = _validate(eval_net, val, dev, k, data.class_values, weights)
-        if not _clearly_beaten(result["mean_iou"], result["loss"], history):
-            best_score, best_step = result["mean_iou"], step
+        if not _clearly_beaten(result["mean_iou"], result["loss"], list(history.values())):
+            best_step = step
             if step > 0:  # step 0: best_state already holds the starting weights
                 best_state = {kk: v.detach().cpu().clone()
                               for kk, v in eval_net.state_dict().items()}
-        history.append((result["mean_iou"], result["loss"]))
+        history[step] = (result["mean_iou"], result["loss"])
         return TrainEvent(EventKind.VALIDATION, step, float(np.mean(recent[-10:] or [0.0])),
                           time.perf_counter() - t0, eta(), fraction(), result, best_step)
 
@@ -790,7 +791,7 @@ def iter_train(
         "batch": batch,
         "device": str(dev),
         "painted_pixels": [int(c) for c in data.counts],
-        "validation_iou": round(best_score, 4) if val else None,
+        "validation_iou": round(history[best_step][0], 4) if history else None,
     })
     if data.object_diameter is not None:
         model.provenance["object_diameter"] = round(data.object_diameter, 2)
