@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import torch.nn.functional as F
 
 from paintseg.cli import main
 from paintseg.config import ModelConfig, TrainConfig
@@ -76,6 +77,38 @@ def test_ignored_pixels_carry_no_gradient():
     loss2.backward()
     assert torch.equal(loss, loss2)
     assert torch.equal(grad, other.grad)
+
+
+def test_masked_loss_matches_its_definition():
+    """Weighted cross-entropy over the annotated pixels plus (1 - Dice) averaged over the classes
+    annotated in the batch; 0 with zero gradients where nothing is annotated."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([1.0, 2.0, 0.5])
+    for case in range(4):
+        logits = torch.randn(2, 3, 12, 12, generator=g, requires_grad=True)
+        targets = torch.randint(0, 3, (2, 12, 12), generator=g)
+        targets[torch.rand(2, 12, 12, generator=g) < 0.6] = -1
+        if case == 1:
+            targets[targets == 2] = 1  # class 2 not annotated in this batch
+        if case == 2:
+            targets[:] = -1  # nothing annotated
+        for weights in (w, None):
+            loss = masked_loss(logits, targets, class_weights=weights)
+            valid = targets >= 0
+            if not valid.any():
+                assert float(loss) == 0.0
+                loss.backward()
+                assert torch.all(logits.grad == 0)
+                logits.grad = None
+                continue
+            flat = logits.movedim(1, -1)[valid]
+            ce = F.cross_entropy(flat, targets[valid], weight=weights)
+            probs = torch.softmax(flat, -1)
+            dice = [2 * probs[targets[valid] == c, c].sum()
+                    / (probs[:, c].sum() + (targets[valid] == c).sum())
+                    for c in range(3) if (targets[valid] == c).any()]
+            expected = ce + 1 - torch.stack(dice).mean()
+            assert torch.allclose(loss, expected, atol=1e-5), (case, float(loss), float(expected))
 
 
 def test_targets():

@@ -14,6 +14,7 @@ something worse than what it started from.
 
 from __future__ import annotations
 
+import collections
 import copy
 import enum
 import math
@@ -523,27 +524,25 @@ def masked_loss(
 
     Pixels with target -1 contribute nothing to the loss nor to its gradient.
     """
+    # no test of the values on the host (``if valid.any()``, boolean indexing): on a GPU each
+    # would wait for the device; with nothing annotated every sum is 0 and the loss is 0
     valid = targets >= 0
-    if not valid.any():
-        return logits.sum() * 0.0
-    ce = F.cross_entropy(logits, targets.clamp_min(0), weight=class_weights, reduction="none")
-    if class_weights is not None:
-        w = class_weights[targets.clamp_min(0)] * valid
-        ce = (ce * valid).sum() / w.sum().clamp_min(1e-8)
-    else:
-        ce = (ce * valid).sum() / valid.sum()
+    t = targets.clamp_min(0)
+    ce = F.cross_entropy(logits, t, weight=class_weights, reduction="none") * valid
+    total = (class_weights[t] * valid).sum() if class_weights is not None else valid.sum()
+    ce = ce.sum() / total.float().clamp_min(1e-8)
     if dice_weight <= 0:
         return ce
     probs = torch.softmax(logits, 1)
     k = logits.shape[1]
-    onehot = F.one_hot(targets.clamp_min(0), k).movedim(-1, 1).float()
+    onehot = F.one_hot(t, k).movedim(-1, 1).float()
     m = valid.unsqueeze(1).float()
     dims = (0, *range(2, logits.ndim))
     inter = (probs * onehot * m).sum(dims)
     denom = ((probs + onehot) * m).sum(dims)
-    present = (onehot * m).sum(dims) > 0
+    present = ((onehot * m).sum(dims) > 0).float()  # classes annotated in this batch
     dice = (2 * inter + 1e-5) / (denom + 1e-5)
-    dice_loss = 1 - dice[present].mean() if present.any() else ce * 0
+    dice_loss = ((1 - dice) * present).sum() / present.sum().clamp_min(1)
     return ce + dice_weight * dice_loss
 
 
@@ -700,9 +699,14 @@ def iter_train(
     last_report = last_val = t0
     validated_at = -1  # the step of the latest validation
     step = 0
-    recent: list[float] = []
+    # the last losses, left on the device and read only when reported: reading each step's
+    # would make the host wait for the GPU every step
+    recent: collections.deque[torch.Tensor] = collections.deque(maxlen=10)
     stopped = False
     warmup = 10
+
+    def recent_loss() -> float:
+        return float(torch.stack(tuple(recent)).mean()) if recent else 0.0
 
     def fraction() -> float:
         parts = []
@@ -726,7 +730,7 @@ def iter_train(
                 best_state = {kk: v.detach().cpu().clone()
                               for kk, v in eval_net.state_dict().items()}
         history[step] = (result["mean_iou"], result["loss"])
-        return TrainEvent(EventKind.VALIDATION, step, float(np.mean(recent[-10:] or [0.0])),
+        return TrainEvent(EventKind.VALIDATION, step, recent_loss(),
                           time.perf_counter() - t0, eta(), fraction(), result, best_step)
 
     if val:  # score the starting weights: a retrain must beat them
@@ -761,12 +765,12 @@ def iter_train(
                     for be, bn in zip(ema_net.buffers(), net.buffers()):
                         be.copy_(bn)
             step += 1
-            recent.append(float(loss.detach()))
+            recent.append(loss.detach())
             now = time.perf_counter()
             if now - last_report >= step_every:
                 last_report = now
-                yield TrainEvent(EventKind.STEP, step, recent[-1], now - t0, eta(), fraction(),
-                                 best_step=best_step if val else None)
+                yield TrainEvent(EventKind.STEP, step, float(recent[-1]), now - t0, eta(),
+                                 fraction(), best_step=best_step if val else None)
             if val and now - last_val >= cfg.validate_every:
                 last_val, validated_at = now, step
                 yield validate_now()
@@ -795,7 +799,7 @@ def iter_train(
     })
     if data.object_diameter is not None:
         model.provenance["object_diameter"] = round(data.object_diameter, 2)
-    yield TrainEvent(EventKind.DONE, step, float(np.mean(recent[-10:] or [0.0])),
+    yield TrainEvent(EventKind.DONE, step, recent_loss(),
                      time.perf_counter() - t0, 0.0, 1.0, None,
                      best_step if val else step, stopped)
 
