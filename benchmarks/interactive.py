@@ -46,7 +46,7 @@ from paintseg.config import ModelConfig, NormConfig, TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import segment
 from paintseg.metrics import semantic_scores
-from paintseg.model import new_model
+from paintseg.model import PaintsegModel, new_model
 from paintseg.normalize import percentile_range
 from paintseg.training import iter_train, prepare_data, preset_config
 
@@ -191,7 +191,8 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
     fix_img = train[k][0]
     fix_entry = (fix_img, None, None if fz is None else [fz])  # predicted, not scored
     labels = {m: [lab.copy() for _, lab in train] for m in ("forest", *presets)}
-    models: dict[str, object] = {}
+    models: dict[str, PaintsegModel] = {}
+    added: dict[str, int] = {}  # correction pixels per method
     rows = []
     for r in range(rounds):
         if r:
@@ -206,7 +207,7 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
         fixes = {"forest": preds[-1] if fz is None else preds[-1][fz]}
         ious = []
         for p in presets:
-            iou, models[p], fixed = paintseg_iou(mine[p], test, seed=seed, budget=budget,
+            iou, models[p], fixed = paintseg_run(mine[p], test, seed=seed, budget=budget,
                                                  device=device, preset=p, model=models.get(p),
                                                  extra=fix_img)
             ious.append(iou)
@@ -214,7 +215,6 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
         rows.append((rf, *ious))
         if r == rounds - 1:
             break
-        added = {}
         for m, pred in fixes.items():
             fg = pred == 2
             corr = simulate_strokes(fix_gt, fraction=0.5 * painted / fix_gt.size, rng=rng,
@@ -226,8 +226,9 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
     return rows
 
 
-def paintseg_iou(train, test, *, seed: int, budget: float, device, preset: str,
-                 model=None, extra: np.ndarray | None = None):
+def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
+                 model: PaintsegModel | None = None, extra: np.ndarray | None = None
+                 ) -> tuple[float, PaintsegModel, np.ndarray | None]:
     """Train a new model of ``preset`` on the strokes for ``budget`` s (or continue training
     ``model``); held-out IoU, the model and its labels of ``extra`` (None without it).
 
