@@ -597,7 +597,7 @@ def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]]
             "iou": iou}
 
 
-def _clearly_beaten(mean_iou: float, loss: float, history: Sequence[tuple[float, float]],
+def _clearly_beaten(mean_iou: float, loss: float, history: Iterable[tuple[float, float]],
                     *, tolerance: float = _BEST_TOLERANCE) -> bool:
     """Whether an earlier validation was clearly better than the latest one.
 
@@ -605,7 +605,7 @@ def _clearly_beaten(mean_iou: float, loss: float, history: Sequence[tuple[float,
     ----------
     mean_iou, loss : float
         The latest validation's mean IoU and loss on held-out painted pixels.
-    history : sequence of (float, float)
+    history : iterable of (float, float)
         Earlier validations' ``(mean_iou, loss)``.
     tolerance : float
         How much higher the earlier mean IoU must be.
@@ -700,7 +700,6 @@ def iter_train(
     history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
     t0 = time.perf_counter()
     last_report = last_val = t0
-    validated_at = -1  # the step of the latest validation
     step = 0
     # the last losses, left on the device and read only when reported: reading each step's
     # would make the host wait for the GPU every step
@@ -727,7 +726,7 @@ def iter_train(
     def validate_now() -> TrainEvent:
         nonlocal best_step, best_state
         result = _validate(eval_net, val, dev, k, data.class_values, weights)
-        if not _clearly_beaten(result["mean_iou"], result["loss"], list(history.values())):
+        if not _clearly_beaten(result["mean_iou"], result["loss"], history.values()):
             best_step = step
             if step > 0:  # step 0: best_state already holds the starting weights
                 best_state = {kk: v.detach().cpu().clone()
@@ -737,7 +736,6 @@ def iter_train(
                           time.perf_counter() - t0, eta(), fraction(), result, best_step)
 
     if val:  # score the starting weights: a retrain must beat them
-        validated_at = 0
         yield validate_now()
     try:
         while fraction() < 1.0:
@@ -775,11 +773,11 @@ def iter_train(
                 yield TrainEvent(EventKind.STEP, step, float(recent[-1]), now - t0, eta(),
                                  fraction(), best_step=best_step if val else None)
             if val and now - last_val >= cfg.validate_every:
-                last_val, validated_at = now, step
+                last_val = now
                 yield validate_now()
     finally:
         net.train(False)
-    if val and not stopped and validated_at != step:  # the last weights, unless just scored
+    if val and not stopped and step not in history:  # the last weights, unless just scored
         yield validate_now()
     if val:
         net.load_state_dict(best_state)
