@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from paintseg.model import load_model, new_model
 from paintseg.training import (
     EventKind,
     adapt_model,
+    anchor_loss,
+    continues_training,
     instance_targets,
     _clearly_beaten,
     iter_train,
@@ -109,6 +112,34 @@ def test_masked_loss_matches_its_definition():
                     for c in range(3) if (targets[valid] == c).any()]
             expected = ce + 1 - torch.stack(dice).mean()
             assert torch.allclose(loss, expected, atol=1e-5), (case, float(loss), float(expected))
+
+
+def test_anchor_loss_counts_unpainted_pixels_only():
+    """Cross-entropy against the starting probabilities over the unpainted (-1) pixels; painted
+    and held-out (-2) pixels carry no loss and no gradient."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 12, 12, generator=g, requires_grad=True)
+    start = torch.softmax(torch.randn(2, 3, 12, 12, generator=g), 1)
+    targets = torch.randint(0, 3, (2, 12, 12), generator=g)
+    targets[:, :4] = -1
+    targets[:, 4:6] = -2  # held out
+    loss = anchor_loss(logits, start, targets)
+    free = targets == -1
+    expected = -(start.movedim(1, -1)[free] * torch.log_softmax(logits.movedim(1, -1)[free], -1)
+                 ).sum(-1).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    grad = logits.grad.clone()
+    assert torch.all(grad[:, :, 4:] == 0) and torch.any(grad[:, :, :4] != 0)
+    # other logits and starting probabilities on the painted pixels: nothing changes
+    other, other_start = logits.detach().clone(), start.clone()
+    other[:, :, 4:] = torch.randn(2, 3, 8, 12, generator=g) * 10
+    other_start[:, :, 4:] = torch.softmax(torch.randn(2, 3, 8, 12, generator=g), 1)
+    other.requires_grad_(True)
+    loss2 = anchor_loss(other, other_start, targets)
+    loss2.backward()
+    assert torch.equal(loss, loss2) and torch.equal(grad, other.grad)
+    assert float(anchor_loss(logits, start, torch.zeros_like(targets))) == 0.0  # all painted
 
 
 def test_targets():
@@ -259,6 +290,71 @@ def test_warm_start_with_another_class_count(real_pair, tmp_path):
     list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
 
 
+def test_continuing_changes_little_outside_the_corrections(real_pair):
+    """Background strokes on all of a model's false positives, as a user corrects it, then
+    training continues (a high learning rate, so that the drift shows in 30 steps of a tiny
+    model): anchored to its own predictions, it changes far fewer unpainted pixels and ends
+    closer to the ground truth (here 5% of them changed and IoU 0.74, against 22% and IoU 0
+    without the anchor)."""
+    from scipy import ndimage as ndi
+
+    from paintseg.inference import segment
+
+    img, gt = real_pair
+    lab = strokes(gt)
+    data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
+    model = tiny(class_values=data.class_values)
+    list(iter_train(model, data, TrainConfig(steps=60, seed=0, patch_size=64), device="cpu"))
+    assert continues_training(model)
+
+    def labels_of(m):
+        return segment(img, m, axes="YX", device="cpu").labels
+
+    def iou(pred):
+        return ((pred == 2) & (gt > 0)).sum() / ((pred == 2) | (gt > 0)).sum()
+
+    first = labels_of(model)
+    corrected = lab.copy()
+    corrected[ndi.binary_erosion((first == 2) & (gt == 0)) & (lab == 0)] = 1
+    free = corrected == 0
+    changed, scores = {}, {}
+    for anchor in (0.0, 1.0):
+        m = copy.deepcopy(model)
+        d = prepare_data([(img, corrected)], dims=2, seed=0, validation_fraction=0)
+        cfg = TrainConfig(steps=30, seed=1, patch_size=64, anchor=anchor, learning_rate=0.01)
+        list(iter_train(m, d, cfg, device="cpu"))
+        assert m.provenance["training"][-1]["anchor"] == anchor
+        pred = labels_of(m)
+        changed[anchor] = ((pred != first) & free).sum() / free.sum()
+        scores[anchor] = iou(pred)
+    assert changed[1.0] < 0.5 * changed[0.0], changed
+    assert scores[1.0] > scores[0.0] + 0.1, scores
+
+
+def test_new_weights_are_not_anchored(real_pair):
+    """A new model, or a new output layer, has no predictions worth keeping: the anchor has no
+    effect on it (identical seeded weights), and a new output layer is anchored once trained."""
+    img, gt = real_pair
+    lab = strokes(gt)
+    lab[200:203, 200:230] = 3  # a third class: a new output layer for a 2-class model
+    data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
+    trained = tiny(classes=2)
+    trained.provenance["training"].append({"steps": 1})
+    new = tiny(classes=3, class_values=data.class_values)
+    for start in (new, adapt_model(trained, data.class_values, seed=0)):
+        assert not continues_training(start)
+        weights = []
+        for anchor in (0.0, 1.0):
+            m = copy.deepcopy(start)
+            list(iter_train(m, data, TrainConfig(steps=3, seed=0, patch_size=64, anchor=anchor),
+                            device="cpu"))
+            weights.append(m.network.state_dict())
+            assert m.provenance["training"][-1]["anchor"] == 0.0
+            assert continues_training(m)  # trained now: the next run is anchored
+        for k in weights[0]:
+            assert torch.equal(weights[0][k], weights[1][k]), k
+
+
 @pytest.mark.parametrize(
     "labels,message",
     [
@@ -278,6 +374,8 @@ def test_bad_labels(labels, message):
 def test_bad_budget():
     with pytest.raises(ValueError, match="time budget must be positive"):
         TrainConfig(time_budget=0)
+    with pytest.raises(ValueError, match="anchor must be >= 0"):
+        TrainConfig(anchor=-0.5)
 
 
 def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):

@@ -226,6 +226,13 @@ class TrainConfig:
         Decay of an exponential moving average of the weights (0: none). The averaged
         weights are validated, kept and returned: smoother than the last step's on short
         budgets (measured on cells3d strokes, 60 s: held-out IoU 0.83 with 0.98, 0.77 without).
+    anchor : float
+        When continuing a trained model (its output layer kept), weight of a cross-entropy
+        that pulls its predictions on the *unpainted* pixels of each patch toward those of the
+        starting weights: correction strokes then change the result where they must and
+        little elsewhere (0: none). Without it, a round of background strokes on haze also
+        erased the dim nuclei of the stack (see ``benchmarks/RESULTS.md``, "Correction
+        rounds"). Has no effect on a new model or a new output layer.
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """
@@ -241,6 +248,7 @@ class TrainConfig:
     augment: str = "flips"
     dice_weight: float = 1.0
     ema: float = 0.98
+    anchor: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -260,6 +268,8 @@ class TrainConfig:
             raise ValueError(f"augment must be none, flips or full, got {self.augment!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.anchor >= 0:
+            raise ValueError(f"anchor must be >= 0, got {self.anchor}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
 

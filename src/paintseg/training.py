@@ -43,6 +43,8 @@ __all__ = [
     "instance_targets",
     "prepare_data",
     "masked_loss",
+    "anchor_loss",
+    "continues_training",
     "iter_train",
     "train",
     "PRESETS",
@@ -54,11 +56,14 @@ __all__ = [
 ]
 
 IGNORE = -1
+HELD_OUT = -2  # in the training targets: painted, but held out for validation
 # An earlier validation must beat the latest weights by more than this mean IoU on held-out
 # painted pixels, and have a lower loss, for the earlier weights to be kept. A few held-out
 # strokes give a noisy score: with 0.02 and IoU alone, 30 s runs on DSB2018 kept weights from
 # step 28 of 159 (IoU 0.64 on the unpainted half, against 0.76 for the final weights).
 _BEST_TOLERANCE = 0.05
+# provenance key set while a model's output layer is new (untrained)
+_NEW_OUTPUT_LAYER = "new_output_layer"
 INSTANCE_CLASSES = (1, 2, 3)
 INSTANCE_NAMES = ("background", "object", "boundary")
 LABELS_KINDS = ("scribbles", "instances")
@@ -374,7 +379,7 @@ def prepare_data(
     for img, tgt, name in raw:
         targets = scribble_targets(tgt, cvals) if labels_kind == "scribbles" else tgt
         val = _split_blocks(targets, validation_fraction, rng, validation_block, dims)
-        train_t = np.where(val, IGNORE, targets)
+        train_t = np.where(val, HELD_OUT, targets)
         coords = [np.argwhere(train_t == k) for k in range(len(cvals))]
         counts += [len(c) for c in coords]
         val_counts += np.bincount(targets[val & (targets >= 0)], minlength=len(cvals))
@@ -549,6 +554,39 @@ def masked_loss(
     return ce + dice_weight * dice_loss
 
 
+def anchor_loss(logits: torch.Tensor, start_probs: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the starting weights' probabilities, over unpainted pixels only.
+
+    Parameters
+    ----------
+    logits : Tensor
+        The network's output, (N, K, *spatial).
+    start_probs : Tensor
+        The starting weights' class probabilities on the same input, (N, K, *spatial).
+    targets : Tensor
+        Training targets, (N, *spatial): a class index where painted, -2 where painted but
+        held out for validation, -1 where not painted. Only -1 pixels count.
+
+    Returns
+    -------
+    Tensor
+        The mean over the unpainted pixels (0 if there are none). Painted pixels, held-out
+        ones included, contribute nothing to it nor to its gradient.
+    """
+    free = (targets == IGNORE).float()
+    ce = -(start_probs * torch.log_softmax(logits, 1)).sum(1)
+    return (ce * free).sum() / free.sum().clamp_min(1)
+
+
+def continues_training(model: PaintsegModel) -> bool:
+    """Whether ``model`` was trained before with its current output layer (its provenance
+    lists a training run and :func:`adapt_model` has not given it a new output layer since):
+    then training it again anchors it to its own predictions (``TrainConfig.anchor``)."""
+    return bool(model.provenance.get("training")) and not model.provenance.get(
+        _NEW_OUTPUT_LAYER)
+
+
 # ---------------------------------------------------------------------------- loop
 
 
@@ -695,6 +733,10 @@ def iter_train(
         if data.has_validation else []
     best_state = copy.deepcopy({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
     ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
+    # continuing a trained model: its own predictions on the unpainted pixels are a soft
+    # target, so that new strokes change the result where they must and little elsewhere
+    anchored = cfg.anchor > 0 and continues_training(model)
+    teacher = copy.deepcopy(net).eval() if anchored else None
     eval_net = ema_net if ema_net is not None else net
     best_step = 0
     history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
@@ -753,6 +795,10 @@ def iter_train(
                 xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
             logits = net(xb)
             loss = masked_loss(logits, yb, class_weights=weights, dice_weight=cfg.dice_weight)
+            if teacher is not None:
+                with torch.no_grad():
+                    start_probs = torch.softmax(teacher(xb), 1)
+                loss = loss + cfg.anchor * anchor_loss(logits, start_probs, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -796,8 +842,11 @@ def iter_train(
         "batch": batch,
         "device": str(dev),
         "painted_pixels": [int(c) for c in data.counts],
+        "anchor": cfg.anchor if anchored else 0.0,
         "validation_iou": round(history[best_step][0], 4) if history else None,
     })
+    if step > 0:
+        model.provenance.pop(_NEW_OUTPUT_LAYER, None)  # trained now
     if data.object_diameter is not None:
         model.provenance["object_diameter"] = round(data.object_diameter, 2)
     yield TrainEvent(EventKind.DONE, step, recent_loss(),
@@ -830,6 +879,7 @@ def adapt_model(
     fresh.provenance.setdefault("notes", []).append(
         f"output layer re-initialised for classes {list(class_values)}"
     )
+    fresh.provenance[_NEW_OUTPUT_LAYER] = True  # until it is trained: nothing to anchor to
     return fresh
 
 
