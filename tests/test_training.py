@@ -387,9 +387,11 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
                "--seed", "0", "--patch-size", "64", "--device", "cpu", "-q"])
     assert rc == 0 and load_model(out).class_values == (1, 2)
     # continue training from it
-    rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "m2.pt"),
+    m2 = tmp_path / "new" / "folder" / "m2.pt"  # a folder that does not exist yet is made
+    rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(m2),
                "--init", str(out), "--steps", "2", "--patch-size", "64", "-q"])
-    assert rc == 0 and len(load_model(tmp_path / "m2.pt").provenance["training"]) == 2
+    assert rc == 0 and len(load_model(m2).provenance["training"]) == 2
+    assert load_model(m2).provenance["training"][-1]["anchor"] == 1.0  # continued: anchored
     # as in the napari widget: continuing the 3-class starter on 2 painted classes keeps its
     # classes, and a model trained on instances segments into instances by default
     rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "m3.pt"),
@@ -409,8 +411,13 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
     tifffile.imwrite(one, np.ones(gt.shape, np.uint8))
     assert main(["train", str(nuclei2d_path), str(one), "--out", str(tmp_path / "x.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
+    # a bad input does not make the missing folder either; a file is not a folder
+    assert main(["train", str(nuclei2d_path), str(one), "--out", str(tmp_path / "nf" / "x.pt")]) == 2
+    assert not (tmp_path / "nf").exists()
+    assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(out / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert "odd number" in err and "time budget must be positive" in err and "only one class" in err
+    assert f"{out} is not a writable folder" in err
     # evaluate prints JSON
     gt_path = tmp_path / "gt.tif"
     tifffile.imwrite(gt_path, gt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -136,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("pairs", nargs="+", metavar="IMAGE LABELS", help="image and labels TIFFs, in pairs")
     tr.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
     tr.add_argument("--init", default=None,
-                    help="start from this checkpoint (or a bundled model name) instead of a new U-Net")
+                    help="start from this checkpoint (or a bundled model name) instead of a new U-Net; "
+                         "where its classes are kept, it is held to its own predictions on the "
+                         "unpainted pixels, so that corrections change little elsewhere")
     tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D or 3D U-Net (new models)")
     tr.add_argument("--preset", choices=("auto", "fast", "accurate"), default="auto",
                     help="size of a new U-Net: fast (default, any device) or accurate (larger, "
@@ -293,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
-    from .io import read_image
+    from .io import check_output_folder, read_image
     from .model import load_model, save_model
     from .training import (
         EventKind,
@@ -316,8 +319,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                              validation_fraction=args.validation_fraction, seed=args.seed)
         device = resolve_device(args.device)
         out = Path(args.out)
-        if not out.parent.is_dir():
-            raise PaintsegError(f"cannot write {out}: folder {out.parent} does not exist")
+        # a missing folder is created once training is done (nothing is written before), if
+        # the nearest folder that exists can take it
+        base = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise PaintsegError(f"cannot write {out}: {base} is not a writable folder")
         init = load_model(args.init) if args.init else None  # a path or a bundled name
         pairs, names, channels = [], [], None
         for img_path, lab_path in zip(args.pairs[::2], args.pairs[1::2]):
@@ -376,6 +382,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("paintseg: interrupted; nothing was written", file=sys.stderr)
         return 130
+    try:
+        check_output_folder(Path(args.out).parent)
+    except PaintsegError as exc:
+        print(f"paintseg: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
     save_model(model, args.out)
     assert done is not None
     say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; "

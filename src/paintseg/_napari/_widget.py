@@ -290,7 +290,10 @@ class PaintsegWidget(QWidget):
         form.addRow("Steps", self.train_steps)
         self.train_continue = QCheckBox("Continue from the current model")
         self.train_continue.setChecked(True)
-        self.train_continue.setToolTip("Off: start a new U-Net (New U-Net settings above)")
+        self.train_continue.setToolTip(
+            "On: train the current model further; where you did not paint, it is held to its "
+            "own result, so that corrections change little elsewhere.\n"
+            "Off: start a new U-Net (New U-Net settings above)")
         form.addRow(self.train_continue)
         self.train_refresh = QCheckBox("Segment the image when training ends")
         self.train_refresh.setChecked(True)
