@@ -22,7 +22,9 @@ the ground truth.
 each method gets strokes in its own errors on one plane (cells3d slice 48, near the stack's
 end, which is then not scored; the painted top half of DSB2018), half as many pixels as the
 first strokes. The forest is fitted again on all its strokes; paintseg continues training its
-model from the first round's weights for another ``--budget`` seconds.
+model from the first round's weights for another ``--budget`` seconds (as *Continue from the
+current model* does: held to its own predictions on unpainted pixels; ``--presets
+auto,anchor=0`` turns that off).
 
 Usage::
 
