@@ -9,7 +9,9 @@ validation, elapsed, ETA) and honours a stop request between steps, so the same 
 CLI, the napari thread worker and the tests. Training validates on held-out painted pixels,
 the starting weights included, and ends (or stops) with the latest weights unless earlier ones
 were clearly better there (see :func:`_clearly_beaten`), so a retrain cannot silently return
-something worse than what it started from.
+something worse than what it started from. Continuing a trained model also holds it to its own
+predictions on the unpainted pixels (:func:`anchor_loss`), so that correction strokes change the
+result where they are painted and little elsewhere.
 """
 
 from __future__ import annotations
