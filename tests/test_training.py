@@ -331,6 +331,22 @@ def test_continuing_changes_little_outside_the_corrections(real_pair):
     assert scores[1.0] > scores[0.0] + 0.1, scores
 
 
+def test_reported_loss_is_the_painted_pixels_loss(real_pair):
+    """The loss in the events leaves out the anchor's term: the first step of a continued run
+    reports the same loss with and without the anchor (same weights, same batch)."""
+    img, gt = real_pair
+    data = prepare_data([(img, strokes(gt))], dims=2, seed=0, validation_fraction=0)
+    model = tiny(class_values=data.class_values)
+    list(iter_train(model, data, TrainConfig(steps=10, seed=0, patch_size=64), device="cpu"))
+    first = {}
+    for anchor in (0.0, 1.0):
+        m = copy.deepcopy(model)
+        events = iter_train(m, data, TrainConfig(steps=2, seed=1, patch_size=64, anchor=anchor),
+                            device="cpu", step_every=0)
+        first[anchor] = next(ev for ev in events if ev.kind is EventKind.STEP).loss
+    assert first[0.0] == first[1.0] > 0
+
+
 def test_new_weights_are_not_anchored(real_pair):
     """A new model, or a new output layer, has no predictions worth keeping: the anchor has no
     effect on it (identical seeded weights), and a new output layer is anchored once trained."""

@@ -142,7 +142,9 @@ class TrainEvent:
     step : int
         Optimisation steps done.
     loss : float
-        Training loss of the last step (mean over the last few for DONE).
+        Training loss of the last step on the painted pixels (mean over the last few for
+        DONE); the anchor's term (``TrainConfig.anchor``) is not in it, so that a continued
+        run's loss compares with the first run's.
     elapsed : float
         Seconds since the start.
     eta : float or None
@@ -796,7 +798,9 @@ def iter_train(
             if cfg.augment != "none":
                 xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
             logits = net(xb)
-            loss = masked_loss(logits, yb, class_weights=weights, dice_weight=cfg.dice_weight)
+            painted_loss = masked_loss(logits, yb, class_weights=weights,
+                                       dice_weight=cfg.dice_weight)
+            loss = painted_loss
             if teacher is not None:
                 with torch.no_grad():
                     start_probs = torch.softmax(teacher(xb), 1)
@@ -814,7 +818,7 @@ def iter_train(
                     for be, bn in zip(ema_net.buffers(), net.buffers()):
                         be.copy_(bn)
             step += 1
-            recent.append(loss.detach())
+            recent.append(painted_loss.detach())  # reported: comparable across runs
             now = time.perf_counter()
             if now - last_report >= step_every:
                 last_report = now
