@@ -383,11 +383,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("paintseg: interrupted; nothing was written", file=sys.stderr)
         return 130
     try:
-        check_output_folder(Path(args.out).parent)
+        check_output_folder(out.parent)
     except PaintsegError as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
-    save_model(model, args.out)
+    save_model(model, out)
     assert done is not None
     say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; "
         f"{kept_weights_text(done)})")

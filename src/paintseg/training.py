@@ -739,8 +739,7 @@ def iter_train(
     ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
     # continuing a trained model: its own predictions on the unpainted pixels are a soft
     # target, so that new strokes change the result where they must and little elsewhere
-    anchored = cfg.anchor > 0 and continues_training(model)
-    teacher = copy.deepcopy(net).eval() if anchored else None
+    teacher = copy.deepcopy(net).eval() if cfg.anchor > 0 and continues_training(model) else None
     eval_net = ema_net if ema_net is not None else net
     best_step = 0
     history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
@@ -848,7 +847,7 @@ def iter_train(
         "batch": batch,
         "device": str(dev),
         "painted_pixels": [int(c) for c in data.counts],
-        "anchor": cfg.anchor if anchored else 0.0,
+        "anchor": cfg.anchor if teacher is not None else 0.0,
         "validation_iou": round(history[best_step][0], 4) if history else None,
     })
     if step > 0:
