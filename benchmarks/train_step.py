@@ -4,22 +4,32 @@ process (these machines are noisy: compare the ratios).
 A step = forward, masked loss, backward and optimiser step on random patches of the preset's
 default size and batch (no sampling or augmentation).
 
+Then whole steps of the training loop continuing the bundled starter model on the DSB2018
+image (``iter_train``, sampling and augmentation included), with the anchor (1, the default)
+against without it (0), in the same process: on strokes the anchor costs a forward pass of the
+starting weights per step; on dense instance labels nothing is unpainted and it costs nothing.
+
 Usage::
 
-    python benchmarks/train_step.py [--repeats 4]
+    python benchmarks/train_step.py [--repeats 4] [--loop-steps 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 
-from paintseg.config import ModelConfig
-from paintseg.model import UNet
-from paintseg.training import masked_loss, preset_config
+from paintseg.config import ModelConfig, TrainConfig
+from paintseg.model import UNet, load_model, resolve_model
+from paintseg.training import (instance_targets, iter_train, masked_loss, prepare_data,
+                               preset_config)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 
 
 def step_seconds(cfg: ModelConfig, patch: int, batch: int, repeats: int) -> float:
@@ -39,9 +49,25 @@ def step_seconds(cfg: ModelConfig, patch: int, batch: int, repeats: int) -> floa
     return float(np.median(times[1:]))
 
 
+def loop_seconds(labels: np.ndarray, labels_kind: str, anchor: float, steps: int) -> float:
+    """Seconds per step of ``iter_train`` continuing the starter model (after 5 warm-up steps)."""
+    img = tifffile.imread(SAMPLES / "nuclei2d.tif")
+    data = prepare_data([(img, labels)], dims=2, labels_kind=labels_kind, seed=0,
+                        validation_fraction=0)
+    model = load_model(resolve_model("nuclei"))
+    times = []
+    for ev in iter_train(model, data, TrainConfig(steps=steps + 5, seed=0, anchor=anchor),
+                         device="cpu", step_every=0.0):
+        if ev.step in (5, steps + 5) and ev.kind.name == "STEP":
+            times.append(ev.elapsed)
+    assert model.provenance["training"][-1]["steps"] == steps + 5
+    return (times[-1] - times[0]) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--loop-steps", type=int, default=40)
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     old3d = ModelConfig(dims=3, classes=3, depth=3, base_features=16, norm="layer",
@@ -56,6 +82,17 @@ def main() -> None:
     ]:
         s = step_seconds(cfg, patch, batch, args.repeats)
         print(f"{name:<58}{s:8.2f}{s / base:10.2f}")
+
+    inst = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")
+    # the starter model's classes (background, object, boundary) painted on a tenth of the rows
+    strokes = np.zeros(inst.shape, np.uint8)
+    strokes[::10] = (instance_targets(inst) + 1)[::10]
+    print(f"\ncontinuing the starter model on DSB2018, {args.loop_steps} loop steps")
+    print(f"{'labels':<30}{'s/step anchor 0':>16}{'anchor 1':>10}{'ratio':>8}")
+    for name, labels, kind in [("strokes (10% painted)", strokes, "scribbles"),
+                               ("dense instances", inst, "instances")]:
+        off, on = (loop_seconds(labels, kind, a, args.loop_steps) for a in (0.0, 1.0))
+        print(f"{name:<30}{off:16.3f}{on:10.3f}{on / off:8.2f}")
 
 
 if __name__ == "__main__":

@@ -371,6 +371,35 @@ def test_new_weights_are_not_anchored(real_pair):
             assert torch.equal(weights[0][k], weights[1][k]), k
 
 
+def test_dense_labels_are_not_anchored(real_pair):
+    """With every pixel painted (dense instance labels) there is nothing to hold: a continued
+    run is not anchored, even where its patches reach past the image border (an image smaller
+    than the patch, so every patch has a reflected margin the anchor would see), while the
+    same model continued on strokes is."""
+    img, gt = real_pair
+    dense = prepare_data([(img[:48, :48], gt[:48, :48])], dims=2, labels_kind="instances",
+                         seed=0, validation_fraction=0)
+    trained = tiny(classes=3, class_values=dense.class_values)
+    trained.provenance["training"].append({"steps": 1})
+    assert continues_training(trained)
+    weights = []
+    for anchor in (0.0, 1.0):
+        m = copy.deepcopy(trained)
+        list(iter_train(m, dense, TrainConfig(steps=3, seed=0, patch_size=64, anchor=anchor),
+                        device="cpu"))
+        weights.append(m.network.state_dict())
+        assert m.provenance["training"][-1]["anchor"] == 0.0
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+    lab = np.where(gt > 0, 2, 1).astype(np.uint8)[:48, :48]
+    lab[20:28] = 0  # a band left unpainted
+    scribbles = prepare_data([(img[:48, :48], lab)], dims=2, seed=0, validation_fraction=0)
+    m = tiny(classes=2, class_values=scribbles.class_values)
+    m.provenance["training"].append({"steps": 1})
+    list(iter_train(m, scribbles, TrainConfig(steps=1, seed=0, patch_size=64), device="cpu"))
+    assert m.provenance["training"][-1]["anchor"] == 1.0
+
+
 @pytest.mark.parametrize(
     "labels,message",
     [

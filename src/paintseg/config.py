@@ -232,7 +232,8 @@ class TrainConfig:
         starting weights: correction strokes then change the result where they must and
         little elsewhere (0: none). Without it, a round of background strokes on haze also
         erased the dim nuclei of the stack (see ``benchmarks/RESULTS.md``, "Correction
-        rounds"). Has no effect on a new model or a new output layer.
+        rounds"). Has no effect on a new model, a new output layer, or labels that leave no
+        pixel unpainted (dense instance labels).
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """

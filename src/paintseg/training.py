@@ -583,6 +583,12 @@ def anchor_loss(logits: torch.Tensor, start_probs: torch.Tensor,
     return (ce * free).sum() / free.sum().clamp_min(1)
 
 
+def _has_unpainted(data: TrainingData) -> bool:
+    """Whether any pixel of the training images is unpainted (dense instance labels have none:
+    there, the anchor would only see the reflected margins of patches at the image border)."""
+    return any(bool((it.targets == IGNORE).any()) for it in data.items)
+
+
 def continues_training(model: PaintsegModel) -> bool:
     """Whether ``model`` was trained before with its current output layer (its provenance
     lists a training run and :func:`adapt_model` has not given it a new output layer since):
@@ -738,8 +744,10 @@ def iter_train(
     best_state = copy.deepcopy({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
     ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
     # continuing a trained model: its own predictions on the unpainted pixels are a soft
-    # target, so that new strokes change the result where they must and little elsewhere
-    teacher = copy.deepcopy(net).eval() if cfg.anchor > 0 and continues_training(model) else None
+    # target, so that new strokes change the result where they must and little elsewhere;
+    # with every pixel painted there is nothing to hold, and its forward pass is skipped
+    teacher = copy.deepcopy(net).eval() if (
+        cfg.anchor > 0 and continues_training(model) and _has_unpainted(data)) else None
     eval_net = ema_net if ema_net is not None else net
     best_step = 0
     history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
