@@ -7,6 +7,8 @@ wheels, see sample_data/README.md):
   a 2D model trained on the stack and run on the whole stack, evaluated on the other slices
   20..50. The stack is normalised as a whole, for both methods.
 - ``dsb2018``: the DSB2018 nuclei image; strokes on the top half, evaluated on the bottom half.
+- ``dsb2018-inverted`` (not run by default): the same with its intensities inverted, dark
+  nuclei on a bright background, a stand-in for data unlike the starter model's.
 
 Scribbles are simulated: short random strokes drawn inside each class (eroded so that they
 stay inside), about 1% of the pixels of one image, half background and half nuclei.
@@ -26,11 +28,18 @@ model from the first round's weights for another ``--budget`` seconds (as *Conti
 current model* does: held to its own predictions on unpainted pixels; ``--presets
 auto,anchor=0`` turns that off).
 
+``--presets auto,init=nuclei`` starts the first round from the bundled starter model instead of
+a new U-Net, as a user does who clicks Segment with it and then paints: the strokes' values 1
+and 2 are its background and object classes, its boundary class is kept (and counted as
+foreground), and training is held to its own predictions where nothing is painted. The
+starter model never saw the cells3d stack; it was trained on the DSB2018 image, so its
+figures there are not held out.
+
 Usage::
 
     python benchmarks/interactive.py [--budget 60] [--device auto] [--datasets nuclei3d dsb2018]
-        [--seeds 0 1 2 3 4] [--presets auto accurate accurate:none fast,dims=3,patch_size=48]
-        [--rounds 2]
+        [--seeds 0 1 2 3 4] [--presets auto accurate accurate:none fast,dims=3,patch_size=48
+        auto,init=nuclei] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -48,9 +57,10 @@ from paintseg.config import ModelConfig, NormConfig, TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import segment
 from paintseg.metrics import semantic_scores
-from paintseg.model import PaintsegModel, new_model
+from paintseg.model import PaintsegModel, load_model, new_model
 from paintseg.normalize import percentile_range
-from paintseg.training import iter_train, prepare_data, preset_config
+from paintseg.training import (classes_to_continue, iter_train, model_for_training,
+                                prepare_data, preset_config)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -152,8 +162,10 @@ def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False):
         train = [(img, lab)]
         test = [(img, gt, test_z)]
         fix = (0, FIX_Z, gt[FIX_Z])
-    elif name == "dsb2018":
+    elif name in ("dsb2018", "dsb2018-inverted"):
         img = tifffile.imread(SAMPLES / "nuclei2d.tif")
+        if name == "dsb2018-inverted":  # dark nuclei on a bright background: unlike the
+            img = img.max() + img.min() - img  # starter model's data, for init=nuclei
         gt = tifffile.imread(SAMPLES / "nuclei2d_instances.tif") > 0
         h = img.shape[0] // 2
         lab = simulate_strokes(gt[:h], fraction=0.02, rng=rng)  # 1% of the whole image
@@ -186,10 +198,13 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
     train, test, (k, fz, fix_gt) = dataset(name, rng, corrections=rounds > 1)
     painted = sum(int((lab > 0).sum()) for _, lab in train)
     planes = sum(len(np.unique(np.nonzero(lab)[0])) if lab.ndim == 3 else 1 for _, lab in train)
-    one = 512 * 512 if name == "dsb2018" else int(np.prod(train[0][0].shape[-2:]))
+    one = 512 * 512 if name.startswith("dsb2018") else int(np.prod(train[0][0].shape[-2:]))
     scored = sum(1 if z is None else len(z) for _, _, z in test)
     print(f"\n{name}, seed {seed}: {planes} painted image(s), {painted} painted pixels "
           f"({100 * painted / one:.2f}% of one image), {scored} held-out image(s)")
+    if name.startswith("dsb2018") and any("init=nuclei" in p for p in presets):
+        print("  note: the starter model was trained on this image, its bottom half included: "
+              "init=nuclei is not held out here")
     fix_img = train[k][0]
     fix_entry = (fix_img, None, None if fz is None else [fz])  # predicted, not scored
     labels = {m: [lab.copy() for _, lab in train] for m in ("forest", *presets)}
@@ -218,7 +233,7 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
         if r == rounds - 1:
             break
         for m, pred in fixes.items():
-            fg = pred == 2
+            fg = pred >= 2  # object, and a starter-based model's boundary class
             corr = simulate_strokes(fix_gt, fraction=0.5 * painted / fix_gt.size, rng=rng,
                                     regions=(fg & ~fix_gt, fix_gt & ~fg), erode=1)
             plane = labels[m][k] if fz is None else labels[m][k][fz]
@@ -241,18 +256,34 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
     t = time.perf_counter()
     head, *options = preset.split(",")
     name, _, norm = head.partition(":")
-    overrides, arch, dims = {}, {}, 2
+    overrides, arch, dims, init = {}, {}, 2, None
     for opt in options:
         key, _, value = opt.partition("=")
         if key == "dims":
             dims = int(value)
+            continue
+        if key == "init":
+            init = value
             continue
         if key in {f.name for f in dataclasses.fields(ModelConfig)}:
             arch[key] = type(getattr(ModelConfig(), key))(value)
             continue
         default = getattr(TrainConfig, key)
         overrides[key] = type(default)(value) if default is not None else int(value)
-    data = prepare_data(train, dims=dims, seed=seed)
+    if model is None and init is not None:
+        # as `paintseg train --init` and the widget's "Continue from the current model" do
+        # after Segment with a bundled or saved model: the strokes' values are its classes
+        base = load_model(init)
+        painted = set().union(*(np.unique(lab).tolist() for _, lab in train)) - {0}
+        values, names = classes_to_continue(base, painted)
+        data = prepare_data(train, dims=base.config.dims, class_values=values,
+                            class_names=names, normalization=base.normalization, seed=seed)
+        model = model_for_training(base, data, in_channels=1, seed=seed)
+    else:
+        # a model trained before (the next round) keeps its classes and normalisation
+        data = prepare_data(train, dims=dims, seed=seed) if model is None else prepare_data(
+            train, dims=model.config.dims, class_values=model.class_values,
+            normalization=model.normalization, seed=seed)
     if model is None:
         cfg = preset_config(name, dims=dims, in_channels=1, classes=len(data.class_values))
         if norm or arch:
@@ -273,7 +304,8 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
                                      device=device).labels
         return cache[id(img)]
 
-    labels = [labels_of(img) == 2 for img, _, _ in test]
+    # foreground: every class but background (1); a model from the starter also has boundary
+    labels = [labels_of(img) >= 2 for img, _, _ in test]
     predict_s = time.perf_counter() - t
     iou = foreground_iou(labels, test)
     print(f"  paintseg {preset} ({cfg.dims}D {cfg.depth}-level U-Net, base {cfg.base_features}, "
