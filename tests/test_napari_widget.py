@@ -109,7 +109,12 @@ def test_field_of_view_and_probabilities(viewer_widget, qtbot):
 def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     viewer, w = viewer_widget
     w.tabs.setCurrentIndex(1)
-    w.train_continue.setChecked(False)  # a new U-Net
+    # the bundled starter is loaded: Train starts a new U-Net unless the user ticks Continue
+    assert w.model_source == "nuclei" and not w.train_continue.isChecked()
+    assert "2 = class 2" in w.legend.text() and "boundary" not in w.legend.text()
+    w.train_continue.setChecked(True)  # ticked: the legend shows the starter's classes
+    assert "3 = boundary" in w.legend.text()
+    w.train_continue.setChecked(False)
     lab = w.new_labels_layer()
     assert lab.data.shape == (512, 512) and lab.data.max() == 0
     assert viewer.layers.selection.active is lab and lab.mode == "paint"
@@ -129,8 +134,9 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     held = slice(256, 512)
     iou = ((seg[held] == 2) & gt2d[held]).sum() / ((seg[held] == 2) | gt2d[held]).sum()
     assert iou > 0.5, iou
-    # continue training, stop it midway: it ends early and keeps the best weights
-    w.train_continue.setChecked(True)
+    # continue training (on by default now that the model is trained on this image), stop it
+    # midway: it ends early and keeps the best weights
+    assert w.train_continue.isChecked()
     w.train_refresh.setChecked(False)
     w.train_seconds.setValue(600)
     t0 = time.perf_counter()
@@ -149,8 +155,12 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     w.load_model(str(path))
     assert w.jobs.wait(60_000)
     assert w.model_source == "painted.pt" and w.model is not trained
+    assert w.train_continue.isChecked()  # a checkpoint file is continued
     for a, b in zip(trained.network.state_dict().values(), w.model.network.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy())
+    w.load_model("nuclei")  # the bundled starter again: a new U-Net by default
+    assert w.jobs.wait(60_000)
+    assert w.model_source == "nuclei" and not w.train_continue.isChecked()
 
 
 def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp_path):

@@ -149,9 +149,10 @@ class PaintsegWidget(QWidget):
             self.bundled.addItems(names)
             self._show_device()
             if model is not None:
-                self._set_model(model, "nuclei")
+                self._set_model(model, "nuclei", bundled=True)
                 self.status.setText("Starter model 'nuclei' loaded. Choose an image and click "
-                                    "Segment, or paint and Train.")
+                                    "Segment, or paint and Train (a new U-Net; tick Continue "
+                                    "to fine-tune the starter instead).")
             else:
                 self.status.setText("Ready.")
 
@@ -188,6 +189,7 @@ class PaintsegWidget(QWidget):
         self.new_classes.setRange(2, 50)
         self.new_classes.setValue(2)
         self.new_classes.setToolTip("Number of classes of a new U-Net (1 = background)")
+        self.new_classes.valueChanged.connect(self._update_legend)
         self.new_preset = QComboBox()
         self.new_preset.addItems(["auto", "fast", "accurate"])
         self.new_preset.setToolTip(
@@ -293,7 +295,10 @@ class PaintsegWidget(QWidget):
         self.train_continue.setToolTip(
             "On: train the current model further; where you did not paint, it is held to its "
             "own result, so that corrections change little elsewhere.\n"
-            "Off: start a new U-Net (New U-Net settings above)")
+            "Off: start a new U-Net (New U-Net settings above).\n"
+            "Set again whenever a model is loaded: off for a bundled model, which has not seen "
+            "your data (a new U-Net learns your strokes better), on for any other.")
+        self.train_continue.toggled.connect(self._update_legend)
         form.addRow(self.train_continue)
         self.train_refresh = QCheckBox("Segment the image when training ends")
         self.train_refresh.setChecked(True)
@@ -448,8 +453,13 @@ class PaintsegWidget(QWidget):
 
     # ------------------------------------------------------------------ model
 
-    def _set_model(self, model: Any, source: str) -> None:
+    def _set_model(self, model: Any, source: str, *, bundled: bool = False) -> None:
         self.model, self.model_source = model, source
+        # Train continues a model trained on the user's data (or one they chose), but starts a
+        # new U-Net on top of a bundled one: continuing the starter, held to its predictions
+        # on data it never saw, scored below a new U-Net in 60 s (benchmarks/RESULTS.md,
+        # "Starting from the starter model")
+        self.train_continue.setChecked(not bundled)
         c = model.config
         classes = ", ".join(f"{v} {n}" for v, n in zip(model.class_values, model.class_names))
         lines = [f"<b>{source}</b>: {c.dims}D U-Net, {c.in_channels} channel(s), depth "
@@ -473,13 +483,14 @@ class PaintsegWidget(QWidget):
         from ..model import load_model
 
         name = Path(spec).name if Path(str(spec)).suffix else str(spec)
+        bundled = not Path(str(spec)).suffix  # a name, not a file
 
         def job(report, should_stop):
             return load_model(spec)
 
         self.status.setText(f"Loading {name}…")
         self.jobs.start("load", job,
-                        on_done=lambda m: (self._set_model(m, name),
+                        on_done=lambda m: (self._set_model(m, name, bundled=bundled),
                                            self.status.setText(f"Model {name} loaded.")),
                         on_error=self._failed(f"Loading {name}"))
 
