@@ -347,6 +347,22 @@ def test_reported_loss_is_the_painted_pixels_loss(real_pair):
     assert first[0.0] == first[1.0] > 0
 
 
+def _assert_anchor_unused(start, data):
+    """Train copies of ``start`` for 3 seeded steps at anchor 0 and 1; assert the anchor was
+    not applied (recorded as 0, identical weights) and return the two trained models."""
+    models = []
+    for anchor in (0.0, 1.0):
+        m = copy.deepcopy(start)
+        list(iter_train(m, data, TrainConfig(steps=3, seed=0, patch_size=64, anchor=anchor),
+                        device="cpu"))
+        assert m.provenance["training"][-1]["anchor"] == 0.0
+        models.append(m)
+    a, b = (m.network.state_dict() for m in models)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return models
+
+
 def test_new_weights_are_not_anchored(real_pair):
     """A new model, or a new output layer, has no predictions worth keeping: the anchor has no
     effect on it (identical seeded weights), and a new output layer is anchored once trained."""
@@ -359,16 +375,8 @@ def test_new_weights_are_not_anchored(real_pair):
     new = tiny(classes=3, class_values=data.class_values)
     for start in (new, adapt_model(trained, data.class_values, seed=0)):
         assert not continues_training(start)
-        weights = []
-        for anchor in (0.0, 1.0):
-            m = copy.deepcopy(start)
-            list(iter_train(m, data, TrainConfig(steps=3, seed=0, patch_size=64, anchor=anchor),
-                            device="cpu"))
-            weights.append(m.network.state_dict())
-            assert m.provenance["training"][-1]["anchor"] == 0.0
+        for m in _assert_anchor_unused(start, data):
             assert continues_training(m)  # trained now: the next run is anchored
-        for k in weights[0]:
-            assert torch.equal(weights[0][k], weights[1][k]), k
 
 
 def test_dense_labels_are_not_anchored(real_pair):
@@ -382,15 +390,7 @@ def test_dense_labels_are_not_anchored(real_pair):
     trained = tiny(classes=3, class_values=dense.class_values)
     trained.provenance["training"].append({"steps": 1})
     assert continues_training(trained)
-    weights = []
-    for anchor in (0.0, 1.0):
-        m = copy.deepcopy(trained)
-        list(iter_train(m, dense, TrainConfig(steps=3, seed=0, patch_size=64, anchor=anchor),
-                        device="cpu"))
-        weights.append(m.network.state_dict())
-        assert m.provenance["training"][-1]["anchor"] == 0.0
-    for k in weights[0]:
-        assert torch.equal(weights[0][k], weights[1][k]), k
+    _assert_anchor_unused(trained, dense)
     lab = np.where(gt > 0, 2, 1).astype(np.uint8)[:48, :48]
     lab[20:28] = 0  # a band left unpainted
     scribbles = prepare_data([(img[:48, :48], lab)], dims=2, seed=0, validation_fraction=0)
