@@ -480,10 +480,10 @@ class PaintsegWidget(QWidget):
 
     def load_model(self, spec: str | Path) -> None:
         """Load a checkpoint file or a bundled model name, in the background."""
-        from ..model import load_model
+        from ..model import bundled_models, load_model, resolve_model
 
         name = Path(spec).name if Path(str(spec)).suffix else str(spec)
-        bundled = not Path(str(spec)).suffix  # a name, not a file
+        bundled = resolve_model(spec) in bundled_models().values()
 
         def job(report, should_stop):
             return load_model(spec)
