@@ -59,8 +59,7 @@ from paintseg.inference import segment
 from paintseg.metrics import semantic_scores
 from paintseg.model import PaintsegModel, load_model, new_model
 from paintseg.normalize import percentile_range
-from paintseg.training import (classes_to_continue, iter_train, model_for_training,
-                                prepare_data, preset_config)
+from paintseg.training import iter_train, prepare_data, prepare_training, preset_config
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -271,20 +270,13 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
         default = getattr(TrainConfig, key)
         overrides[key] = type(default)(value) if default is not None else int(value)
     if model is None and init is not None:
-        # as `paintseg train --init` and the widget's "Continue from the current model" do
-        # after Segment with a bundled or saved model: the strokes' values are its classes
-        base = load_model(init)
-        painted = set().union(*(np.unique(lab).tolist() for _, lab in train)) - {0}
-        values, names = classes_to_continue(base, painted)
-        data = prepare_data(train, dims=base.config.dims, class_values=values,
-                            class_names=names, normalization=base.normalization, seed=seed)
-        model = model_for_training(base, data, in_channels=1, seed=seed)
+        model = load_model(init)  # a bundled or saved model, as `paintseg train --init` does
+    if model is not None:
+        # continued as `paintseg train --init` and the widget's "Continue from the current
+        # model" do: its classes (the strokes' values are among them) and normalisation kept
+        data, model = prepare_training(train, base=model, dims=dims, in_channels=1, seed=seed)
     else:
-        # a model trained before (the next round) keeps its classes and normalisation
-        data = prepare_data(train, dims=dims, seed=seed) if model is None else prepare_data(
-            train, dims=model.config.dims, class_values=model.class_values,
-            normalization=model.normalization, seed=seed)
-    if model is None:
+        data = prepare_data(train, dims=dims, seed=seed)
         cfg = preset_config(name, dims=dims, in_channels=1, classes=len(data.class_values))
         if norm or arch:
             cfg = dataclasses.replace(cfg, **({"norm": norm} if norm else {}), **arch)

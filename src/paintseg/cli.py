@@ -300,11 +300,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import load_model, save_model
     from .training import (
         EventKind,
-        classes_to_continue,
         iter_train,
         kept_weights_text,
-        model_for_training,
-        prepare_data,
+        prepare_training,
     )
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -336,26 +334,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             channels = data.shape[-1]
             pairs.append((data, np.asarray(labels.data)))  # shapes checked by prepare_data
             names.append(str(lab_path))
-        dims = init.config.dims if init is not None else args.dims
-        class_values = class_names = None
-        if init is not None and args.labels_kind == "scribbles":  # as the napari widget does
-            painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}
-            class_values, class_names = classes_to_continue(init, painted)
-        data = prepare_data(
-            pairs, dims=dims, labels_kind=args.labels_kind, channel_axis=-1,
-            class_values=class_values, class_names=class_names,
-            validation_fraction=args.validation_fraction,
-            seed=args.seed, names=names,
-            normalization=init.normalization if init is not None else None,
+        # the same set-up as the napari widget's
+        data, model = prepare_training(
+            pairs, base=init, dims=args.dims, in_channels=channels,
+            labels_kind=args.labels_kind, preset=args.preset, seed=args.seed,
+            channel_axis=-1, validation_fraction=args.validation_fraction, names=names,
         )
         if init is not None and init.config.in_channels != channels:
             raise PaintsegError(
                 f"{args.init} expects {init.config.in_channels} channel(s) but the images "
                 f"have {channels}"
             )
-        model = model_for_training(init, data, in_channels=channels,
-                                   labels_kind=args.labels_kind, preset=args.preset,
-                                   seed=args.seed)
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL

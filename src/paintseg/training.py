@@ -53,6 +53,7 @@ __all__ = [
     "preset_config",
     "classes_to_continue",
     "model_for_training",
+    "prepare_training",
     "median_diameter",
     "kept_weights_text",
 ]
@@ -933,6 +934,55 @@ def model_for_training(
     if labels_kind == "instances":
         model.provenance["output"] = "instances"
     return model
+
+
+def prepare_training(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    base: PaintsegModel | None,
+    dims: int,
+    in_channels: int,
+    labels_kind: str = "scribbles",
+    preset: str = "auto",
+    seed: int | None = None,
+    **prepare_options: Any,
+) -> tuple[TrainingData, PaintsegModel]:
+    """The training data and the model to train, as ``paintseg train``, the napari widget
+    and the benchmarks set them up.
+
+    Parameters
+    ----------
+    pairs : sequence of (image, labels)
+        As for :func:`prepare_data`.
+    base : PaintsegModel or None
+        A model to continue (its dimensionality and normalisation are kept; on scribbles its
+        classes too, see :func:`classes_to_continue`), or None for a new U-Net.
+    dims : int
+        Dimensionality of a new U-Net (ignored when continuing ``base``).
+    in_channels : int
+        Image channels of a new U-Net.
+    labels_kind, preset, seed
+        As for :func:`prepare_data` and :func:`model_for_training`.
+    **prepare_options
+        Further options of :func:`prepare_data` (``channel_axis``, ``names``, ...).
+
+    Returns
+    -------
+    (TrainingData, PaintsegModel)
+    """
+    class_values = class_names = None
+    if base is not None:
+        dims = base.config.dims
+        if labels_kind == "scribbles":
+            painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}
+            class_values, class_names = classes_to_continue(base, painted)
+    data = prepare_data(pairs, dims=dims, labels_kind=labels_kind, class_values=class_values,
+                        class_names=class_names, seed=seed,
+                        normalization=base.normalization if base is not None else None,
+                        **prepare_options)
+    model = model_for_training(base, data, in_channels=in_channels, labels_kind=labels_kind,
+                               preset=preset, seed=seed)
+    return data, model
 
 
 def train(

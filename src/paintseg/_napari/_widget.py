@@ -765,8 +765,7 @@ class PaintsegWidget(QWidget):
         """Fine-tune on the painted labels in the background; True if started."""
         from ..config import TrainConfig
         from ..devices import resolve_device
-        from ..training import EventKind, classes_to_continue, iter_train, model_for_training, \
-            prepare_data
+        from ..training import EventKind, iter_train, prepare_training
 
         try:
             image = self._layer(self.train_image.currentText(), "an image layer")
@@ -799,15 +798,9 @@ class PaintsegWidget(QWidget):
         base_copy = copy.deepcopy(base) if base is not None else None
 
         def job(report, should_stop):
-            cvals = cnames = None
-            if base_copy is not None and kind == "scribbles":
-                cvals, cnames = classes_to_continue(base_copy, set(np.unique(lab).tolist()) - {0})
-            td = prepare_data([(img, lab)], dims=dims, labels_kind=kind, channel_axis=-1,
-                              class_values=cvals, class_names=cnames,
-                              normalization=base_copy.normalization if base_copy else None,
-                              names=[labels_name])
-            model = model_for_training(base_copy, td, in_channels=img.shape[-1],
-                                       labels_kind=kind, preset=preset)
+            td, model = prepare_training([(img, lab)], base=base_copy, dims=dims,
+                                         in_channels=img.shape[-1], labels_kind=kind,
+                                         preset=preset, channel_axis=-1, names=[labels_name])
             for note in td.notes:
                 yield ("note", note)
             last = None
