@@ -245,6 +245,27 @@ def test_a_retrain_that_makes_things_worse_returns_the_starting_weights(real_pai
         assert torch.equal(v, start[k]), k
 
 
+def test_validation_scores_only_the_painted_classes(real_pair):
+    """Continuing the starter model (background, object, boundary) on strokes of background
+    and object: its boundary class has no held-out pixels and is not scored. Counted, it
+    scored 0 wherever it was predicted, and the mean dropped by a third (0.518 instead of
+    0.777 on these strokes) for reasons the strokes cannot judge."""
+    from paintseg.training import prepare_training
+
+    img, gt = real_pair
+    starter = load_model("nuclei")
+    assert starter.class_values == (1, 2, 3)
+    data, model = prepare_training([(img, strokes(gt, n=120))], base=starter, dims=2,
+                                   in_channels=1, seed=0)
+    assert model.class_values == (1, 2, 3) and data.has_validation
+    first = next(iter(iter_train(model, data, TrainConfig(steps=1, seed=0), device="cpu")))
+    assert first.kind is EventKind.VALIDATION and first.step == 0
+    iou = first.validation["iou"]
+    assert set(iou) == {1, 2}
+    assert first.validation["mean_iou"] == pytest.approx(np.mean([iou[1], iou[2]]))
+    assert first.validation["mean_iou"] > 0.7  # the starter does segment these nuclei
+
+
 def test_latest_weights_are_kept_unless_clearly_beaten():
     # an early lucky score with an unsure (high-loss) network does not hold back later weights
     assert not _clearly_beaten(0.80, 0.54, [(0.88, 0.86)])
