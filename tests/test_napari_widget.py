@@ -166,6 +166,33 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     assert w.model_source == "nuclei" and not w.train_continue.isChecked()
 
 
+def test_continuing_a_contradicted_model_warns(make_napari_viewer, nuclei2d, gt2d):
+    """Continue ticked with the starter on an image of inverted contrast: the user is told
+    that it contradicts the strokes, during training and when it ends."""
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(nuclei2d.max() + nuclei2d.min() - nuclei2d, name="inverted")
+    w = PaintsegWidget(viewer)
+    viewer.window.add_dock_widget(w, name="paintseg", area="right")
+    try:
+        assert w.jobs.wait(60_000) and w.model_source == "nuclei"
+        w.tabs.setCurrentIndex(1)
+        lab = w.new_labels_layer()
+        _paint_strokes(lab, gt2d, np.random.default_rng(0))
+        w.train_continue.setChecked(True)
+        w.train_refresh.setChecked(False)
+        w.train_seconds.setValue(0)
+        w.train_steps.setValue(2)
+        w.train_btn.click()
+        assert w.jobs.wait(120_000)
+        text = w.status.text()
+        assert text.startswith("Training done") and "background 0%" in text, text
+        assert "Untick 'Continue from the current model'" in text
+        assert "background 0%" in w.train_info.text()  # stays on the Train tab
+    finally:
+        w.jobs.stop()
+        w.jobs.wait(60_000)
+
+
 def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp_path):
     viewer, w = viewer_widget
     # nothing painted

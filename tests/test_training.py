@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -483,6 +484,10 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
     assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(out / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert "odd number" in err and "time budget must be positive" in err and "only one class" in err
+    # one warning: continuing the model of 3 steps, which calls few nuclei yet; the starter
+    # (classes background, object, boundary) agrees with these strokes
+    assert err.count("model being continued") == 1 and "class 2 " in err
+    assert re.search(r"object \d+%", err) is None
     assert f"{out} is not a writable folder" in err
     # evaluate prints JSON
     gt_path = tmp_path / "gt.tif"
@@ -492,6 +497,45 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
 
     result = json.loads(capsys.readouterr().out)
     assert result["ap"][0] == 1.0 and result["n_true"] == 125
+
+
+def test_a_model_that_contradicts_the_strokes_is_named(real_pair):
+    """The starter model on DSB2018 with its contrast inverted (dark nuclei on a bright
+    background) calls the background nuclei: it gives none of the background strokes their
+    class, and continuing it is warned about; on the image as it is, it agrees with the
+    strokes and nothing is said. A new U-Net is never warned about."""
+    from paintseg.training import disagreement_text, painted_agreement, prepare_training
+
+    img, gt = real_pair
+    lab = strokes(gt, n=120)
+    agree, texts = {}, {}
+    for name, image in (("as is", img), ("inverted", img.max() + img.min() - img)):
+        data, model = prepare_training([(image, lab)], base=load_model("nuclei"), dims=2,
+                                       in_channels=1, seed=0)
+        agree[name] = painted_agreement(model, data, device="cpu")
+        texts[name] = disagreement_text(model, data, device="cpu")
+    assert set(agree["as is"]) == {1, 2}
+    assert min(agree["as is"].values()) > 0.7, agree  # object strokes on edges: boundary
+    assert agree["inverted"][1] < 0.05 and agree["inverted"][2] > 0.5, agree
+    assert texts["as is"] is None
+    assert "background 0%" in texts["inverted"] and "new U-Net" in texts["inverted"]
+    data = prepare_data([(img, lab)], dims=2, seed=0)
+    new = tiny(class_values=data.class_values)
+    assert disagreement_text(new, data, device="cpu") is None  # nothing to continue
+
+
+def test_cli_warns_before_continuing_a_contradicted_model(tmp_path, real_pair, capsys):
+    img, gt = real_pair
+    inverted, lab_path = tmp_path / "inverted.tif", tmp_path / "strokes.tif"
+    tifffile.imwrite(inverted, img.max() + img.min() - img)
+    tifffile.imwrite(lab_path, strokes(gt, n=120))
+    out = tmp_path / "m.pt"
+    rc = main(["train", str(inverted), str(lab_path), "--out", str(out), "--init", "nuclei",
+               "--steps", "1", "--patch-size", "64", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0 and out.exists()  # a warning, not an error: the user may mean it
+    assert "warning: the model being continued" in err and "background 0%" in err, err
+    assert "without --init, a new U-Net is trained" in err
 
 
 def test_cli_says_when_a_seeded_run_cannot_repeat(tmp_path, nuclei2d_path, real_pair, capsys):

@@ -300,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import load_model, save_model
     from .training import (
         EventKind,
+        disagreement_text,
         iter_train,
         kept_weights_text,
         prepare_training,
@@ -357,6 +358,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # measured: the same strokes and seed gave cells3d IoU 0.80 to 0.86 over 60 s runs
         say("  note: the budget is in seconds, so the number of steps and the result vary "
             "between runs; a seeded run repeats exactly on the CPU only with --steps")
+    warning = disagreement_text(model, data, device=device)
+    if warning:
+        print(f"paintseg: warning: {warning} (without --init, a new U-Net is trained)",
+              file=sys.stderr)
     done = None
     try:
         for event in iter_train(model, data, config, device=device, step_every=2.0):

@@ -56,6 +56,8 @@ __all__ = [
     "prepare_training",
     "median_diameter",
     "kept_weights_text",
+    "disagreement_text",
+    "painted_agreement",
 ]
 
 IGNORE = -1
@@ -679,6 +681,127 @@ def kept_weights_text(done: TrainEvent) -> str:
         return ("no training step beat the starting weights on the held-out strokes; the "
                 "starting weights are kept")
     return f"weights of step {done.best_step}"
+
+
+# A continued model that gives a painted class to fewer than this share of the pixels painted
+# with it disagrees with the strokes. Measured (all painted pixels, benchmarks/RESULTS.md): the
+# bundled starter on inverted-contrast DSB2018 gives background to 0% of the background strokes
+# in 5 of 5 draws (continued, it scores 0.47 against 0.79 for a new U-Net); on DSB2018 and the
+# cells3d stack 89-100% per class; a new U-Net after a first round of 30 s, with correction
+# strokes in its errors added to its strokes, 66-100% (5 draws each on cells3d and DSB2018;
+# benchmarks/agreement.py)
+DISAGREEMENT = 0.3
+
+
+def painted_agreement(model: PaintsegModel, data: TrainingData, *,
+                      device: str | torch.device = "auto", max_patches: int | None = None,
+                      seed: int = 0) -> dict[int, float]:
+    """Share of the painted pixels of each class that ``model`` gives that class.
+
+    Training and held-out strokes alike are predicted in up to ``max_patches`` windows centred
+    on painted pixels (drawn evenly over the painted classes); each painted pixel inside
+    them counts once.
+
+    Parameters
+    ----------
+    model : PaintsegModel
+        Its classes must match ``data.class_values``.
+    data : TrainingData
+        From :func:`prepare_data` with the model's normalisation.
+    device : str or torch.device
+        Where to predict.
+    max_patches : int, optional
+        Number of windows: by default 32 of 128 pixels on a side in 2D, 8 of 32 in 3D (on
+        2 CPU cores about 1 s for the fast presets; 32 of 48 in 3D took 12 s).
+    seed : int
+        Draws the windows.
+
+    Returns
+    -------
+    dict
+        ``{class value: share of its painted pixels predicted as it}`` for every painted class.
+    """
+    dev = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    align = model.config.align
+    edge = 128 if data.dims == 2 else 32
+    if max_patches is None:
+        max_patches = 32 if data.dims == 2 else 8
+    size = (max(align, -(-edge // align) * align),) * data.dims
+    k = len(data.class_values)
+    present = [c for c in range(k) if any((it.targets == c).any() for it in data.items)]
+    centres: list[tuple[int, np.ndarray]] = []
+    for c in present:
+        where = [np.argwhere(it.targets == c) for it in data.items]
+        n = np.array([len(w) for w in where], dtype=float)
+        for _ in range(max(1, max_patches // len(present))):
+            i = int(rng.choice(len(where), p=n / n.sum()))
+            centres.append((i, where[i][rng.integers(len(where[i]))]))
+    hits, totals = np.zeros(k), np.zeros(k)
+    counted = [np.zeros(it.targets.shape, bool) for it in data.items]
+    net = model.network
+    home = next(net.parameters()).device
+    net.to(dev).eval()
+    with torch.inference_mode():
+        for i, centre in centres:
+            it = data.items[i]
+            if data.dims == 2 and it.targets.ndim == 3:  # a slice of a stack
+                z, centre = int(centre[0]), centre[1:]
+                img, tgt, seen = it.image[:, z], it.targets[z], counted[i][z]
+            else:
+                img, tgt, seen = it.image, it.targets, counted[i]
+            start = tuple(int(v - e // 2) for v, e in zip(centre, size))
+            x, _ = _crop_pair(img, tgt, start, size)
+            pred = net(torch.from_numpy(x[None]).to(dev)).argmax(1)[0].cpu().numpy()
+            src = tuple(slice(max(a, 0), min(a + e, d)) for a, e, d in zip(start, size, tgt.shape))
+            dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start))
+            new = (tgt[src] >= 0) & ~seen[src]
+            truth, guess = tgt[src][new], pred[dst][new]
+            np.add.at(totals, truth, 1)
+            np.add.at(hits, truth[guess == truth], 1)
+            seen[src] |= new
+    net.to(home)
+    return {int(data.class_values[c]): float(hits[c] / totals[c]) for c in range(k)
+            if totals[c] > 0}
+
+
+def disagreement_text(model: PaintsegModel, data: TrainingData, *,
+                      device: str | torch.device = "auto",
+                      threshold: float = DISAGREEMENT) -> str | None:
+    """A warning when the model about to be continued contradicts the strokes.
+
+    Continuing a model holds the unpainted pixels to its own predictions
+    (``TrainConfig.anchor``). Where the model is wrong everywhere, as the starter model on
+    data of inverted contrast, a minute of strokes does not undo that, and a new U-Net trains
+    better. Strokes painted only on a model's mistakes look the same; the text says so.
+
+    Parameters
+    ----------
+    model : PaintsegModel
+        The model to train, before training.
+    data : TrainingData
+        The strokes, prepared for ``model``.
+    device : str or torch.device
+        Where to predict.
+    threshold : float
+        A painted class whose share (:func:`painted_agreement`) is below this is contradicted.
+
+    Returns
+    -------
+    str or None
+        None for a new model, or when every painted class reaches ``threshold``.
+    """
+    if not continues_training(model):
+        return None
+    agree = painted_agreement(model, data, device=device)
+    if all(v >= threshold for v in agree.values()):
+        return None
+    names = dict(zip(model.class_values, model.class_names))
+    shares = ", ".join(f"{names.get(c, f'class {c}')} {v:.0%}" for c, v in agree.items())
+    return (f"the model being continued contradicts the strokes (pixels painted as each "
+            f"class that it predicts as that class: {shares}); continuing holds the unpainted "
+            "pixels to its predictions, so on data unlike its own a new U-Net trains better, "
+            "unless these strokes only correct its mistakes")
 
 
 def iter_train(

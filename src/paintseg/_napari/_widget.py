@@ -102,6 +102,7 @@ class PaintsegWidget(QWidget):
         self.jobs = JobRunner(self)
         self.jobs.busy_changed.connect(self._set_busy)
         self._t_train = 0.0
+        self._train_warning: str | None = None  # shown again when the run ends
 
         root = QVBoxLayout(self)
         root.setContentsMargins(4, 4, 4, 4)
@@ -765,7 +766,7 @@ class PaintsegWidget(QWidget):
         """Fine-tune on the painted labels in the background; True if started."""
         from ..config import TrainConfig
         from ..devices import resolve_device
-        from ..training import EventKind, iter_train, prepare_training
+        from ..training import EventKind, disagreement_text, iter_train, prepare_training
 
         try:
             image = self._layer(self.train_image.currentText(), "an image layer")
@@ -803,6 +804,10 @@ class PaintsegWidget(QWidget):
                                          preset=preset, channel_axis=-1, names=[labels_name])
             for note in td.notes:
                 yield ("note", note)
+            warning = disagreement_text(model, td, device=device)
+            if warning:
+                yield ("warning", f"{warning[0].upper()}{warning[1:]}. Untick 'Continue from "
+                                  "the current model' to train a new U-Net.")
             last = None
             for event in iter_train(model, td, config, device=device, should_stop=should_stop):
                 last = event
@@ -817,6 +822,7 @@ class PaintsegWidget(QWidget):
         self.train_bar.setMaximum(1000)
         self.train_bar.setValue(0)
         self._t_train = time.perf_counter()
+        self._train_warning = None
         self.train_info.setText("Preparing the painted pixels…")
         self.status.setText(f"Training on '{labels_name}' over '{source}'…")
         return self.jobs.start("train", job, on_progress=self._train_progress,
@@ -827,8 +833,10 @@ class PaintsegWidget(QWidget):
         from ..training import EventKind
 
         what, value = item
-        if what == "note":
-            self._notify(value, "info")
+        if what in ("note", "warning"):
+            if what == "warning":
+                self._train_warning = value
+            self._notify(value, "info" if what == "note" else "warning")
             return
         ev = value
         self.train_bar.setValue(int(1000 * ev.fraction))
@@ -855,9 +863,13 @@ class PaintsegWidget(QWidget):
         stopped = " (stopped; best weights kept)" if done is not None and done.stopped else ""
         msg = (f"Training done{stopped}: {done.step} steps in {done.elapsed:.0f} s, "
                f"{kept_weights_text(done)}." if done is not None else "Training done.")
-        self.train_info.setText(msg)
         self.train_bar.setValue(1000)
-        self._notify(msg)
+        if self._train_warning:  # kept on the Train tab: Segment's message replaces the status
+            self.train_info.setText(f"{msg}\n{self._train_warning}")
+            self._notify(f"{msg} {self._train_warning}", "warning")
+        else:
+            self.train_info.setText(msg)
+            self._notify(msg)
         if self.train_refresh.isChecked() and source in self.viewer.layers:
             self.jobs.after(lambda: self.segment(image_name=source))
 
