@@ -21,7 +21,7 @@ import argparse
 
 import numpy as np
 
-from interactive import dataset, simulate_strokes
+from interactive import add_corrections, dataset
 from paintseg.config import TrainConfig
 from paintseg.inference import segment
 from paintseg.model import load_model, new_model
@@ -63,14 +63,10 @@ def main() -> None:
                 pass
             img, lab = train[k][0], train[k][1].copy()
             pred = segment(img if fz is None else img[fz], model, axes="YX", device="cpu").labels
-            fg = pred >= 2
-            corr = simulate_strokes(fix_gt, fraction=0.5 * painted / fix_gt.size, rng=rng,
-                                    regions=(fg & ~fix_gt, fix_gt & ~fg), erode=1)
             plane = lab if fz is None else lab[fz]
-            new = (corr > 0) & (plane == 0)
-            plane[new] = corr[new]
+            new = add_corrections(plane, pred, fix_gt, painted=painted, rng=rng)
             only = np.zeros_like(lab)
-            (only if fz is None else only[fz])[new] = corr[new]
+            (only if fz is None else only[fz])[new] = plane[new]
             print(f"round 2 on {name}, seed {seed}: with its strokes "
                   f"{agreement(model, [(img, lab)], seed)}; corrections alone "
                   f"{agreement(model, [(img, only)], seed)}", flush=True)

@@ -232,14 +232,23 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
         if r == rounds - 1:
             break
         for m, pred in fixes.items():
-            fg = pred >= 2  # object, and a starter-based model's boundary class
-            corr = simulate_strokes(fix_gt, fraction=0.5 * painted / fix_gt.size, rng=rng,
-                                    regions=(fg & ~fix_gt, fix_gt & ~fg), erode=1)
             plane = labels[m][k] if fz is None else labels[m][k][fz]
-            new = (corr > 0) & (plane == 0)  # added to the strokes, as a user adds them
-            plane[new] = corr[new]
-            added[m] = int(new.sum())
+            added[m] = int(add_corrections(plane, pred, fix_gt, painted=painted, rng=rng).sum())
     return rows
+
+
+def add_corrections(plane: np.ndarray, pred: np.ndarray, truth: np.ndarray, *, painted: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Correction strokes in the errors of ``pred`` on one plane, half as many pixels as
+    ``painted``: background strokes in its false positives, object strokes in its misses,
+    added to ``plane`` in place where nothing is painted yet, as a user adds them. Returns
+    the mask of the pixels added."""
+    fg = pred >= 2  # object, and a starter-based model's boundary class
+    corr = simulate_strokes(truth, fraction=0.5 * painted / truth.size, rng=rng,
+                            regions=(fg & ~truth, truth & ~fg), erode=1)
+    new = (corr > 0) & (plane == 0)
+    plane[new] = corr[new]
+    return new
 
 
 def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
