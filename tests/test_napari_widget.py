@@ -35,15 +35,29 @@ def gt2d():
 
 
 @pytest.fixture
-def viewer_widget(make_napari_viewer, nuclei2d):
-    viewer = make_napari_viewer(show=True)
-    viewer.add_image(nuclei2d, name="nuclei2d")
-    widget = PaintsegWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="paintseg", area="right")
-    assert widget.jobs.wait(60_000)  # the starter model loads in the background
-    yield viewer, widget
-    widget.jobs.stop()
-    widget.jobs.wait(60_000)
+def open_widget(make_napari_viewer):
+    """``open_widget(image, name, **widget_options)``: a shown viewer with the image and the
+    dock widget, once its start-up jobs are done; their jobs are stopped at the end."""
+    widgets = []
+
+    def opener(image, name, **options):
+        viewer = make_napari_viewer(show=True)
+        viewer.add_image(image, name=name)
+        widget = PaintsegWidget(viewer, **options)
+        viewer.window.add_dock_widget(widget, name="paintseg", area="right")
+        widgets.append(widget)
+        assert widget.jobs.wait(60_000)  # the starter model loads in the background
+        return viewer, widget
+
+    yield opener
+    for widget in widgets:
+        widget.jobs.stop()
+        widget.jobs.wait(60_000)
+
+
+@pytest.fixture
+def viewer_widget(open_widget, nuclei2d):
+    return open_widget(nuclei2d, "nuclei2d")
 
 
 def _paint_strokes(layer, gt, rng, rows=slice(0, 256), dabs=60):
@@ -166,31 +180,24 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     assert w.model_source == "nuclei" and not w.train_continue.isChecked()
 
 
-def test_continuing_a_contradicted_model_warns(make_napari_viewer, nuclei2d, gt2d):
+def test_continuing_a_contradicted_model_warns(open_widget, nuclei2d, gt2d):
     """Continue ticked with the starter on an image of inverted contrast: the user is told
     that it contradicts the strokes, during training and when it ends."""
-    viewer = make_napari_viewer(show=True)
-    viewer.add_image(nuclei2d.max() + nuclei2d.min() - nuclei2d, name="inverted")
-    w = PaintsegWidget(viewer)
-    viewer.window.add_dock_widget(w, name="paintseg", area="right")
-    try:
-        assert w.jobs.wait(60_000) and w.model_source == "nuclei"
-        w.tabs.setCurrentIndex(1)
-        lab = w.new_labels_layer()
-        _paint_strokes(lab, gt2d, np.random.default_rng(0))
-        w.train_continue.setChecked(True)
-        w.train_refresh.setChecked(False)
-        w.train_seconds.setValue(0)
-        w.train_steps.setValue(2)
-        w.train_btn.click()
-        assert w.jobs.wait(120_000)
-        text = w.status.text()
-        assert text.startswith("Training done") and "background 0%" in text, text
-        assert "Untick 'Continue from the current model'" in text
-        assert "background 0%" in w.train_info.text()  # stays on the Train tab
-    finally:
-        w.jobs.stop()
-        w.jobs.wait(60_000)
+    viewer, w = open_widget(nuclei2d.max() + nuclei2d.min() - nuclei2d, "inverted")
+    assert w.model_source == "nuclei"
+    w.tabs.setCurrentIndex(1)
+    lab = w.new_labels_layer()
+    _paint_strokes(lab, gt2d, np.random.default_rng(0))
+    w.train_continue.setChecked(True)
+    w.train_refresh.setChecked(False)
+    w.train_seconds.setValue(0)
+    w.train_steps.setValue(2)
+    w.train_btn.click()
+    assert w.jobs.wait(120_000)
+    text = w.status.text()
+    assert text.startswith("Training done") and "background 0%" in text, text
+    assert "Untick 'Continue from the current model'" in text
+    assert "background 0%" in w.train_info.text()  # stays on the Train tab
 
 
 def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp_path):
@@ -268,15 +275,10 @@ def test_gui_thread_keeps_ticking_while_training(viewer_widget, gt2d):
     assert len(ticks) > 200 and gaps.max() < 1.0, (len(ticks), gaps.max())
 
 
-def test_stack_paint_two_slices_train_segment_current_slice(make_napari_viewer, nuclei3d_path):
+def test_stack_paint_two_slices_train_segment_current_slice(open_widget, nuclei3d_path):
     """A 2D model on a 3D stack: paint two slices, train, segment the displayed slice."""
-    viewer = make_napari_viewer(show=True)
-    stack = tifffile.imread(nuclei3d_path)
     gt = tifffile.imread(os.path.join(SAMPLES, "nuclei3d_labels.tif")) > 0
-    viewer.add_image(stack, name="nuclei3d")
-    w = PaintsegWidget(viewer, load_starter=False)
-    viewer.window.add_dock_widget(w, area="right")
-    assert w.jobs.wait(60_000)
+    viewer, w = open_widget(tifffile.imread(nuclei3d_path), "nuclei3d", load_starter=False)
     w.new_btn.click()  # a new 2D U-Net, 2 classes
     assert w.jobs.wait(60_000)
     lab = w.new_labels_layer()

@@ -426,24 +426,38 @@ def median_diameter(instance_images: Sequence[np.ndarray], *, dims: int) -> floa
 # ---------------------------------------------------------------------------- sampling
 
 
+def _in_plane(dims: int, targets_ndim: int, centre: np.ndarray
+              ) -> tuple[tuple[int, ...], np.ndarray]:
+    """Where a patch of ``dims`` dimensions around ``centre`` lies: for a 2D patch of a stack,
+    the index of its slice and the centre within it; otherwise ``()`` and ``centre``."""
+    if dims == 2 and targets_ndim == 3:
+        return (int(centre[0]),), centre[1:]
+    return (), centre
+
+
+def _window(start: tuple[int, ...], size: tuple[int, ...], shape: tuple[int, ...]
+            ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The part of a window (``start``, ``size``) inside an array of ``shape``: its slices in
+    the array and in the window."""
+    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, size, shape))
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    return src, dst
+
+
 def _crop_pair(img: np.ndarray, tgt: np.ndarray, start: tuple[int, ...],
                size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Image window (reflected at the borders) and targets (unannotated outside the image)."""
     x = read_window(img, start, size)
     y = np.full(size, IGNORE, dtype=np.int64)
-    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, size, tgt.shape))
-    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    src, dst = _window(start, size, tgt.shape)
     y[dst] = tgt[src]
     return x, y
 
 
 def _crop(item: _Item, centre: np.ndarray, size: tuple[int, ...], rng: np.random.Generator,
           dims: int) -> tuple[np.ndarray, np.ndarray]:
-    if dims == 2 and item.targets.ndim == 3:  # slice of a stack
-        z = int(centre[0])
-        img, tgt, centre = item.image[:, z], item.train_targets[z], centre[1:]
-    else:
-        img, tgt = item.image, item.train_targets
+    plane, centre = _in_plane(dims, item.targets.ndim, centre)
+    img, tgt = item.image[(slice(None), *plane)], item.train_targets[plane]
     jitter = rng.integers(-(np.array(size) // 4), np.array(size) // 4 + 1)
     start = tuple(int(c - s // 2 + j) for c, s, j in zip(centre, size, jitter))
     return _crop_pair(img, tgt, start, size)
@@ -614,12 +628,9 @@ def _val_batches(data: TrainingData, size: tuple[int, ...], rng: np.random.Gener
         picks = idx[rng.choice(len(idx), size=min(max_patches, len(idx)), replace=False)]
         val_t = np.where(it.val_mask, it.targets, IGNORE)  # only the held-out pixels count
         for c in picks:
-            if data.dims == 2 and it.targets.ndim == 3:
-                img, tgt, cc = it.image[:, c[0]], val_t[c[0]], c[1:]
-            else:
-                img, tgt, cc = it.image, val_t, c
+            plane, cc = _in_plane(data.dims, it.targets.ndim, c)
             start = tuple(int(v - s // 2) for v, s in zip(cc, size))
-            out.append(_crop_pair(img, tgt, start, size))
+            out.append(_crop_pair(it.image[(slice(None), *plane)], val_t[plane], start, size))
     return out[:max_patches]
 
 
@@ -729,14 +740,14 @@ def painted_agreement(model: PaintsegModel, data: TrainingData, *,
         max_patches = 32 if data.dims == 2 else 8
     size = (max(align, -(-edge // align) * align),) * data.dims
     k = len(data.class_values)
-    present = [c for c in range(k) if any((it.targets == c).any() for it in data.items)]
+    where = {c: [np.argwhere(it.targets == c) for it in data.items] for c in range(k)}
+    present = [c for c in range(k) if any(len(w) for w in where[c])]
     centres: list[tuple[int, np.ndarray]] = []
     for c in present:
-        where = [np.argwhere(it.targets == c) for it in data.items]
-        n = np.array([len(w) for w in where], dtype=float)
+        n = np.array([len(w) for w in where[c]], dtype=float)
         for _ in range(max(1, max_patches // len(present))):
-            i = int(rng.choice(len(where), p=n / n.sum()))
-            centres.append((i, where[i][rng.integers(len(where[i]))]))
+            i = int(rng.choice(len(n), p=n / n.sum()))
+            centres.append((i, where[c][i][rng.integers(len(where[c][i]))]))
     hits, totals = np.zeros(k), np.zeros(k)
     counted = [np.zeros(it.targets.shape, bool) for it in data.items]
     net = model.network
@@ -745,16 +756,12 @@ def painted_agreement(model: PaintsegModel, data: TrainingData, *,
     with torch.inference_mode():
         for i, centre in centres:
             it = data.items[i]
-            if data.dims == 2 and it.targets.ndim == 3:  # a slice of a stack
-                z, centre = int(centre[0]), centre[1:]
-                img, tgt, seen = it.image[:, z], it.targets[z], counted[i][z]
-            else:
-                img, tgt, seen = it.image, it.targets, counted[i]
+            plane, centre = _in_plane(data.dims, it.targets.ndim, centre)
+            tgt, seen = it.targets[plane], counted[i][plane]
             start = tuple(int(v - e // 2) for v, e in zip(centre, size))
-            x, _ = _crop_pair(img, tgt, start, size)
+            x = read_window(it.image[(slice(None), *plane)], start, size)
             pred = net(torch.from_numpy(x[None]).to(dev)).argmax(1)[0].cpu().numpy()
-            src = tuple(slice(max(a, 0), min(a + e, d)) for a, e, d in zip(start, size, tgt.shape))
-            dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start))
+            src, dst = _window(start, size, tgt.shape)
             new = (tgt[src] >= 0) & ~seen[src]
             truth, guess = tgt[src][new], pred[dst][new]
             np.add.at(totals, truth, 1)
