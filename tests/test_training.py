@@ -522,6 +522,16 @@ def test_a_model_that_contradicts_the_strokes_is_named(real_pair):
     data = prepare_data([(img, lab)], dims=2, seed=0)
     new = tiny(class_values=data.class_values)
     assert disagreement_text(new, data, device="cpu") is None  # nothing to continue
+    # nothing is held to the model's predictions, so nothing is said: without an anchor, or
+    # with dense instance labels (no unpainted pixel), though the model contradicts them
+    inverted = img.max() + img.min() - img
+    data, model = prepare_training([(inverted, lab)], base=load_model("nuclei"), dims=2,
+                                   in_channels=1, seed=0)
+    assert disagreement_text(model, data, device="cpu", anchor=0.0) is None
+    data, model = prepare_training([(inverted, gt)], base=load_model("nuclei"), dims=2,
+                                   in_channels=1, labels_kind="instances", seed=0)
+    assert painted_agreement(model, data, device="cpu")[1] < 0.3  # it does contradict them
+    assert disagreement_text(model, data, device="cpu") is None
 
 
 def test_cli_warns_before_continuing_a_contradicted_model(tmp_path, real_pair, capsys):

@@ -358,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # measured: the same strokes and seed gave cells3d IoU 0.80 to 0.86 over 60 s runs
         say("  note: the budget is in seconds, so the number of steps and the result vary "
             "between runs; a seeded run repeats exactly on the CPU only with --steps")
-    warning = disagreement_text(model, data, device=device)
+    warning = disagreement_text(model, data, device=device, anchor=config.anchor)
     if warning:
         print(f"paintseg: warning: {warning} (without --init, a new U-Net is trained)",
               file=sys.stderr)

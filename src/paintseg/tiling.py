@@ -323,7 +323,6 @@ def predict_tiled(
         return weights[key]
 
     done = 0
-    s0 = plan.shape[0]
     rest = spatial[1:]
     use_pinned = device.type == "cuda"
 

@@ -57,6 +57,7 @@ __all__ = [
     "median_diameter",
     "kept_weights_text",
     "disagreement_text",
+    "holds_to_predictions",
     "painted_agreement",
 ]
 
@@ -614,6 +615,28 @@ def continues_training(model: PaintsegModel) -> bool:
         _NEW_OUTPUT_LAYER)
 
 
+def holds_to_predictions(model: PaintsegModel, data: TrainingData, *,
+                         anchor: float) -> bool:
+    """Whether training ``model`` on ``data`` holds the unpainted pixels to its predictions.
+
+    Parameters
+    ----------
+    model : PaintsegModel
+        The model about to be trained.
+    data : TrainingData
+        Its training data.
+    anchor : float
+        ``TrainConfig.anchor``, the weight of :func:`anchor_loss`.
+
+    Returns
+    -------
+    bool
+        True when ``anchor`` is positive, the model continues a training run
+        (:func:`continues_training`) and some training pixel is unpainted.
+    """
+    return anchor > 0 and continues_training(model) and _has_unpainted(data)
+
+
 # ---------------------------------------------------------------------------- loop
 
 
@@ -774,7 +797,8 @@ def painted_agreement(model: PaintsegModel, data: TrainingData, *,
 
 def disagreement_text(model: PaintsegModel, data: TrainingData, *,
                       device: str | torch.device = "auto",
-                      threshold: float = DISAGREEMENT) -> str | None:
+                      threshold: float = DISAGREEMENT,
+                      anchor: float | None = None) -> str | None:
     """A warning when the model about to be continued contradicts the strokes.
 
     Continuing a model holds the unpainted pixels to its own predictions
@@ -792,13 +816,19 @@ def disagreement_text(model: PaintsegModel, data: TrainingData, *,
         Where to predict.
     threshold : float
         A painted class whose share (:func:`painted_agreement`) is below this is contradicted.
+    anchor : float, optional
+        The training's ``TrainConfig.anchor`` (by default its default).
 
     Returns
     -------
     str or None
-        None for a new model, or when every painted class reaches ``threshold``.
+        None when the training will not hold the unpainted pixels to the model's predictions
+        (:func:`holds_to_predictions`: a new model, dense labels with nothing unpainted, or no
+        anchor), or when every painted class reaches ``threshold``.
     """
-    if not continues_training(model):
+    if anchor is None:
+        anchor = TrainConfig().anchor
+    if not holds_to_predictions(model, data, anchor=anchor):
         return None
     agree = painted_agreement(model, data, device=device)
     if all(v >= threshold for v in agree.values()):
@@ -882,8 +912,8 @@ def iter_train(
     # continuing a trained model: its own predictions on the unpainted pixels are a soft
     # target, so that new strokes change the result where they must and little elsewhere;
     # with every pixel painted there is nothing to hold, and its forward pass is skipped
-    teacher = copy.deepcopy(net).eval() if (
-        cfg.anchor > 0 and continues_training(model) and _has_unpainted(data)) else None
+    teacher = copy.deepcopy(net).eval() if holds_to_predictions(model, data, anchor=cfg.anchor) \
+        else None
     eval_net = ema_net if ema_net is not None else net
     best_step = 0
     history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation

@@ -796,6 +796,9 @@ class PaintsegWidget(QWidget):
             self._notify(_message(exc), "warning" if isinstance(exc, _UserError) else "error")
             return False
         source, labels_name = image.name, labels_layer.name
+        # the trained model is named by what it was trained from, whatever is loaded or ticked
+        # by the time it ends
+        base_name = (self.model_source or None) if base is not None else None
         base_copy = copy.deepcopy(base) if base is not None else None
 
         def job(report, should_stop):
@@ -804,7 +807,7 @@ class PaintsegWidget(QWidget):
                                          preset=preset, channel_axis=-1, names=[labels_name])
             for note in td.notes:
                 yield ("note", note)
-            warning = disagreement_text(model, td, device=device)
+            warning = disagreement_text(model, td, device=device, anchor=config.anchor)
             if warning:
                 yield ("warning", f"{warning[0].upper()}{warning[1:]}. Untick 'Continue from "
                                   "the current model' to train a new U-Net.")
@@ -826,7 +829,7 @@ class PaintsegWidget(QWidget):
         self.train_info.setText("Preparing the painted pixels…")
         self.status.setText(f"Training on '{labels_name}' over '{source}'…")
         return self.jobs.start("train", job, on_progress=self._train_progress,
-                               on_done=lambda res: self._trained(res, source),
+                               on_done=lambda res: self._trained(res, source, base_name),
                                on_error=self._failed("Training"))
 
     def _train_progress(self, item: Any) -> None:
@@ -851,12 +854,11 @@ class PaintsegWidget(QWidget):
         stop = " — stopping…" if self.jobs.stopping() else ""
         self.train_info.setText(f"step {ev.step}, loss {ev.loss:.4f}{val}{eta}{stop}")
 
-    def _trained(self, result: Any, source: str) -> None:
+    def _trained(self, result: Any, source: str, base_name: str | None) -> None:
         from ..training import kept_weights_text
 
         model, done = result
-        name = self.model_source if self.train_continue.isChecked() and self.model_source \
-            else "new U-Net"
+        name = base_name or "new U-Net"
         if not name.endswith("(trained)"):
             name = f"{name} (trained)"
         self._set_model(model, name)
