@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", default=None,
                     help="start from this checkpoint (or a bundled model name) instead of a new U-Net; "
                          "where its classes are kept, it is held to its own predictions on the "
-                         "unpainted pixels, so that corrections change little elsewhere")
+                         "unpainted pixels, so that corrections change little elsewhere; on "
+                         "corrected nuclei masks (--labels-kind instances), --init nuclei "
+                         "trained better than a new U-Net")
     tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D or 3D U-Net (new models)")
     tr.add_argument("--preset", choices=("auto", "fast", "accurate"), default="auto",
                     help="size of a new U-Net: fast (default, any device) or accurate (larger, "
