@@ -133,9 +133,10 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     w.train_continue.setChecked(False)
     # corrected instances fine-tune the starter by default (benchmarks/dense.py); strokes not
     w.labels_kind.setCurrentText("instances")
-    assert w.train_continue.isChecked() and "3 = boundary" in w.legend.text()
+    assert w.train_continue.isChecked()
+    assert "0 = background" in w.legend.text() and "boundary" not in w.legend.text()
     w.labels_kind.setCurrentText("scribbles")
-    assert not w.train_continue.isChecked()
+    assert not w.train_continue.isChecked() and "1 = background" in w.legend.text()
     lab = w.new_labels_layer()
     assert lab.data.shape == (512, 512) and lab.data.max() == 0
     assert viewer.layers.selection.active is lab and lab.mode == "paint"

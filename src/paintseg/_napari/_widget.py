@@ -284,6 +284,7 @@ class PaintsegWidget(QWidget):
                                     "segmentation with numbered objects")
         form.addRow("Labels are", self.labels_kind)
         self.labels_kind.currentTextChanged.connect(self._default_continue)
+        self.labels_kind.currentTextChanged.connect(self._update_legend)
         self.train_seconds = QSpinBox()
         self.train_seconds.setRange(0, 24 * 3600)
         self.train_seconds.setValue(60)
@@ -740,7 +741,12 @@ class PaintsegWidget(QWidget):
                                        or self.labels_kind.currentText() == "instances")
 
     def _update_legend(self, *_: Any) -> None:
-        if not hasattr(self, "legend"):
+        if not hasattr(self, "labels_kind"):  # still being built
+            return
+        if self.labels_kind.currentText() == "instances":
+            # dense labels: 0 is background there, not "not painted", and values are objects
+            self.legend.setText("Instances: each object its own number, 0 = background; "
+                                "every pixel counts, so correct the whole image")
             return
         name = self.train_labels.currentText()
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
