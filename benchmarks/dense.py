@@ -77,17 +77,14 @@ def slices_benchmark(args: argparse.Namespace, device) -> None:
     diameter = median_diameter([gt[z] for z in TRAIN_SLICES], dims=2)
     min_size = 100  # about a twentieth of a nucleus's area here
 
-    def score(model) -> dict:
+    def score(model, diameter: float | None = None) -> dict:
         pred = [segment_labels(img[z], model, output="instances", min_size=min_size,
-                               device=device, diameter=None).labels for z in TEST_SLICES]
+                               device=device, diameter=diameter).labels for z in TEST_SLICES]
         return instance_scores(slices_as_objects(pred), truth)
 
-    starter = load_model("nuclei")
-    pred = [segment_labels(img[z], starter, output="instances", min_size=min_size,
-                           device=device, diameter=diameter).labels for z in TEST_SLICES]
     print(f"training slices {TRAIN_SLICES}, held-out slices {TEST_SLICES[0]}..{TEST_SLICES[-1]}"
           f" ({len(TEST_SLICES)}); nucleus diameter {diameter:.0f} px")
-    print_scores(instance_scores(slices_as_objects(pred), truth),
+    print_scores(score(load_model("nuclei"), diameter),
                  f"starter as it is, --diameter {diameter:.0f}")
     rows = []
     for seed in args.seeds:
