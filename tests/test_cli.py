@@ -45,6 +45,11 @@ def test_segment_2d_and_3d_with_probabilities(tmp_path, model_file, nuclei2d_pat
     # existing outputs are kept unless --overwrite
     rc = main(["segment", str(nuclei2d_path), "--model", str(model_file), "--out", str(out)])
     assert rc == 0 and "skipped" in capsys.readouterr().err
+    # even quiet, a rerun says that it left the old labels (one line, not one per file)
+    rc = main(["segment", str(nuclei2d_path), str(nuclei3d_path), "--model", str(model_file),
+               "--out", str(out), "--probabilities", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "2 of 2 skipped" in err and "--overwrite" in err and err.count("\n") == 1
 
 
 def test_tiled_cli_matches_untiled_in_exact_mode(tmp_path, model_file, nuclei2d_path):

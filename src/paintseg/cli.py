@@ -280,6 +280,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if len(jobs) > 1 or failed:
         say(f"paintseg: {done} written, {skipped} skipped, {len(failed)} failed "
             f"({time.perf_counter() - t0:.0f} s)")
+    if args.quiet and skipped:  # not progress: without it a rerun leaves old labels silently
+        print(f"paintseg: {skipped} of {len(jobs)} skipped, complete outputs exist in "
+              f"{out_dir} (use --overwrite to redo)", file=sys.stderr)
     if args.report is not None:
         try:
             write_report(args.report, results, model=str(args.model), out=str(out_dir),
