@@ -24,9 +24,8 @@ import numpy as np
 from interactive import add_corrections, dataset
 from paintseg.config import TrainConfig
 from paintseg.inference import segment
-from paintseg.model import load_model, new_model
-from paintseg.training import (DISAGREEMENT, iter_train, painted_agreement, prepare_data,
-                               prepare_training, preset_config)
+from paintseg.model import load_model
+from paintseg.training import DISAGREEMENT, iter_train, painted_agreement, prepare_training
 
 
 def agreement(model, pairs, seed: int) -> str:
@@ -55,9 +54,8 @@ def main() -> None:
             rng = np.random.default_rng(seed)
             train, _, (k, fz, fix_gt) = dataset(name, rng, corrections=True)
             painted = sum(int((lab > 0).sum()) for _, lab in train)
-            data = prepare_data(train, dims=2, seed=seed)
-            model = new_model(preset_config("fast", dims=2, in_channels=1, classes=2),
-                              class_values=data.class_values, seed=seed)
+            data, model = prepare_training(train, base=None, dims=2, in_channels=1,
+                                           preset="fast", seed=seed)
             for _ in iter_train(model, data, TrainConfig(time_budget=args.budget, seed=seed),
                                 device="cpu"):
                 pass

@@ -37,10 +37,9 @@ from paintseg.config import TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import segment, segment_labels
 from paintseg.metrics import instance_scores
-from paintseg.model import load_model, new_model
+from paintseg.model import load_model
 from paintseg.postprocess import instances_from_probabilities
-from paintseg.training import (iter_train, median_diameter, prepare_data, prepare_training,
-                               preset_config)
+from paintseg.training import iter_train, median_diameter, prepare_training
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 TRAIN_SLICES, TEST_SLICES = (28, 36), [z for z in range(22, 47) if z not in (28, 36)]
@@ -134,10 +133,9 @@ def main() -> None:
         gt = tifffile.imread(SAMPLES / "nuclei3d_labels.tif")
         w = img.shape[2] // 2
         train, test, dims, min_size = (img[..., :w], gt[..., :w]), (img[..., w:], gt[..., w:]), 3, 200
-    data = prepare_data([train], dims=dims, labels_kind="instances", seed=args.seed)
-    cfg = preset_config("auto", dims=dims, in_channels=1, classes=3, labels_kind="instances")
-    model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
-                      seed=args.seed)
+    data, model = prepare_training([train], base=None, dims=dims, in_channels=1,
+                                   labels_kind="instances", seed=args.seed)
+    cfg = model.config
     t = time.perf_counter()
     for ev in iter_train(model, data, TrainConfig(time_budget=args.budget, seed=args.seed),
                          device=device):

@@ -548,6 +548,18 @@ def test_cli_warns_before_continuing_a_contradicted_model(tmp_path, real_pair, c
     assert "without --init, a new U-Net is trained" in err
 
 
+def test_cli_refuses_a_model_of_other_channels_before_any_work(tmp_path, real_pair, capsys):
+    img, gt = real_pair
+    rgb, lab_path = tmp_path / "rgb.tif", tmp_path / "strokes.tif"
+    tifffile.imwrite(rgb, np.stack([img] * 3, -1), photometric="rgb")
+    tifffile.imwrite(lab_path, strokes(gt))
+    out = tmp_path / "m.pt"
+    assert main(["train", str(rgb), str(lab_path), "--out", str(out), "--init", "nuclei",
+                 "--steps", "1", "-q"]) == 2
+    assert "nuclei expects 1 channel(s) but the images have 3" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cli_says_when_a_seeded_run_cannot_repeat(tmp_path, nuclei2d_path, real_pair, capsys):
     _, gt = real_pair
     lab_path = tmp_path / "strokes.tif"

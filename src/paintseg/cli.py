@@ -340,17 +340,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             channels = data.shape[-1]
             pairs.append((data, np.asarray(labels.data)))  # shapes checked by prepare_data
             names.append(str(lab_path))
+        if init is not None and init.config.in_channels != channels:  # before any work
+            raise PaintsegError(
+                f"{args.init} expects {init.config.in_channels} channel(s) but the images "
+                f"have {channels}"
+            )
         # the same set-up as the napari widget's
         data, model = prepare_training(
             pairs, base=init, dims=args.dims, in_channels=channels,
             labels_kind=args.labels_kind, preset=args.preset, seed=args.seed,
             channel_axis=-1, validation_fraction=args.validation_fraction, names=names,
         )
-        if init is not None and init.config.in_channels != channels:
-            raise PaintsegError(
-                f"{args.init} expects {init.config.in_channels} channel(s) but the images "
-                f"have {channels}"
-            )
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
