@@ -247,6 +247,34 @@ def test_continuing_a_contradicted_model_warns(open_widget, nuclei2d, gt2d):
     assert "background 0%" in w.train_info.text()  # stays on the Train tab
 
 
+def test_continuing_a_model_of_other_channels_is_refused_at_once(open_widget, nuclei2d, gt2d):
+    """Continue ticked with the one-channel starter on an RGB image: Train says so before any
+    work (no job starts, nothing trained, the strokes untouched); unticked, a new U-Net of three
+    channels trains on the same strokes."""
+    rgb = np.stack([nuclei2d, nuclei2d // 2, nuclei2d // 4], -1)
+    viewer, w = open_widget(rgb, "rgb")
+    assert viewer.layers["rgb"].rgb and w.model_source == "nuclei"
+    w.tabs.setCurrentIndex(1)
+    lab = w.new_labels_layer()
+    _paint_strokes(lab, gt2d, np.random.default_rng(0))
+    painted = lab.data.copy()
+    runs = len(w.model.provenance.get("training", []))
+    w.train_continue.setChecked(True)
+    w.train_refresh.setChecked(False)
+    w.train_seconds.setValue(0)
+    w.train_steps.setValue(3)
+    assert w.train() is False  # refused before a job starts
+    text = w.status.text()
+    assert "'nuclei' expects 1 channel(s) but got 3 from 'rgb'" in text, text
+    assert "untick 'Continue from the current model'" in text
+    assert w.model_source == "nuclei" and len(w.model.provenance.get("training", [])) == runs
+    w.train_continue.setChecked(False)
+    assert w.train() is True
+    assert w.jobs.wait(120_000)
+    assert w.model_source == "new U-Net (trained)" and w.model.config.in_channels == 3
+    np.testing.assert_array_equal(lab.data, painted)
+
+
 def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp_path):
     viewer, w = viewer_widget
     # nothing painted

@@ -556,8 +556,21 @@ def test_cli_refuses_a_model_of_other_channels_before_any_work(tmp_path, real_pa
     out = tmp_path / "m.pt"
     assert main(["train", str(rgb), str(lab_path), "--out", str(out), "--init", "nuclei",
                  "--steps", "1", "-q"]) == 2
-    assert "nuclei expects 1 channel(s) but the images have 3" in capsys.readouterr().err
+    assert "nuclei expects 1 channel(s) but got 3 from the images" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_prepare_training_refuses_a_model_of_other_channels(real_pair, monkeypatch):
+    """The core refuses too (any caller), with the user's message, before preparing the data:
+    before, the first forward pass raised "expected 1 channels, got 3" from the network."""
+    import paintseg.training as training
+
+    img, gt = real_pair
+    monkeypatch.setattr(training, "prepare_data", lambda *a, **k: pytest.fail("data prepared"))
+    with pytest.raises(InputError, match="expects 1 channel.s. but got 3 from the images"):
+        training.prepare_training([(np.stack([img] * 3, -1), strokes(gt))],
+                                  base=load_model("nuclei"), dims=2, in_channels=3,
+                                  channel_axis=-1)
 
 
 def test_cli_says_when_a_seeded_run_cannot_repeat(tmp_path, nuclei2d_path, real_pair, capsys):

@@ -305,6 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import load_model, save_model
     from .training import (
         EventKind,
+        check_channels,
         disagreement_text,
         iter_train,
         kept_weights_text,
@@ -340,11 +341,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             channels = data.shape[-1]
             pairs.append((data, np.asarray(labels.data)))  # shapes checked by prepare_data
             names.append(str(lab_path))
-        if init is not None and init.config.in_channels != channels:  # before any work
-            raise PaintsegError(
-                f"{args.init} expects {init.config.in_channels} channel(s) but the images "
-                f"have {channels}"
-            )
+        if init is not None:  # before any work
+            check_channels(init, channels, model_name=args.init)
         # the same set-up as the napari widget's
         data, model = prepare_training(
             pairs, base=init, dims=args.dims, in_channels=channels,

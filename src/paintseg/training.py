@@ -1101,6 +1101,30 @@ def model_for_training(
     return model
 
 
+def check_channels(model: PaintsegModel, channels: int, *, model_name: str = "the model",
+                   images: str = "the images") -> None:
+    """Refuse to continue ``model`` on images of another channel count, before any work.
+
+    Parameters
+    ----------
+    model : PaintsegModel
+        The model to continue.
+    channels : int
+        Channels of the training images.
+    model_name, images : str
+        How the message names the model and the images.
+
+    Raises
+    ------
+    InputError
+        ``model`` takes another number of channels, e.g. "nuclei expects 1 channel(s) but got
+        3 from the images".
+    """
+    if model.config.in_channels != channels:
+        raise InputError(f"{model_name} expects {model.config.in_channels} channel(s) but got "
+                         f"{channels} from {images}")
+
+
 def prepare_training(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
     *,
@@ -1137,6 +1161,7 @@ def prepare_training(
     """
     class_values = class_names = None
     if base is not None:
+        check_channels(base, in_channels)
         dims = base.config.dims
         if labels_kind == "scribbles":
             painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}

@@ -791,7 +791,9 @@ class PaintsegWidget(QWidget):
         """Fine-tune on the painted labels in the background; True if started."""
         from ..config import TrainConfig
         from ..devices import resolve_device
-        from ..training import EventKind, disagreement_text, iter_train, prepare_training
+        from ..errors import InputError
+        from ..training import (EventKind, check_channels, disagreement_text, iter_train,
+                                prepare_training)
 
         try:
             image = self._layer(self.train_image.currentText(), "an image layer")
@@ -809,6 +811,13 @@ class PaintsegWidget(QWidget):
             if dims == 3 and "Z" not in axes:
                 raise _UserError("A 3D model trains on 3D stacks; this image is 2D.")
             img, lab = training_pair(data, labels_layer.data, rgb=rgb)
+            if base is not None:  # said here, before any work, not by the training job
+                try:
+                    check_channels(base, img.shape[-1], model_name=f"'{self.model_source}'",
+                                   images=f"'{image.name}'")
+                except InputError as exc:
+                    raise _UserError(f"{exc}: untick 'Continue from the current model' to "
+                                     "train a new U-Net on it.") from None
             seconds = self.train_seconds.value() or None
             steps = self.train_steps.value() or None
             if seconds is None and steps is None:
