@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..errors import PaintsegError
 from ._jobs import JobRunner
 from ._layers import SCOPES, layer_axes, merge_region, scope_region, spatial_shape, training_pair
 from ._plot import LossPlot
@@ -54,10 +55,8 @@ EDITED = "paintseg_user_edited"  # set when the user paints on a segmentation la
 
 
 def _message(exc: BaseException) -> str:
-    """What a biologist reads when a job fails."""
-    from ..errors import PaintsegError
-
-    if isinstance(exc, PaintsegError):
+    """What a biologist reads when a job fails or an input is refused."""
+    if isinstance(exc, PaintsegError):  # _UserError too
         return str(exc)
     if isinstance(exc, MemoryError):
         return ("Out of memory. Try a smaller tile size, 'current slice' or 'field of view', "
@@ -988,5 +987,6 @@ class PaintsegWidget(QWidget):
         self._notify(msg, "warning" if counts["failed"] else "info")
 
 
-class _UserError(Exception):
-    """Something the user should do first (shown as a warning, not an error)."""
+class _UserError(PaintsegError):
+    """Something the user should do first (shown as a warning, not an error), in words meant
+    for the user: shown as is."""
