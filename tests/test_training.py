@@ -571,6 +571,11 @@ def test_prepare_training_refuses_a_model_of_other_channels(real_pair, monkeypat
         training.prepare_training([(np.stack([img] * 3, -1), strokes(gt))],
                                   base=load_model("nuclei"), dims=2, in_channels=3,
                                   channel_axis=-1)
+    monkeypatch.undo()
+    data = training.prepare_data([(np.stack([img] * 3, -1), strokes(gt))], dims=2,
+                                 class_values=(1, 2, 3), channel_axis=-1)
+    with pytest.raises(InputError, match="the model expects 1 channel.s. but got 3 from the"):
+        next(training.iter_train(load_model("nuclei"), data))  # the same words for the API
 
 
 def test_cli_says_when_a_seeded_run_cannot_repeat(tmp_path, nuclei2d_path, real_pair, capsys):

@@ -883,11 +883,7 @@ def iter_train(
         )
     if model.config.dims != data.dims:
         raise InputError(f"a {model.config.dims}D model cannot train on {data.dims}D patches")
-    if data.items[0].image.shape[0] != model.config.in_channels:
-        raise InputError(
-            f"the images have {data.items[0].image.shape[0]} channel(s) but the model expects "
-            f"{model.config.in_channels}"
-        )
+    check_channels(model, data.items[0].image.shape[0])
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     if cfg.seed is not None:
