@@ -147,11 +147,7 @@ def main() -> None:
           f"best step {done.best_step})")
     res = segment(test[0], model, device=device, return_probabilities=True)
     inst = instances_from_probabilities(res.probabilities, min_size=min_size)
-    s = instance_scores(inst, test[1])
-    print(f"held-out half: {s['n_true']} true nuclei, {s['n_pred']} predicted")
-    for t_, ap, f1 in zip(s["thresholds"], s["ap"], s["f1"]):
-        if t_ in (0.5, 0.7, 0.9):
-            print(f"  IoU {t_:.1f}: AP {ap:.3f}  F1 {f1:.3f}")
+    print_scores(instance_scores(inst, test[1]), "held-out half")
     if args.dataset == "dsb2018":
         print("  StarDist DSB2018 demo model (published): F1@0.5 = 0.91")
 

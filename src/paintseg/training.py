@@ -56,6 +56,7 @@ __all__ = [
     "prepare_training",
     "median_diameter",
     "kept_weights_text",
+    "check_channels",
     "disagreement_text",
     "holds_to_predictions",
     "painted_agreement",
