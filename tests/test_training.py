@@ -610,6 +610,15 @@ def test_evaluate_warns_when_classes_meet_instances(tmp_path, real_pair, capsys)
     # two instance images: no warning
     assert main(["evaluate", str(gt_path), str(gt_path), "--instances"]) == 0
     assert capsys.readouterr().err == ""
+    # classes against a 0/1 mask: no value in common, every class would score 0 silently
+    mask_path = tmp_path / "mask.tif"
+    tifffile.imwrite(mask_path, (gt > 0).astype(np.uint8))
+    assert main(["evaluate", str(sem_path), str(mask_path)]) == 0
+    out = capsys.readouterr()
+    assert f"{sem_path} has class value(s) [2] but {mask_path} has [1]" in out.err
+    assert "--foreground" in out.err and json.loads(out.out)["iou"]["2"] == 0.0
+    assert main(["evaluate", str(sem_path), str(sem_path)]) == 0  # the same classes: nothing
+    assert capsys.readouterr().err == ""
 
 
 def test_a_3d_model_learns_from_a_real_stack():

@@ -393,15 +393,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _labels_kind_warning(pred: np.ndarray, gt: np.ndarray, *, pred_name: str, gt_name: str,
                          instances: bool) -> str | None:
-    """A warning when one label image looks like instances and the other like classes: more
-    than 8 nonzero values in one, and at least 4 times as many as in the other."""
+    """A warning when one label image looks like instances and the other like classes (more
+    than 8 nonzero values in one, and at least 4 times as many as in the other), or when
+    their classes share no nonzero value (every class would score 0)."""
     import numpy as np
 
-    counts = [(name, int(np.count_nonzero(np.unique(a))))
-              for name, a in ((pred_name, pred), (gt_name, gt))]
+    values = [set(np.unique(a).tolist()) - {0} for a in (pred, gt)]
+    counts = [(name, len(v)) for name, v in zip((pred_name, gt_name), values)]
     (many_name, many), (few_name, few) = sorted(counts, key=lambda nc: -nc[1])
     if many <= 8 or many < 4 * max(few, 1):
-        return None
+        if instances or not all(values) or values[0] & values[1]:
+            return None
+        return (f"{pred_name} has class value(s) {sorted(values[0])} but {gt_name} has "
+                f"{sorted(values[1])}: no class is in both, so every class scores 0 (use "
+                f"--foreground to score foreground against background)")
     if instances:
         return (f"{few_name} has {few} label value(s) but {many_name} has {many}: {few_name} "
                 f"looks like classes, not objects, and instance matching takes each class for "
