@@ -141,7 +141,7 @@ def main() -> None:
                          device=device):
         done = ev
     took = time.perf_counter() - t
-    print(f"device {describe_device(device)}: {dims}D U-Net depth {cfg.depth}, base "
+    print(f"device {describe_device(device)}: {cfg.network_name} depth {cfg.depth}, base "
           f"{cfg.base_features}, filter scales {', '.join(f'{x:g}' for x in cfg.features)}: "
           f"trained {done.step} steps in {took:.0f} s ({took / max(done.step, 1):.2f} s/step, "
           f"best step {done.best_step})")

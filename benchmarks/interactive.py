@@ -309,7 +309,7 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
     labels = [labels_of(img) >= 2 for img, _, _ in test]
     predict_s = time.perf_counter() - t
     iou = foreground_iou(labels, test)
-    print(f"  paintseg {preset} ({cfg.dims}D {cfg.depth}-level U-Net, base {cfg.base_features}, "
+    print(f"  paintseg {preset} ({cfg.network_name}, depth {cfg.depth}, base {cfg.base_features}, "
           f"{cfg.norm} norm, filter scales {', '.join(f'{x:g}' for x in cfg.features)}, "
           f"derivative gain {cfg.derivative_gain:g}): "
           f"foreground IoU {iou:.3f}  ({done.step} steps, best step {done.best_step}, train "

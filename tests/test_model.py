@@ -172,3 +172,29 @@ def test_group_norm_is_not_tile_exact(nuclei2d):
     whole = segment(nuclei2d, model, tiles=TileConfig(tile=4096, mode="exact"), return_probabilities=True)
     tiled = segment(nuclei2d, model, tiles=TileConfig(tile=64, mode="exact"), return_probabilities=True)
     assert np.abs(whole.probabilities - tiled.probabilities).max() > 1e-3
+
+
+def test_members_average_their_probabilities_and_round_trip(tmp_path):
+    cfg = ModelConfig(dims=2, depth=2, base_features=4, classes=3, features=(1.0,), members=3)
+    model = new_model(cfg, seed=0)
+    x = torch.rand(2, 1, 23, 30, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        each = model.network.member_logits(x)
+        out = model.network(x)
+    assert each.shape == (3, 2, 3, 23, 30) and out.shape == (2, 3, 23, 30)
+    torch.testing.assert_close(torch.softmax(out, 1), torch.softmax(each, 2).mean(0))
+    assert not torch.allclose(each[0], each[1])  # each member starts from weights of its own
+    back = load_model(save_model(model, tmp_path / "m.pt"))
+    assert back.config.members == 3
+    with torch.no_grad():
+        torch.testing.assert_close(back.network(x), out)
+    assert back.describe().startswith("3 averaged 2D U-Nets, 1 input channel(s), 3 classes")
+    with pytest.raises(ValueError, match="members must be between 1 and 16, got 0"):
+        ModelConfig(members=0)
+
+
+def test_one_member_keeps_the_parameter_names_of_earlier_checkpoints():
+    starter = load_model("nuclei")  # saved before networks had members; loaded strictly
+    keys = set(starter.network.state_dict())
+    assert starter.config.members == 1
+    assert "head.weight" in keys and not any(k.startswith("extra_members") for k in keys)

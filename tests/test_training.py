@@ -299,17 +299,46 @@ def test_averaged_weights_are_the_ones_returned(real_pair):
         assert not torch.equal(v, raw[-1][k]) or torch.equal(v, start[k]), k
 
 
-def test_warm_start_with_another_class_count(real_pair, tmp_path):
+@pytest.mark.parametrize("members", [1, 2])
+def test_warm_start_with_another_class_count(real_pair, members):
     img, gt = real_pair
-    base = tiny(classes=2)
+    base = new_model(ModelConfig(depth=2, base_features=8, members=members), seed=0)
     lab = strokes(gt)
     lab[200:203, 200:230] = 3  # a third class
     data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
     model = adapt_model(base, data.class_values, seed=0)
-    assert model.config.classes == 3
-    enc = "down.0.0.weight"
-    assert torch.equal(model.network.state_dict()[enc], base.network.state_dict()[enc])
+    assert model.config.classes == 3 and model.config.members == members
+    kept = ["down.0.0.weight", *(f"extra_members.{i}.down.0.0.weight" for i in range(members - 1))]
+    for enc in kept:  # every member keeps its encoder; every output layer is new
+        assert torch.equal(model.network.state_dict()[enc], base.network.state_dict()[enc])
     list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
+
+
+def test_each_member_fits_the_targets_on_its_own(real_pair):
+    """The first member of a 3-member network trains as the one-member network of the same
+    seed does (same starting weights, same patches): its gradient comes from its own loss
+    alone (Adam does not see the loss's factor 1/3). The others differ from it."""
+    img, gt = real_pair
+    data = prepare_data([(img, strokes(gt))], dims=2, seed=0, validation_fraction=0)
+    trained = []
+    for members in (1, 3):
+        model = new_model(ModelConfig(depth=2, base_features=8, members=members),
+                          class_values=data.class_values, seed=0)
+        start = {k: v.clone() for k, v in model.network.state_dict().items()}
+        list(iter_train(model, data, TrainConfig(steps=5, seed=0, patch_size=64, ema=0.0),
+                        device="cpu"))
+        trained.append(model.network.state_dict())
+    one, three = trained
+
+    def flat(state):
+        return torch.cat([state[k].flatten() for k in one])
+
+    moved = float((flat(one) - flat(start)).norm())
+    assert moved > 0.1
+    # the same up to Adam's epsilon (measured: 0.03 of the distance moved; a loss on the
+    # members' average instead: 0.5)
+    assert float((flat(three) - flat(one)).norm()) < 0.05 * moved
+    assert not torch.allclose(three["extra_members.0.head.weight"], three["head.weight"])
 
 
 def test_continuing_changes_little_outside_the_corrections(real_pair):
@@ -653,6 +682,9 @@ def test_fast_preset_damps_derivatives_for_strokes_only():
     strokes = preset_config("auto", dims=2, in_channels=1, classes=2)
     dense = preset_config("auto", dims=2, in_channels=1, classes=3, labels_kind="instances")
     assert strokes.derivative_gain == 0.1 and dense.derivative_gain == 1.0
+    assert (strokes.members, strokes.base_features) == (3, 8)  # 3 small U-Nets, averaged
+    assert (dense.members, dense.base_features) == (1, 16)
+    assert preset_config("auto", dims=3, in_channels=1, classes=2).members == 1
     assert strokes.features == dense.features and strokes.depth == dense.depth
     with pytest.raises(ValueError, match="labels_kind must be"):
         preset_config("fast", dims=2, in_channels=1, classes=2, labels_kind="dense")

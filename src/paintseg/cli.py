@@ -352,7 +352,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
-    say(f"paintseg: training on {describe_device(device)}: {model.config.dims}D U-Net depth "
+    say(f"paintseg: training on {describe_device(device)}: {model.config.network_name} depth "
         f"{model.config.depth}, base {model.config.base_features}; classes "
         f"{list(data.class_values)}; painted pixels {data.counts.tolist()}")
     for note in data.notes:

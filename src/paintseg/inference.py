@@ -178,7 +178,8 @@ def wants_instances(model: PaintsegModel, output: str = "auto") -> bool:
 
 def _bytes_per_pixel(config: ModelConfig, half: bool) -> float:
     # Measured on the CPU with torch 2.13 (depth 4, base 32, inference mode): ~0.7 KB per
-    # window pixel at full resolution; the deeper levels add ~1/2**dims each.
+    # window pixel at full resolution; the deeper levels add ~1/2**dims each. The members of
+    # a several-member network run one after another: the peak is one member's.
     per = 24.0 * config.base_features * (1.0 + 2.0 ** -config.dims)
     return per / 2 if half else per
 

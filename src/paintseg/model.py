@@ -213,40 +213,29 @@ class UNet(nn.Module):
     config : ModelConfig
         Architecture. The network returns logits of shape ``(N, classes, *spatial)`` for an
         input of shape ``(N, in_channels, *spatial)``; spatial sizes that are not multiples of
-        ``2**depth`` are padded internally and the output cropped back.
+        ``2**depth`` are padded internally and the output cropped back. With
+        ``config.members > 1`` it holds that many U-Nets behind one filter bank, and returns
+        the log of their mean class probabilities (its softmax is their average);
+        :meth:`member_logits` gives each member's own logits.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        d, n = config.dims, config.norm
-        conv = nn.Conv2d if d == 2 else nn.Conv3d
-        feats = [config.base_features * 2**i for i in range(config.depth + 1)]
-        self.down = nn.ModuleList()
         cin = config.in_channels
         self.filters: FilterBank | None = None
         if config.features:
-            self.filters = FilterBank(cin, config.features, d, config.derivative_gain)
+            self.filters = FilterBank(cin, config.features, config.dims, config.derivative_gain)
             cin = self.filters.out_channels
-        for f in feats[:-1]:
-            self.down.append(_Block(cin, f, d, n))
-            cin = f
-        self.bottom = _Block(cin, feats[-1], d, n)
-        self.up = nn.ModuleList()
-        self.dec = nn.ModuleList()
-        for i in reversed(range(config.depth)):
-            if config.upsampling == "transpose":
-                tconv = nn.ConvTranspose2d if d == 2 else nn.ConvTranspose3d
-                self.up.append(tconv(feats[i + 1], feats[i], 2, stride=2))
-            else:
-                self.up.append(
-                    nn.Sequential(nn.Upsample(scale_factor=2.0), conv(feats[i + 1], feats[i], 1))
-                )
-            self.dec.append(_Block(2 * feats[i], feats[i], d, n))
-        self.head = conv(feats[0], config.classes, 1)
-        self._pool = F.max_pool2d if d == 2 else F.max_pool3d
+        # the first member's layers sit on the network itself, so that a one-member network
+        # (every checkpoint saved before members existed) keeps its parameter names
+        _build_body(self, cin, config)
+        self.extra_members = nn.ModuleList(
+            [_Member(cin, config) for _ in range(config.members - 1)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's logits, ``(members, N, classes, *spatial)``: what training fits, each
+        member to the targets on its own."""
         cfg = self.config
         if x.ndim != cfg.dims + 2:
             raise ValueError(
@@ -264,20 +253,70 @@ class UNet(nn.Module):
                 pad_arg += [0, p]
             x = F.pad(x, pad_arg, mode="replicate")
         if self.filters is not None:
-            x = self.filters(x)
-        skips = []
-        for block in self.down:
-            x = block(x)
-            skips.append(x)
-            x = self._pool(x, 2)
-        x = self.bottom(x)
-        for up, block in zip(self.up, self.dec, strict=True):
-            x = up(x)
-            x = block(torch.cat([skips.pop(), x], dim=1))
-        x = self.head(x)
+            x = self.filters(x)  # computed once, shared by the members
+        out = torch.stack([_body_forward(self, x), *(m(x) for m in self.extra_members)])
         if any(pads):
-            x = x[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
-        return x
+            out = out[(slice(None), slice(None), slice(None), *(slice(0, s) for s in spatial))]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.member_logits(x)
+        if len(logits) == 1:
+            return logits[0]
+        # the log of the members' mean class probabilities: its softmax is their average
+        return torch.logsumexp(torch.log_softmax(logits, 2), 0) - math.log(len(logits))
+
+
+def _build_body(module: nn.Module, cin: int, config: ModelConfig) -> None:
+    """Give ``module`` the layers of one U-Net (encoder, decoder, output layer) on ``cin``
+    input channels."""
+    d, n = config.dims, config.norm
+    conv = nn.Conv2d if d == 2 else nn.Conv3d
+    feats = [config.base_features * 2**i for i in range(config.depth + 1)]
+    module.down = nn.ModuleList()
+    for f in feats[:-1]:
+        module.down.append(_Block(cin, f, d, n))
+        cin = f
+    module.bottom = _Block(cin, feats[-1], d, n)
+    module.up = nn.ModuleList()
+    module.dec = nn.ModuleList()
+    for i in reversed(range(config.depth)):
+        if config.upsampling == "transpose":
+            tconv = nn.ConvTranspose2d if d == 2 else nn.ConvTranspose3d
+            module.up.append(tconv(feats[i + 1], feats[i], 2, stride=2))
+        else:
+            module.up.append(
+                nn.Sequential(nn.Upsample(scale_factor=2.0), conv(feats[i + 1], feats[i], 1))
+            )
+        module.dec.append(_Block(2 * feats[i], feats[i], d, n))
+    module.head = conv(feats[0], config.classes, 1)
+
+
+def _body_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the U-Net layers :func:`_build_body` gave ``module``, on aligned input."""
+    pool = F.max_pool2d if x.ndim == 4 else F.max_pool3d
+    skips = []
+    for block in module.down:
+        x = block(x)
+        skips.append(x)
+        x = pool(x, 2)
+    x = module.bottom(x)
+    for up, block in zip(module.up, module.dec, strict=True):
+        x = up(x)
+        x = block(torch.cat([skips.pop(), x], dim=1))
+    return module.head(x)
+
+
+class _Member(nn.Module):
+    """A further member of a :class:`UNet` with ``members > 1``: U-Net layers of its own on
+    the shared filter bank's output."""
+
+    def __init__(self, cin: int, config: ModelConfig) -> None:
+        super().__init__()
+        _build_body(self, cin, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _body_forward(self, x)
 
 
 def receptive_field(config: ModelConfig) -> int:
@@ -360,7 +399,7 @@ class PaintsegModel:
         """A few human-readable lines saying what this model is."""
         c = self.config
         lines = [
-            f"{c.dims}D U-Net, {c.in_channels} input channel(s), {c.classes} classes, "
+            f"{c.network_name}, {c.in_channels} input channel(s), {c.classes} classes, "
             f"depth {c.depth}, {c.base_features} base features, {c.norm} norm",
             "classes: "
             + ", ".join(f"{v}={n}" for v, n in zip(self.class_values, self.class_names)),

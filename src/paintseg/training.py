@@ -50,6 +50,7 @@ __all__ = [
     "iter_train",
     "train",
     "PRESETS",
+    "STROKES_2D",
     "preset_config",
     "classes_to_continue",
     "model_for_training",
@@ -92,6 +93,14 @@ PRESETS: dict[str, dict[str, Any]] = {
              "norm": "none", "derivative_gain": 0.1},
     "accurate": {"depth": 4, "base_features": 32, "features": (1.0, 2.0, 4.0, 8.0, 16.0)},
 }
+# 2D presets' changes for strokes (not for dense labels). The fast preset trains 3 U-Nets of
+# base 8 side by side (a step costs about what one of base 16 costs) and averages them: one
+# network's guess where nothing is painted varies much from one start to the next. 60 s of
+# strokes, 5 seeds, this CPU: cells3d stack IoU 0.859 (one base-16 U-Net 0.830; its worst draw
+# 0.793 against 0.673), DSB2018 0.791 (0.795); forest 0.871 / 0.795 (benchmarks/RESULTS.md).
+STROKES_2D: dict[str, dict[str, Any]] = {
+    "fast": {"base_features": 8, "members": 3},
+}
 # 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
 # 128^3), so filter scales stop at 4; base 8. A step on 4 patches of 32^3 takes ~0.3 s on
 # 2 CPU cores (was 4.4 s with the 2D preset on 16 patches).
@@ -107,7 +116,9 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
 
     ``labels_kind="instances"`` (dense labels) keeps the filter bank's derivative channels at
     full strength: the fast preset's x0.1 helps sparse strokes but cost dense training on the
-    DSB2018 top half AP@0.5 0.573 -> 0.513 (``benchmarks/dense.py --budget 120``).
+    DSB2018 top half AP@0.5 0.573 -> 0.513 (``benchmarks/dense.py --budget 120``). It also
+    keeps one U-Net of base 16 where the 2D fast preset for strokes averages 3 of base 8
+    (:data:`STROKES_2D`; not measured on dense labels).
 
     ``auto`` is the fast preset on every device. Measured on an H100 (strokes on 2 slices,
     10 s of training, 5 seeds, ``benchmarks/interactive.py``, before the fast preset damped its
@@ -126,6 +137,8 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
     if labels_kind == "instances":
         arch.pop("derivative_gain", None)
+    elif dims == 2:
+        arch.update(STROKES_2D.get(preset, {}))
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
@@ -967,14 +980,17 @@ def iter_train(
             yb = torch.from_numpy(yb_np).to(dev)
             if cfg.augment != "none":
                 xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
-            logits = net(xb)
-            painted_loss = masked_loss(logits, yb, class_weights=weights,
-                                       dice_weight=cfg.dice_weight)
+            # each member of the network fits the targets on its own (one member: the U-Net)
+            members = net.member_logits(xb)
+            painted_loss = sum(masked_loss(logits, yb, class_weights=weights,
+                                           dice_weight=cfg.dice_weight)
+                               for logits in members) / len(members)
             loss = painted_loss
             if teacher is not None:
                 with torch.no_grad():
                     start_probs = torch.softmax(teacher(xb), 1)
-                loss = loss + cfg.anchor * anchor_loss(logits, start_probs, yb)
+                loss = loss + cfg.anchor * sum(anchor_loss(logits, start_probs, yb)
+                                               for logits in members) / len(members)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1049,7 +1065,8 @@ def adapt_model(
     cfg = ModelConfig(**{**model.config.__dict__, "classes": len(class_values)})
     fresh = new_model(cfg, class_values=class_values, class_names=names,
                       normalization=model.normalization, seed=seed)
-    state = {k: v for k, v in model.network.state_dict().items() if not k.startswith("head.")}
+    state = {k: v for k, v in model.network.state_dict().items()
+             if not (k.startswith("head.") or ".head." in k)}  # every member's output layer
     fresh.network.load_state_dict(state, strict=False)
     fresh.provenance = copy.deepcopy(model.provenance)
     fresh.provenance.setdefault("notes", []).append(

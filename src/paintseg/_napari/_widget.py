@@ -465,7 +465,7 @@ class PaintsegWidget(QWidget):
         self._default_continue()
         c = model.config
         classes = ", ".join(f"{v} {n}" for v, n in zip(model.class_values, model.class_names))
-        lines = [f"<b>{source}</b>: {c.dims}D U-Net, {c.in_channels} channel(s), depth "
+        lines = [f"<b>{source}</b>: {c.network_name}, {c.in_channels} channel(s), depth "
                  f"{c.depth}, base {c.base_features}", f"classes: {classes}"]
         prov = model.provenance
         if prov.get("output") == "instances":
