@@ -236,6 +236,16 @@ class UNet(nn.Module):
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's logits, ``(members, N, classes, *spatial)``: what training fits, each
         member to the targets on its own."""
+        return torch.stack(self._members(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._members(x)
+        if len(out) == 1:
+            return out[0]
+        # the log of the members' mean class probabilities: its softmax is their average
+        return torch.logsumexp(torch.log_softmax(torch.stack(out), 2), 0) - math.log(len(out))
+
+    def _members(self, x: torch.Tensor) -> list[torch.Tensor]:
         cfg = self.config
         if x.ndim != cfg.dims + 2:
             raise ValueError(
@@ -254,17 +264,11 @@ class UNet(nn.Module):
             x = F.pad(x, pad_arg, mode="replicate")
         if self.filters is not None:
             x = self.filters(x)  # computed once, shared by the members
-        out = torch.stack([_body_forward(self, x), *(m(x) for m in self.extra_members)])
+        out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
         if any(pads):
-            out = out[(slice(None), slice(None), slice(None), *(slice(0, s) for s in spatial))]
+            crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
+            out = [o[crop] for o in out]
         return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.member_logits(x)
-        if len(logits) == 1:
-            return logits[0]
-        # the log of the members' mean class probabilities: its softmax is their average
-        return torch.logsumexp(torch.log_softmax(logits, 2), 0) - math.log(len(logits))
 
 
 def _build_body(module: nn.Module, cin: int, config: ModelConfig) -> None:

@@ -86,20 +86,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2D, 2 CPU cores: a step on 16 patches of 64^2 takes ~0.2 s. No normalisation layers:
     # the per-pixel layer norm made the network blind to absolute brightness, and dim
     # out-of-focus haze came out as nuclei (cells3d strokes, held-out IoU 0.77 -> 0.83 with EMA)
-    # Derivative channels x0.1: the network then starts from brightness, as the forest does;
-    # 60 s of strokes, 5 seeds: cells3d stack IoU 0.881 (was 0.820), DSB2018 0.804 (was 0.816),
-    # forest 0.871 / 0.795 (benchmarks/RESULTS.md).
     "fast": {"depth": 3, "base_features": 16, "features": (1.0, 2.0, 4.0, 8.0, 16.0),
-             "norm": "none", "derivative_gain": 0.1},
+             "norm": "none"},
     "accurate": {"depth": 4, "base_features": 32, "features": (1.0, 2.0, 4.0, 8.0, 16.0)},
 }
-# 2D presets' changes for strokes (not for dense labels). The fast preset trains 3 U-Nets of
-# base 8 side by side (a step costs about what one of base 16 costs) and averages them: one
-# network's guess where nothing is painted varies much from one start to the next. 60 s of
-# strokes, 5 seeds, this CPU: cells3d stack IoU 0.859 (one base-16 U-Net 0.830; its worst draw
-# 0.793 against 0.673), DSB2018 0.791 (0.795); forest 0.871 / 0.795 (benchmarks/RESULTS.md).
+# What the 2D presets change for strokes (sparse labels; dense labels keep the preset as is).
+# Derivative channels x0.1: the network then starts from brightness, as the forest does; 60 s
+# of strokes, 5 seeds: cells3d stack IoU 0.881 (was 0.820), DSB2018 0.804 (was 0.816), forest
+# 0.871 / 0.795. 3 U-Nets of base 8 trained side by side (a step costs about what one of base
+# 16 costs) and averaged: one network's guess where nothing is painted varies much from one
+# start to the next; 5 seeds, a slower CPU: cells3d 0.859 (one base-16 U-Net 0.830; its worst
+# draw 0.793 against 0.673), DSB2018 0.791 (0.795); forest 0.871 / 0.795 (benchmarks/RESULTS.md).
 STROKES_2D: dict[str, dict[str, Any]] = {
-    "fast": {"base_features": 8, "members": 3},
+    "fast": {"derivative_gain": 0.1, "base_features": 8, "members": 3},
 }
 # 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
 # 128^3), so filter scales stop at 4; base 8. A step on 4 patches of 32^3 takes ~0.3 s on
@@ -114,11 +113,11 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
                   labels_kind: str = "scribbles") -> ModelConfig:
     """Architecture of a new model: ``"fast"``, ``"accurate"`` or ``"auto"`` (= fast).
 
-    ``labels_kind="instances"`` (dense labels) keeps the filter bank's derivative channels at
-    full strength: the fast preset's x0.1 helps sparse strokes but cost dense training on the
-    DSB2018 top half AP@0.5 0.573 -> 0.513 (``benchmarks/dense.py --budget 120``). It also
-    keeps one U-Net of base 16 where the 2D fast preset for strokes averages 3 of base 8
-    (:data:`STROKES_2D`; not measured on dense labels).
+    For strokes, the 2D fast preset damps the filter bank's derivative channels (x0.1) and
+    averages 3 U-Nets of base 8 (:data:`STROKES_2D`). ``labels_kind="instances"`` (dense
+    labels) keeps one U-Net of base 16 with the derivative channels at full strength: the x0.1
+    helps sparse strokes but cost dense training on the DSB2018 top half AP@0.5 0.573 -> 0.513
+    (``benchmarks/dense.py --budget 120``); members were not measured on dense labels.
 
     ``auto`` is the fast preset on every device. Measured on an H100 (strokes on 2 slices,
     10 s of training, 5 seeds, ``benchmarks/interactive.py``, before the fast preset damped its
@@ -135,9 +134,7 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
         raise ValueError(f"unknown preset {preset!r}; use fast, accurate or auto")
     _check_labels_kind(labels_kind)
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
-    if labels_kind == "instances":
-        arch.pop("derivative_gain", None)
-    elif dims == 2:
+    if labels_kind == "scribbles" and dims == 2:
         arch.update(STROKES_2D.get(preset, {}))
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
