@@ -9,10 +9,6 @@ image (``iter_train``, sampling and augmentation included), with the anchor (1, 
 against without it (0), in the same process: on strokes the anchor costs a forward pass of the
 starting weights per step; on dense instance labels nothing is unpainted and it costs nothing.
 
-Last, whole loop steps of a new U-Net of the 2D fast preset on strokes on the DSB2018 image,
-its patches cut from the filter bank's responses on the whole image (the default) against
-each patch filtered on its own (as before; ``training.FILTERED_BYTES = 0``), alternating runs.
-
 Usage::
 
     python benchmarks/train_step.py [--repeats 4] [--loop-steps 40]
@@ -28,9 +24,8 @@ import numpy as np
 import tifffile
 import torch
 
-from paintseg import training
 from paintseg.config import ModelConfig, TrainConfig
-from paintseg.model import UNet, load_model, new_model, resolve_model
+from paintseg.model import UNet, load_model, resolve_model
 from paintseg.training import (instance_targets, iter_train, masked_loss, prepare_data,
                                preset_config)
 
@@ -54,19 +49,12 @@ def step_seconds(cfg: ModelConfig, patch: int, batch: int, repeats: int) -> floa
     return float(np.median(times[1:]))
 
 
-def loop_seconds(labels: np.ndarray, labels_kind: str, anchor: float, steps: int,
-                 *, new: bool = False) -> float:
-    """Seconds per step of ``iter_train`` continuing the starter model, or training a new
-    model of the fast preset (after 5 warm-up steps)."""
+def loop_seconds(labels: np.ndarray, labels_kind: str, anchor: float, steps: int) -> float:
+    """Seconds per step of ``iter_train`` continuing the starter model (after 5 warm-up steps)."""
     img = tifffile.imread(SAMPLES / "nuclei2d.tif")
     data = prepare_data([(img, labels)], dims=2, labels_kind=labels_kind, seed=0,
                         validation_fraction=0)
-    if new:
-        cfg = preset_config("fast", dims=2, in_channels=1, classes=len(data.class_values),
-                            labels_kind=labels_kind)
-        model = new_model(cfg, class_values=data.class_values, seed=0)
-    else:
-        model = load_model(resolve_model("nuclei"))
+    model = load_model(resolve_model("nuclei"))
     times = []
     for ev in iter_train(model, data, TrainConfig(steps=steps + 5, seed=0, anchor=anchor),
                          device="cpu", step_every=0.0):
@@ -105,27 +93,6 @@ def main() -> None:
                                ("dense instances", inst, "instances")]:
         off, on = (loop_seconds(labels, kind, a, args.loop_steps) for a in (0.0, 1.0))
         print(f"{name:<30}{off:16.3f}{on:10.3f}{on / off:8.2f}")
-
-    gt = inst > 0
-    rng = np.random.default_rng(0)
-    painted = np.zeros(inst.shape, np.uint8)
-    for _ in range(150):  # short strokes of the true class, about 2% of the image
-        y, x = rng.integers(0, np.array(inst.shape) - 12)
-        painted[y : y + 3, x : x + 12] = np.where(gt, 2, 1)[y : y + 3, x : x + 12]
-    print(f"\na new U-Net of the 2D fast preset on DSB2018 strokes, {args.loop_steps} loop steps")
-    whole, alone = [], []
-    default_bytes = training.FILTERED_BYTES
-    for _ in range(3):
-        whole.append(loop_seconds(painted, "scribbles", 1.0, args.loop_steps, new=True))
-        training.FILTERED_BYTES = 0  # each patch filtered on its own
-        try:
-            alone.append(loop_seconds(painted, "scribbles", 1.0, args.loop_steps, new=True))
-        finally:
-            training.FILTERED_BYTES = default_bytes
-    w, a = float(np.median(whole)), float(np.median(alone))
-    print(f"{'patches':<44}{'s/step (median of 3)':>22}{'x alone':>9}")
-    print(f"{'filtered one by one (baseline)':<44}{a:22.3f}{1:9.2f}")
-    print(f"{'cut from the filtered image':<44}{w:22.3f}{w / a:9.2f}")
 
 
 if __name__ == "__main__":

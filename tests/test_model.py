@@ -80,37 +80,6 @@ def test_derivative_gain_scales_only_the_derivative_channels(dims, shape):
         assert plain[:, i].abs().max() > 1e-3  # every channel responds, so the check bites
 
 
-@pytest.mark.parametrize("dims,shape", [(2, (2, 1, 40, 40)), (3, (2, 1, 12, 24, 24))])
-def test_filter_responses_turn_with_the_image(dims, shape):
-    """Training cuts patches from filtered planes and then flips and turns them; that is what
-    filtering the flipped patches would give only if every response turns with the image."""
-    from paintseg.model import FilterBank
-
-    bank = FilterBank(1, (1.0, 3.0), dims, derivative_gain=0.1)
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    f = bank(x)
-    for axis in range(2, 2 + dims):
-        torch.testing.assert_close(bank(x.flip(axis)), f.flip(axis), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(bank(torch.rot90(x, 1, (-2, -1))), torch.rot90(f, 1, (-2, -1)),
-                               atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(f, f.flip(-1), atol=1e-2)  # not symmetric: the checks bite
-
-
-def test_filtered_input_gives_the_same_logits():
-    cfg = ModelConfig(depth=2, base_features=4, features=(1.0, 4.0), members=2)
-    net = new_model(cfg, seed=0).network.eval()
-    x = torch.rand(2, 1, 32, 36, generator=torch.Generator().manual_seed(1))  # aligned, as patches are
-    with torch.no_grad():
-        f = net.filter(x)
-        assert f.shape[1] == net.filters.out_channels
-        torch.testing.assert_close(net(f, filtered=True), net(x))
-        torch.testing.assert_close(net.member_logits(f, filtered=True), net.member_logits(x))
-    with pytest.raises(ValueError, match=f"expected {net.filters.out_channels} channels"):
-        net(x, filtered=True)
-    plain = new_model(ModelConfig(depth=2, base_features=4), seed=0).network
-    assert plain.filter(x) is x  # no filter bank: the image is the members' input
-
-
 def test_derivative_gain_travels_with_the_checkpoint(tmp_path, nuclei2d):
     cfg = ModelConfig(depth=2, base_features=4, features=(1.0, 4.0), derivative_gain=0.1)
     model = new_model(cfg, seed=0)

@@ -676,46 +676,6 @@ def test_a_3d_model_learns_from_a_real_stack():
     np.testing.assert_array_equal(gt, before)
 
 
-def test_patches_are_cut_from_the_painted_planes_filtered_whole():
-    """A 2D model on a stack: the filter bank runs once on each painted slice, whole, so that
-    a patch's responses at large scales see the image around it as tiled inference does;
-    validation patches are cut the same way, and beyond the memory limit patches are filtered
-    one by one."""
-    from paintseg.training import _crop, _filtered_planes, _val_batches
-
-    root = Path(__file__).parents[1] / "sample_data"
-    img = tifffile.imread(root / "nuclei3d.tif")[:, :96, :96]
-    gt = tifffile.imread(root / "nuclei3d_labels.tif")[:, :96, :96] > 0
-    lab = np.zeros(img.shape, np.uint8)
-    for z in (20, 33):
-        lab[z] = strokes(gt[z].astype(int), n=20, seed=z)
-    data = prepare_data([(img, lab)], dims=2, seed=0)
-    cfg = ModelConfig(depth=2, base_features=4, features=(1.0, 8.0))
-    net = new_model(cfg, class_values=data.class_values, seed=0).network
-    filtered = _filtered_planes(data, net, torch.device("cpu"))
-    assert sorted(filtered[0]) == [(20,), (33,)]
-    item = data.items[0]
-    with torch.no_grad():
-        whole = net.filter(torch.from_numpy(item.image[:, 33][None]))[0].numpy()
-    np.testing.assert_allclose(filtered[0][(33,)], whole, atol=1e-5)
-    # a patch in the middle of the slice: its responses are the whole slice's, not those of
-    # the patch reflected at its borders
-    centre = np.array([33, 48, 48])
-    x, _ = _crop(item, centre, (32, 32), np.random.default_rng(0), 2, filtered[0])
-    image_patch, _ = _crop(item, centre, (32, 32), np.random.default_rng(0), 2)
-    r0, c0 = 48 - 16 + np.random.default_rng(0).integers(-8, 9, size=2)  # _crop's jitter
-    np.testing.assert_array_equal(image_patch, item.image[:, 33, r0 : r0 + 32, c0 : c0 + 32])
-    np.testing.assert_allclose(x, whole[:, r0 : r0 + 32, c0 : c0 + 32], atol=1e-5)
-    with torch.no_grad():
-        alone = net.filter(torch.from_numpy(image_patch[None]))[0].numpy()
-    assert np.abs(alone - x).max() > 0.05  # filtering the patch alone differs: the check bites
-    val = _val_batches(data, (32, 32), np.random.default_rng(0), filtered=filtered)
-    assert val and all(v[0].shape == (net.filters.out_channels, 32, 32) for v in val)
-    assert _filtered_planes(data, net, torch.device("cpu"), max_bytes=1000) is None
-    assert _filtered_planes(data, net, torch.device("cpu"), should_stop=lambda: True) is None
-    assert _filtered_planes(data, tiny().network, torch.device("cpu")) is None  # no bank
-
-
 def test_fast_preset_damps_derivatives_for_strokes_only():
     from paintseg.training import preset_config
 

@@ -233,36 +233,26 @@ class UNet(nn.Module):
         self.extra_members = nn.ModuleList(
             [_Member(cin, config) for _ in range(config.members - 1)])
 
-    def member_logits(self, x: torch.Tensor, *, filtered: bool = False) -> torch.Tensor:
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's logits, ``(members, N, classes, *spatial)``: what training fits, each
-        member to the targets on its own. ``filtered``: as in :meth:`forward`."""
-        return torch.stack(self._members(x, filtered=filtered))
+        member to the targets on its own."""
+        return torch.stack(self._members(x))
 
-    def filter(self, x: torch.Tensor) -> torch.Tensor:
-        """The filter bank's responses to ``x`` (``(N, C, *spatial)``), the members' input;
-        ``x`` itself when the network has no filter bank."""
-        return x if self.filters is None else self.filters(x)
-
-    def forward(self, x: torch.Tensor, *, filtered: bool = False) -> torch.Tensor:
-        """Logits; with ``filtered``, ``x`` is already :meth:`filter`'s output (training cuts
-        its patches from whole filtered planes, so that they see the context that tiled
-        inference gives them)."""
-        out = self._members(x, filtered=filtered)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._members(x)
         if len(out) == 1:
             return out[0]
         # the log of the members' mean class probabilities: its softmax is their average
         return torch.logsumexp(torch.log_softmax(torch.stack(out), 2), 0) - math.log(len(out))
 
-    def _members(self, x: torch.Tensor, *, filtered: bool = False) -> list[torch.Tensor]:
+    def _members(self, x: torch.Tensor) -> list[torch.Tensor]:
         cfg = self.config
         if x.ndim != cfg.dims + 2:
             raise ValueError(
                 f"expected a {cfg.dims + 2}-D tensor (N, C, *spatial), got shape {tuple(x.shape)}"
             )
-        channels = self.filters.out_channels if filtered and self.filters is not None \
-            else cfg.in_channels
-        if x.shape[1] != channels:
-            raise ValueError(f"expected {channels} channels, got {x.shape[1]}")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} channels, got {x.shape[1]}")
         spatial = x.shape[2:]
         a = cfg.align
         pads = [(-s) % a for s in spatial]
@@ -272,8 +262,8 @@ class UNet(nn.Module):
             for p in reversed(pads):
                 pad_arg += [0, p]
             x = F.pad(x, pad_arg, mode="replicate")
-        if not filtered:
-            x = self.filter(x)  # computed once, shared by the members
+        if self.filters is not None:
+            x = self.filters(x)  # computed once, shared by the members
         out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
         if any(pads):
             crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))

@@ -466,40 +466,26 @@ def _crop_pair(img: np.ndarray, tgt: np.ndarray, start: tuple[int, ...],
     return x, y
 
 
-# filtered planes of one image, by plane: ``()`` for the whole image, ``(z,)`` for a slice
-# of a stack that a 2D model trains on
-Filtered = dict[tuple[int, ...], np.ndarray]
-
-
-def _source(item: _Item, plane: tuple[int, ...], filtered: Filtered | None) -> np.ndarray:
-    """What patches of ``plane`` are cut from: its filter bank responses when computed,
-    otherwise the image."""
-    return item.image[(slice(None), *plane)] if filtered is None else filtered[plane]
-
-
 def _crop(item: _Item, centre: np.ndarray, size: tuple[int, ...], rng: np.random.Generator,
-          dims: int, filtered: Filtered | None = None) -> tuple[np.ndarray, np.ndarray]:
+          dims: int) -> tuple[np.ndarray, np.ndarray]:
     plane, centre = _in_plane(dims, item.targets.ndim, centre)
-    img, tgt = _source(item, plane, filtered), item.train_targets[plane]
+    img, tgt = item.image[(slice(None), *plane)], item.train_targets[plane]
     jitter = rng.integers(-(np.array(size) // 4), np.array(size) // 4 + 1)
     start = tuple(int(c - s // 2 + j) for c, s, j in zip(centre, size, jitter))
     return _crop_pair(img, tgt, start, size)
 
 
 def _sample_batch(data: TrainingData, batch: int, size: tuple[int, ...],
-                  rng: np.random.Generator, filtered: list[Filtered] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Patches centred near painted pixels, classes drawn uniformly (balanced); cut from the
-    items' ``filtered`` planes (:func:`_filtered_planes`) where given, else from the images."""
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Patches centred near painted pixels, classes drawn uniformly (balanced)."""
     present = [k for k in range(len(data.class_values)) if data.counts[k] > 0]
     xs, ys = [], []
     for _ in range(batch):
         k = present[rng.integers(len(present))]
         weights = np.array([len(it.coords[k]) for it in data.items], dtype=float)
-        i = rng.choice(len(data.items), p=weights / weights.sum())
-        item = data.items[i]
+        item = data.items[rng.choice(len(data.items), p=weights / weights.sum())]
         centre = item.coords[k][rng.integers(len(item.coords[k]))]
-        x, y = _crop(item, centre, size, rng, data.dims, None if filtered is None else filtered[i])
+        x, y = _crop(item, centre, size, rng, data.dims)
         xs.append(x)
         ys.append(y)
     return np.stack(xs), np.stack(ys)
@@ -665,66 +651,11 @@ def holds_to_predictions(model: PaintsegModel, data: TrainingData, *,
 # ---------------------------------------------------------------------------- loop
 
 
-# the most memory that the filter bank's responses on the painted planes may take; beyond
-# it, each patch is filtered on its own (as with the "full" augmentation)
-FILTERED_BYTES = 1 << 30
-
-
-def _filtered_planes(data: TrainingData, network: torch.nn.Module, device: torch.device,
-                     *, max_bytes: int | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> list[Filtered] | None:
-    """The filter bank's responses on every plane that holds painted pixels, per item.
-
-    Computed once on whole planes, so that a patch's responses at scale 16 see the image
-    around it, as in tiled inference, instead of the patch reflected at its borders; and
-    each training step saves the filter bank's cost. The responses are invariant to the
-    flips and 90-degree rotations of the augmentation, so cutting patches from them and
-    flipping gives what filtering flipped patches gives.
-
-    Returns
-    -------
-    list of dict or None
-        Per item, ``{plane: (F, *spatial) float32}``; None when the network has no filter
-        bank, the responses would take more than ``max_bytes`` (default
-        ``FILTERED_BYTES``, read at the call), or ``should_stop`` (polled between planes)
-        asked to stop.
-    """
-    if max_bytes is None:
-        max_bytes = FILTERED_BYTES
-    bank = getattr(network, "filters", None)
-    if bank is None:
-        return None
-    wanted = []
-    for it in data.items:
-        if it.targets.ndim == data.dims:
-            planes = [()]
-        else:  # a 2D model on a stack: the painted slices
-            painted = (it.targets != IGNORE).reshape(it.targets.shape[0], -1).any(1)
-            planes = [(int(z),) for z in np.flatnonzero(painted)]
-        wanted.append(planes)
-    size = sum(4 * bank.out_channels * int(np.prod(it.image.shape[1 + len(p):]))
-               for it, planes in zip(data.items, wanted) for p in planes)
-    if size > max_bytes:
-        return None
-    out: list[Filtered] = []
-    with torch.inference_mode():
-        for it, planes in zip(data.items, wanted):
-            out.append({})
-            for p in planes:
-                if should_stop is not None and should_stop():
-                    return None
-                x = torch.from_numpy(np.ascontiguousarray(it.image[(slice(None), *p)]))
-                out[-1][p] = bank(x[None].to(device))[0].cpu().numpy()
-    return out
-
-
 def _val_batches(data: TrainingData, size: tuple[int, ...], rng: np.random.Generator,
-                 max_patches: int = 16, filtered: list[Filtered] | None = None
-                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Fixed patches over the held-out pixels (targets outside the hold-out ignored), cut as
-    :func:`_sample_batch` cuts them."""
+                 max_patches: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fixed patches over the held-out pixels (targets outside the hold-out ignored)."""
     out = []
-    for i, it in enumerate(data.items):
+    for it in data.items:
         idx = np.argwhere(it.val_mask)
         if len(idx) == 0:
             continue
@@ -733,14 +664,13 @@ def _val_batches(data: TrainingData, size: tuple[int, ...], rng: np.random.Gener
         for c in picks:
             plane, cc = _in_plane(data.dims, it.targets.ndim, c)
             start = tuple(int(v - s // 2) for v, s in zip(cc, size))
-            source = _source(it, plane, None if filtered is None else filtered[i])
-            out.append(_crop_pair(source, val_t[plane], start, size))
+            out.append(_crop_pair(it.image[(slice(None), *plane)], val_t[plane], start, size))
     return out[:max_patches]
 
 
 def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]],
               device: torch.device, classes: int, class_values: tuple[int, ...],
-              weights: torch.Tensor, *, filtered: bool = False) -> dict[str, Any]:
+              weights: torch.Tensor) -> dict[str, Any]:
     net.eval()
     inter = np.zeros(classes)
     union = np.zeros(classes)
@@ -750,7 +680,7 @@ def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]]
         for k in range(0, len(batches), 8):
             xb = torch.from_numpy(np.stack([b[0] for b in batches[k : k + 8]])).to(device)
             yb = torch.from_numpy(np.stack([b[1] for b in batches[k : k + 8]])).to(device)
-            logits = net(xb, filtered=filtered)
+            logits = net(xb)
             losses.append(float(masked_loss(logits, yb, class_weights=weights)))
             pred = logits.argmax(1)
             valid = yb >= 0
@@ -982,13 +912,8 @@ def iter_train(
     weights_np = weights_np / weights_np.mean()
     weights = torch.tensor(weights_np, dtype=torch.float32, device=dev)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    t0 = time.perf_counter()  # the budget counts the filtering (about 3 s per 4 Mpx, 2 cores)
-    # the elastic warp and the intensity changes of the "full" augmentation act on the image
-    filtered = _filtered_planes(data, net, dev, should_stop=should_stop) \
-        if cfg.augment != "full" else None
-    cut = filtered is not None  # patches are cut from filtered planes
-    val = _val_batches(data, size, np.random.default_rng(0 if cfg.seed is None else cfg.seed),
-                       filtered=filtered) if data.has_validation else []
+    val = _val_batches(data, size, np.random.default_rng(0 if cfg.seed is None else cfg.seed)) \
+        if data.has_validation else []
     best_state = copy.deepcopy({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
     ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
     # continuing a trained model: its own predictions on the unpainted pixels are a soft
@@ -999,7 +924,8 @@ def iter_train(
     eval_net = ema_net if ema_net is not None else net
     best_step = 0
     history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
-    last_report = last_val = time.perf_counter()
+    t0 = time.perf_counter()
+    last_report = last_val = t0
     step = 0
     # the last losses, left on the device and read only when reported: reading each step's
     # would make the host wait for the GPU every step
@@ -1025,7 +951,7 @@ def iter_train(
 
     def validate_now() -> TrainEvent:
         nonlocal best_step, best_state
-        result = _validate(eval_net, val, dev, k, data.class_values, weights, filtered=cut)
+        result = _validate(eval_net, val, dev, k, data.class_values, weights)
         if not _clearly_beaten(result["mean_iou"], result["loss"], history.values()):
             best_step = step
             if step > 0:  # step 0: best_state already holds the starting weights
@@ -1046,20 +972,20 @@ def iter_train(
             lr = cfg.learning_rate * (min(1.0, (step + 1) / warmup)) * 0.5 * (1 + math.cos(math.pi * f))
             for group in opt.param_groups:
                 group["lr"] = max(lr, cfg.learning_rate * 0.02)
-            xb_np, yb_np = _sample_batch(data, batch, size, rng, filtered)
+            xb_np, yb_np = _sample_batch(data, batch, size, rng)
             xb = torch.from_numpy(xb_np).to(dev)
             yb = torch.from_numpy(yb_np).to(dev)
             if cfg.augment != "none":
                 xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
             # each member of the network fits the targets on its own (one member: the U-Net)
-            members = net.member_logits(xb, filtered=cut)
+            members = net.member_logits(xb)
             painted_loss = sum(masked_loss(logits, yb, class_weights=weights,
                                            dice_weight=cfg.dice_weight)
                                for logits in members) / len(members)
             loss = painted_loss
             if teacher is not None:
                 with torch.no_grad():
-                    start_probs = torch.softmax(teacher(xb, filtered=cut), 1)
+                    start_probs = torch.softmax(teacher(xb), 1)
                 loss = loss + cfg.anchor * sum(anchor_loss(logits, start_probs, yb)
                                                for logits in members) / len(members)
             opt.zero_grad(set_to_none=True)
