@@ -357,6 +357,9 @@ def test_stack_paint_two_slices_train_segment_current_slice(open_widget, nuclei3
     viewer, w = open_widget(tifffile.imread(nuclei3d_path), "nuclei3d", load_starter=False)
     w.new_btn.click()  # a new 2D U-Net, 2 classes
     assert w.jobs.wait(60_000)
+    # named as the Model panel describes it (the fast preset averages 3 U-Nets for strokes)
+    assert w.model_source == "new 3 averaged 2D U-Nets"
+    assert w.model_info.text().startswith("<b>new 3 averaged 2D U-Nets</b>: 3 averaged 2D U-Nets")
     lab = w.new_labels_layer()
     assert lab.data.shape == (60, 256, 256)
     rng = np.random.default_rng(0)

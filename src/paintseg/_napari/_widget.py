@@ -534,7 +534,7 @@ class PaintsegWidget(QWidget):
             return new_model(cfg, class_values=values)
 
         self.jobs.start("new", job,
-                        on_done=lambda m: (self._set_model(m, f"new {dims}D U-Net"),
+                        on_done=lambda m: (self._set_model(m, f"new {m.config.network_name}"),
                                            self.status.setText(
                                                "New U-Net: paint classes on a labels layer, "
                                                "then Train.")),
