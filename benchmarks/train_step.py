@@ -9,6 +9,9 @@ image (``iter_train``, sampling and augmentation included), with the anchor (1, 
 against without it (0), in the same process: on strokes the anchor costs a forward pass of the
 starting weights per step; on dense instance labels nothing is unpainted and it costs nothing.
 
+Between the two: steps and inference in the default memory layout against the one the
+training loop and inference use (``preferred_layout``: channels-last without norm layers).
+
 Usage::
 
     python benchmarks/train_step.py [--repeats 4] [--loop-steps 40]
@@ -32,9 +35,14 @@ from paintseg.training import (instance_targets, iter_train, masked_loss, prepar
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 
 
-def step_seconds(cfg: ModelConfig, patch: int, batch: int, repeats: int) -> float:
+def step_seconds(cfg: ModelConfig, patch: int, batch: int, repeats: int, *,
+                 preferred: bool = True) -> float:
+    """Median seconds of a step; ``preferred``: in the memory layout the training loop puts
+    the network in on the CPU (:func:`preferred_layout`), else the default layout."""
     torch.manual_seed(0)
     net = UNet(cfg)
+    if preferred:
+        net.to_device("cpu")
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     x = torch.rand(batch, 1, *(patch,) * cfg.dims)
     y = torch.randint(0, cfg.classes, (batch, *(patch,) * cfg.dims))
@@ -47,6 +55,49 @@ def step_seconds(cfg: ModelConfig, patch: int, batch: int, repeats: int) -> floa
         opt.step()
         times.append(time.perf_counter() - t)
     return float(np.median(times[1:]))
+
+
+def forward_seconds(cfg: ModelConfig, size: int, repeats: int, *, preferred: bool) -> float:
+    """Median seconds of inference on one plane (2D) or cube (3D) of ``size``."""
+    torch.manual_seed(0)
+    net = UNet(cfg).eval()
+    if preferred:
+        net.to_device("cpu")
+    x = torch.rand(1, 1, *(size,) * cfg.dims)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            net(x)
+            times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+
+def layouts(repeats: int, rounds: int = 3) -> None:
+    """Default against preferred memory layout (channels-last without norm layers), both
+    measured ``rounds`` times, alternating."""
+    print("\nmemory layout on the CPU: default (NCHW) against preferred_layout "
+          f"(median of {rounds} alternating runs)")
+    print(f"{'configuration':<52}{'default':>9}{'preferred':>11}{'speed-up':>10}")
+    strokes2d = preset_config("fast", dims=2, in_channels=1, classes=2)
+    dense2d = preset_config("fast", dims=2, in_channels=1, classes=3, labels_kind="instances")
+    fast3d = preset_config("fast", dims=3, in_channels=1, classes=3)
+    acc2d = preset_config("accurate", dims=2, in_channels=1, classes=3)
+    for name, fn in [
+        ("step: 2D strokes (3 U-Nets, base 8), 16 x 64^2", lambda p: step_seconds(strokes2d, 64, 16, repeats, preferred=p)),
+        ("step: 2D dense (1 U-Net, base 16), 16 x 64^2", lambda p: step_seconds(dense2d, 64, 16, repeats, preferred=p)),
+        ("step: 3D fast preset, 4 x 32^3", lambda p: step_seconds(fast3d, 32, 4, repeats, preferred=p)),
+        ("step: 2D accurate (layer norm), 8 x 64^2", lambda p: step_seconds(acc2d, 64, 8, repeats, preferred=p)),
+        ("inference: 2D strokes, 256^2", lambda p: forward_seconds(strokes2d, 256, repeats, preferred=p)),
+        ("inference: 2D dense, 256^2", lambda p: forward_seconds(dense2d, 256, repeats, preferred=p)),
+        ("inference: 3D fast preset, 64^3", lambda p: forward_seconds(fast3d, 64, repeats, preferred=p)),
+    ]:
+        runs = {False: [], True: []}
+        for _ in range(rounds):
+            for p in (False, True):
+                runs[p].append(fn(p))
+        d, p = np.median(runs[False]), np.median(runs[True])
+        print(f"{name:<52}{d:9.3f}{p:11.3f}{d / p:9.2f}x")
 
 
 def loop_seconds(labels: np.ndarray, labels_kind: str, anchor: float, steps: int) -> float:
@@ -82,6 +133,8 @@ def main() -> None:
     ]:
         s = step_seconds(cfg, patch, batch, args.repeats)
         print(f"{name:<58}{s:8.2f}{s / base:10.2f}")
+
+    layouts(args.repeats)
 
     inst = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")
     # the starter model's classes (background, object, boundary) painted on a tenth of the rows

@@ -198,3 +198,32 @@ def test_one_member_keeps_the_parameter_names_of_earlier_checkpoints():
     keys = set(starter.network.state_dict())
     assert starter.config.members == 1
     assert "head.weight" in keys and not any(k.startswith("extra_members") for k in keys)
+
+
+@pytest.mark.parametrize("dims,shape,members", [(2, (37, 50), 3), (3, (5, 9, 17), 1)])
+def test_channels_last_on_the_cpu_gives_the_same_logits(tmp_path, dims, shape, members):
+    cfg = ModelConfig(dims=dims, depth=2, base_features=4, classes=3, norm="none",
+                      features=(1.0, 2.0), members=members)
+    model = new_model(cfg, seed=0)
+    net = model.network.eval()
+    x = torch.rand(2, 1, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = net(x)
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    assert net.to_device("cpu") is net
+    assert net.down[0][0].weight.is_contiguous(memory_format=fmt)
+    assert not net.down[0][0].weight.is_contiguous()
+    with torch.no_grad():
+        after = net(x)
+    assert after.is_contiguous()  # logits in the default layout for the code downstream
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    # a checkpoint saved from the channels-last network loads and predicts the same
+    back = load_model(save_model(model, tmp_path / "m.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(back.network.eval()(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_networks_with_norm_layers_keep_the_default_layout_on_the_cpu():
+    net = UNet(ModelConfig(dims=2, depth=2, base_features=4, classes=2, norm="layer"))
+    net.to_device("cpu")
+    assert net.down[0][0].weight.is_contiguous()

@@ -38,6 +38,7 @@ __all__ = [
     "save_model",
     "load_model",
     "receptive_field",
+    "preferred_layout",
     "exact_halo",
     "bundled_models",
     "default_class_names",
@@ -191,6 +192,24 @@ class FilterBank(nn.Module):
         return out.reshape(n, -1, *spatial)
 
 
+def preferred_layout(config: ModelConfig, device: torch.device) -> torch.memory_format:
+    """The memory layout a network of ``config`` runs fastest in on ``device``.
+
+    Channels-last (``torch.channels_last``, ``channels_last_3d`` in 3D) for a network without
+    normalisation layers on the CPU and on CUDA, the default layout otherwise. Measured:
+
+    - CPU, 2 cores (``benchmarks/train_step.py``): a training step of 3 U-Nets of base 8 on
+      16 patches of 64^2 1.3x faster, inference on a 256^2 plane 1.8x, the 3D fast preset's
+      step 1.5x. With the per-pixel channel norm or group norm, no difference.
+    - H100, 2048^2 image: 2D fast preset 0.060 -> 0.055 s, 3D fast preset on 60x512x512
+      0.270 -> 0.234 s; with the per-pixel channel norm slower (0.101 -> 0.131 s).
+    - Apple MPS: not measured, so the default layout.
+    """
+    if config.norm != "none" or device.type not in ("cpu", "cuda"):
+        return torch.contiguous_format
+    return torch.channels_last if config.dims == 2 else torch.channels_last_3d
+
+
 class _Block(nn.Sequential):
     def __init__(self, cin: int, cout: int, dims: int, norm: str) -> None:
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
@@ -233,6 +252,21 @@ class UNet(nn.Module):
         self.extra_members = nn.ModuleList(
             [_Member(cin, config) for _ in range(config.members - 1)])
 
+    def to_device(self, device: str | torch.device) -> UNet:
+        """Move the network to ``device`` in the memory layout of :func:`preferred_layout`
+        there, and return it; :meth:`forward` hands its layers their input in that layout."""
+        device = torch.device(device)
+        return self.to(device).to(memory_format=preferred_layout(self.config, device))
+
+    def _layout(self) -> torch.memory_format:
+        """The memory layout the weights are in (see :meth:`to_device`)."""
+        w = self.down[0][0].weight
+        if w.ndim == 4 and w.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if w.ndim == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+        return torch.contiguous_format
+
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's logits, ``(members, N, classes, *spatial)``: what training fits, each
         member to the targets on its own."""
@@ -264,11 +298,15 @@ class UNet(nn.Module):
             x = F.pad(x, pad_arg, mode="replicate")
         if self.filters is not None:
             x = self.filters(x)  # computed once, shared by the members
+        layout = self._layout()
+        if layout is not torch.contiguous_format:
+            x = x.contiguous(memory_format=layout)
         out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
         if any(pads):
             crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
             out = [o[crop] for o in out]
-        return out
+        # logits in the default layout, whatever the layers ran in (a few channels: cheap)
+        return [o.contiguous() for o in out]
 
 
 def _build_body(module: nn.Module, cin: int, config: ModelConfig) -> None:

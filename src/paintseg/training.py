@@ -786,7 +786,7 @@ def painted_agreement(model: PaintsegModel, data: TrainingData, *,
     counted = [np.zeros(it.targets.shape, bool) for it in data.items]
     net = model.network
     home = next(net.parameters()).device
-    net.to(dev).eval()
+    net.to_device(dev).eval()
     with torch.inference_mode():
         for i, centre in centres:
             it = data.items[i]
@@ -801,7 +801,7 @@ def painted_agreement(model: PaintsegModel, data: TrainingData, *,
             np.add.at(totals, truth, 1)
             np.add.at(hits, truth[guess == truth], 1)
             seen[src] |= new
-    net.to(home)
+    net.to_device(home)
     return {int(data.class_values[c]): float(hits[c] / totals[c]) for c in range(k)
             if totals[c] > 0}
 
@@ -904,7 +904,7 @@ def iter_train(
     align = model.config.align
     psize = max(align, int(math.ceil(psize / align) * align))
     size = (psize,) * data.dims
-    net = model.network.to(dev)
+    net = model.network.to_device(dev)
     net.train()
     k = len(data.class_values)
     freq = data.counts.astype(np.float64) + 1.0
@@ -1021,7 +1021,7 @@ def iter_train(
     elif stopped and step == 0:
         net.load_state_dict(best_state)
     net.eval()
-    net.to("cpu")
+    net.to_device("cpu")
     model.provenance.setdefault("training", []).append({
         "steps": step,
         "seconds": round(time.perf_counter() - t0, 1),
