@@ -27,8 +27,9 @@ import numpy as np
 import tifffile
 import torch
 
+import paintseg.model
 from paintseg.config import ModelConfig, TrainConfig
-from paintseg.model import UNet, load_model, resolve_model
+from paintseg.model import UNet, load_model, new_model, resolve_model
 from paintseg.training import (instance_targets, iter_train, masked_loss, prepare_data,
                                preset_config)
 
@@ -73,7 +74,7 @@ def forward_seconds(cfg: ModelConfig, size: int, repeats: int, *, preferred: boo
     return float(np.median(times[1:]))
 
 
-def layouts(repeats: int, rounds: int = 3) -> None:
+def layouts(repeats: int, loop_steps: int, rounds: int = 3) -> None:
     """Default against preferred memory layout (channels-last without norm layers), both
     measured ``rounds`` times, alternating."""
     print("\nmemory layout on the CPU: default (NCHW) against preferred_layout "
@@ -91,6 +92,7 @@ def layouts(repeats: int, rounds: int = 3) -> None:
         ("inference: 2D strokes, 256^2", lambda p: forward_seconds(strokes2d, 256, repeats, preferred=p)),
         ("inference: 2D dense, 256^2", lambda p: forward_seconds(dense2d, 256, repeats, preferred=p)),
         ("inference: 3D fast preset, 64^3", lambda p: forward_seconds(fast3d, 64, repeats, preferred=p)),
+        ("training loop: new 2D strokes model, DSB2018", lambda p: new_loop_seconds(loop_steps, preferred=p)),
     ]:
         runs = {False: [], True: []}
         for _ in range(rounds):
@@ -98,6 +100,31 @@ def layouts(repeats: int, rounds: int = 3) -> None:
                 runs[p].append(fn(p))
         d, p = np.median(runs[False]), np.median(runs[True])
         print(f"{name:<52}{d:9.3f}{p:11.3f}{d / p:9.2f}x")
+
+
+def new_loop_seconds(steps: int, *, preferred: bool) -> float:
+    """Seconds per step of ``iter_train`` training a new model of the 2D fast preset on
+    strokes of the DSB2018 image (every 10th row painted; after 5 warm-up steps), in the
+    preferred memory layout or, through a stand-in for ``preferred_layout``, the default one."""
+    inst = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")
+    labels = np.zeros(inst.shape, np.uint8)
+    labels[::10] = np.where(inst[::10] > 0, 2, 1)
+    img = tifffile.imread(SAMPLES / "nuclei2d.tif")
+    data = prepare_data([(img, labels)], dims=2, seed=0, validation_fraction=0)
+    cfg = preset_config("fast", dims=2, in_channels=1, classes=2)
+    model = new_model(cfg, class_values=data.class_values, seed=0)
+    saved = paintseg.model.preferred_layout
+    if not preferred:
+        paintseg.model.preferred_layout = lambda config, device: torch.contiguous_format
+    try:
+        times = []
+        for ev in iter_train(model, data, TrainConfig(steps=steps + 5, seed=0), device="cpu",
+                             step_every=0.0):
+            if ev.step in (5, steps + 5) and ev.kind.name == "STEP":
+                times.append(ev.elapsed)
+    finally:
+        paintseg.model.preferred_layout = saved
+    return (times[-1] - times[0]) / steps
 
 
 def loop_seconds(labels: np.ndarray, labels_kind: str, anchor: float, steps: int) -> float:
@@ -134,7 +161,7 @@ def main() -> None:
         s = step_seconds(cfg, patch, batch, args.repeats)
         print(f"{name:<58}{s:8.2f}{s / base:10.2f}")
 
-    layouts(args.repeats)
+    layouts(args.repeats, args.loop_steps)
 
     inst = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")
     # the starter model's classes (background, object, boundary) painted on a tenth of the rows
