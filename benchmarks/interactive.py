@@ -260,7 +260,8 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
     ``preset`` may name a normalisation after a colon (``accurate:none``) to try the preset's
     architecture with other normalisation layers, and training options after commas
     (``fast,patch_size=128,dice_weight=0``), numeric architecture options
-    (``fast,derivative_gain=1``), filter scales (``fast,features=1/2/4/8``) or ``dims=3`` for a 3D model (stacks only)."""
+    (``fast,derivative_gain=1``), filter scales (``fast,features=1/2/4/8``) or ``dims=3`` for
+    a 3D model (stacks only)."""
     t = time.perf_counter()
     head, *options = preset.split(",")
     name, _, norm = head.partition(":")

@@ -84,28 +84,40 @@ def layouts(repeats: int, loop_steps: int, rounds: int = 3) -> None:
     dense2d = preset_config("fast", dims=2, in_channels=1, classes=3, labels_kind="instances")
     fast3d = preset_config("fast", dims=3, in_channels=1, classes=3)
     acc2d = preset_config("accurate", dims=2, in_channels=1, classes=3)
-    for name, fn in [
-        ("step: 2D strokes (3 U-Nets, base 8), 16 x 64^2", lambda p: step_seconds(strokes2d, 64, 16, repeats, preferred=p)),
-        ("step: 2D dense (1 U-Net, base 16), 16 x 64^2", lambda p: step_seconds(dense2d, 64, 16, repeats, preferred=p)),
-        ("step: 3D fast preset, 4 x 32^3", lambda p: step_seconds(fast3d, 32, 4, repeats, preferred=p)),
-        ("step: 2D accurate (layer norm), 8 x 64^2", lambda p: step_seconds(acc2d, 64, 8, repeats, preferred=p)),
-        ("inference: 2D strokes, 256^2", lambda p: forward_seconds(strokes2d, 256, repeats, preferred=p)),
-        ("inference: 2D dense, 256^2", lambda p: forward_seconds(dense2d, 256, repeats, preferred=p)),
-        ("inference: 3D fast preset, 64^3", lambda p: forward_seconds(fast3d, 64, repeats, preferred=p)),
-        ("training loop: new 2D strokes model, DSB2018", lambda p: new_loop_seconds(loop_steps, preferred=p)),
-    ]:
+    rows = [
+        ("step: 2D strokes (3 U-Nets, base 8), 16 x 64^2", step_seconds, (strokes2d, 64, 16, repeats)),
+        ("step: 2D dense (1 U-Net, base 16), 16 x 64^2", step_seconds, (dense2d, 64, 16, repeats)),
+        ("step: 3D fast preset, 4 x 32^3", step_seconds, (fast3d, 32, 4, repeats)),
+        ("step: 2D accurate (layer norm), 8 x 64^2", step_seconds, (acc2d, 64, 8, repeats)),
+        ("inference: 2D strokes, 256^2", forward_seconds, (strokes2d, 256, repeats)),
+        ("inference: 2D dense, 256^2", forward_seconds, (dense2d, 256, repeats)),
+        ("inference: 3D fast preset, 64^3", forward_seconds, (fast3d, 64, repeats)),
+        ("training loop: new 2D strokes model, DSB2018", new_loop_seconds, (loop_steps,)),
+    ]
+    for name, fn, fn_args in rows:
         runs = {False: [], True: []}
         for _ in range(rounds):
             for p in (False, True):
-                runs[p].append(fn(p))
+                runs[p].append(fn(*fn_args, preferred=p))
         d, p = np.median(runs[False]), np.median(runs[True])
         print(f"{name:<52}{d:9.3f}{p:11.3f}{d / p:9.2f}x")
 
 
+def _loop_step_seconds(model, data, steps: int, **train) -> float:
+    """Seconds per step of ``iter_train`` on the CPU, after 5 warm-up steps."""
+    times = []
+    for ev in iter_train(model, data, TrainConfig(steps=steps + 5, seed=0, **train),
+                         device="cpu", step_every=0.0):
+        if ev.step in (5, steps + 5) and ev.kind.name == "STEP":
+            times.append(ev.elapsed)
+    assert model.provenance["training"][-1]["steps"] == steps + 5
+    return (times[-1] - times[0]) / steps
+
+
 def new_loop_seconds(steps: int, *, preferred: bool) -> float:
-    """Seconds per step of ``iter_train`` training a new model of the 2D fast preset on
-    strokes of the DSB2018 image (every 10th row painted; after 5 warm-up steps), in the
-    preferred memory layout or, through a stand-in for ``preferred_layout``, the default one."""
+    """Seconds per loop step training a new model of the 2D fast preset on strokes of the
+    DSB2018 image (every 10th row painted), in the preferred memory layout or, through a
+    stand-in for ``preferred_layout``, the default one."""
     inst = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")
     labels = np.zeros(inst.shape, np.uint8)
     labels[::10] = np.where(inst[::10] > 0, 2, 1)
@@ -117,29 +129,17 @@ def new_loop_seconds(steps: int, *, preferred: bool) -> float:
     if not preferred:
         paintseg.model.preferred_layout = lambda config, device: torch.contiguous_format
     try:
-        times = []
-        for ev in iter_train(model, data, TrainConfig(steps=steps + 5, seed=0), device="cpu",
-                             step_every=0.0):
-            if ev.step in (5, steps + 5) and ev.kind.name == "STEP":
-                times.append(ev.elapsed)
+        return _loop_step_seconds(model, data, steps)
     finally:
         paintseg.model.preferred_layout = saved
-    return (times[-1] - times[0]) / steps
 
 
 def loop_seconds(labels: np.ndarray, labels_kind: str, anchor: float, steps: int) -> float:
-    """Seconds per step of ``iter_train`` continuing the starter model (after 5 warm-up steps)."""
+    """Seconds per loop step continuing the starter model."""
     img = tifffile.imread(SAMPLES / "nuclei2d.tif")
     data = prepare_data([(img, labels)], dims=2, labels_kind=labels_kind, seed=0,
                         validation_fraction=0)
-    model = load_model(resolve_model("nuclei"))
-    times = []
-    for ev in iter_train(model, data, TrainConfig(steps=steps + 5, seed=0, anchor=anchor),
-                         device="cpu", step_every=0.0):
-        if ev.step in (5, steps + 5) and ev.kind.name == "STEP":
-            times.append(ev.elapsed)
-    assert model.provenance["training"][-1]["steps"] == steps + 5
-    return (times[-1] - times[0]) / steps
+    return _loop_step_seconds(load_model(resolve_model("nuclei")), data, steps, anchor=anchor)
 
 
 def main() -> None:
