@@ -685,6 +685,7 @@ def test_fast_preset_damps_derivatives_for_strokes_only():
     assert (strokes.members, strokes.base_features) == (3, 8)  # 3 small U-Nets, averaged
     assert (dense.members, dense.base_features) == (1, 16)
     assert preset_config("auto", dims=3, in_channels=1, classes=2).members == 1
-    assert strokes.features == dense.features and strokes.depth == dense.depth
+    assert strokes.features == (1.0, 2.0, 4.0, 8.0) and max(dense.features) == 16.0
+    assert strokes.depth == dense.depth
     with pytest.raises(ValueError, match="labels_kind must be"):
         preset_config("fast", dims=2, in_channels=1, classes=2, labels_kind="dense")

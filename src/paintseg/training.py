@@ -97,8 +97,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # 16 costs) and averaged: one network's guess where nothing is painted varies much from one
 # start to the next; 5 seeds, a slower CPU: cells3d 0.859 (one base-16 U-Net 0.830; its worst
 # draw 0.793 against 0.673), DSB2018 0.791 (0.795); forest 0.871 / 0.795 (benchmarks/RESULTS.md).
+# Filter scales 1..8 (no sigma 16), paired with 1..16 in one process, 60 s: cells3d seeds 0-4
+# 0.900 / 0.886, seeds 5-9 0.842 / 0.799, DSB2018 seeds 0-9 0.812 / 0.806; forest 0.871 /
+# 0.864 / 0.791 (benchmarks/RESULTS.md). It also runs ~8% more steps a minute, and the exact
+# tiling halo drops from 104 to 80 pixels.
 STROKES_2D: dict[str, dict[str, Any]] = {
-    "fast": {"derivative_gain": 0.1, "base_features": 8, "members": 3},
+    "fast": {"derivative_gain": 0.1, "base_features": 8, "members": 3,
+             "features": (1.0, 2.0, 4.0, 8.0)},
 }
 # 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
 # 128^3), so filter scales stop at 4; base 8. A step on 4 patches of 32^3 takes ~0.3 s on
@@ -113,11 +118,12 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
                   labels_kind: str = "scribbles") -> ModelConfig:
     """Architecture of a new model: ``"fast"``, ``"accurate"`` or ``"auto"`` (= fast).
 
-    For strokes, the 2D fast preset damps the filter bank's derivative channels (x0.1) and
-    averages 3 U-Nets of base 8 (:data:`STROKES_2D`). ``labels_kind="instances"`` (dense
-    labels) keeps one U-Net of base 16 with the derivative channels at full strength: the x0.1
-    helps sparse strokes but cost dense training on the DSB2018 top half AP@0.5 0.573 -> 0.513
-    (``benchmarks/dense.py --budget 120``); members were not measured on dense labels.
+    For strokes, the 2D fast preset damps the filter bank's derivative channels (x0.1),
+    averages 3 U-Nets of base 8 and stops its filter scales at sigma 8 (:data:`STROKES_2D`).
+    ``labels_kind="instances"`` (dense labels) keeps one U-Net of base 16 with the derivative
+    channels at full strength and scales up to sigma 16: the x0.1 helps sparse strokes but cost
+    dense training on the DSB2018 top half AP@0.5 0.573 -> 0.513 (``benchmarks/dense.py
+    --budget 120``); members and scales were not measured on dense labels.
 
     ``auto`` is the fast preset on every device. Measured on an H100 (strokes on 2 slices,
     10 s of training, 5 seeds, ``benchmarks/interactive.py``, before the fast preset damped its
