@@ -5,7 +5,8 @@ wheels, see sample_data/README.md):
 
 - ``nuclei3d``: cells3d nuclei stack; strokes on 2 slices of the stack (as painted in napari),
   a 2D model trained on the stack and run on the whole stack, evaluated on the other slices
-  20..50. The stack is normalised as a whole, for both methods.
+  20..50 (``--planes all``: on every other slice). The stack is normalised as a whole, for
+  both methods.
 - ``dsb2018``: the DSB2018 nuclei image; strokes on the top half, evaluated on the bottom half.
 - ``dsb2018-inverted`` (not run by default): the same with its intensities inverted, dark
   nuclei on a bright background, a stand-in for data unlike the starter model's.
@@ -39,7 +40,7 @@ Usage::
 
     python benchmarks/interactive.py [--budget 60] [--device auto] [--datasets nuclei3d dsb2018]
         [--seeds 0 1 2 3 4] [--presets auto accurate accurate:none fast,dims=3,patch_size=48
-        auto,init=nuclei] [--rounds 2]
+        auto,init=nuclei] [--rounds 2] [--planes middle|all]
 """
 
 from __future__ import annotations
@@ -141,11 +142,14 @@ def random_forest(train, test):
 FIX_Z = 48
 
 
-def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False):
+def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False,
+            planes: str = "middle"):
     """Painted (image, labels) pairs, held-out (image, truth, planes to score) triples, and
     where corrections are painted: (index of the painted pair, plane or None, its truth).
 
-    With ``corrections`` the corrected plane of the stack is not scored."""
+    With ``corrections`` the corrected plane of the stack is not scored. ``planes="all"``
+    scores every unpainted slice of the stack, its out-of-focus ends included, instead of
+    slices 20..50."""
     if name == "nuclei3d":
         # as in napari: strokes on 2 slices of the stack's Labels layer, a 2D model trained on
         # the stack (normalised as a whole) and run on the whole stack, scored on the other
@@ -153,7 +157,8 @@ def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False):
         img = tifffile.imread(SAMPLES / "nuclei3d.tif")
         gt = tifffile.imread(SAMPLES / "nuclei3d_labels.tif") > 0
         paint_z = (27, 38)
-        test_z = [z for z in range(20, 51)
+        scored = range(20, 51) if planes == "middle" else range(img.shape[0])
+        test_z = [z for z in scored
                   if z not in paint_z and not (corrections and z == FIX_Z)]
         lab = np.zeros(img.shape, np.uint8)
         for z in paint_z:
@@ -184,7 +189,7 @@ def foreground_iou(preds, test) -> float:
 
 
 def run_one(name: str, seed: int, budget: float, device, presets: list[str],
-            rounds: int = 1) -> list[tuple[float, ...]]:
+            rounds: int = 1, planes: str = "middle") -> list[tuple[float, ...]]:
     """Forest IoU and paintseg's IoU per preset for one dataset and one seed (strokes drawn by
     ``seed``), per round.
 
@@ -194,7 +199,7 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
     where the result is wrong; the forest is fitted again on all its strokes, paintseg
     continues training its model for another ``budget`` seconds."""
     rng = np.random.default_rng(seed)
-    train, test, (k, fz, fix_gt) = dataset(name, rng, corrections=rounds > 1)
+    train, test, (k, fz, fix_gt) = dataset(name, rng, corrections=rounds > 1, planes=planes)
     painted = sum(int((lab > 0).sum()) for _, lab in train)
     planes = sum(len(np.unique(np.nonzero(lab)[0])) if lab.ndim == 3 else 1 for _, lab in train)
     one = 512 * 512 if name.startswith("dsb2018") else int(np.prod(train[0][0].shape[-2:]))
@@ -334,13 +339,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of painting: after each, correction strokes in each "
                              "method's errors (the cells3d slice %d is then not scored)" % FIX_Z)
+    parser.add_argument("--planes", choices=["middle", "all"], default="middle",
+                        help="cells3d slices scored: middle = 20..50 (in focus), all = every "
+                             "unpainted slice, the out-of-focus ends included")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; paintseg budget {args.budget:.0f} s")
     summary = {}
     for name in args.datasets:
-        summary[name] = [run_one(name, seed, args.budget, device, args.presets, args.rounds)
-                         for seed in args.seeds]
+        summary[name] = [run_one(name, seed, args.budget, device, args.presets, args.rounds,
+                                 args.planes) for seed in args.seeds]
     print(f"\nmeans over seeds {args.seeds}:")
     for r in range(args.rounds):
         if args.rounds > 1:
