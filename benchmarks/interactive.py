@@ -189,9 +189,9 @@ def foreground_iou(preds, test) -> float:
 
 
 def run_one(name: str, seed: int, budget: float, device, presets: list[str],
-            rounds: int = 1, planes: str = "middle") -> list[tuple[float, ...]]:
+            rounds: int = 1, score_slices: str = "middle") -> list[tuple[float, ...]]:
     """Forest IoU and paintseg's IoU per preset for one dataset and one seed (strokes drawn by
-    ``seed``), per round.
+    ``seed``), per round; ``score_slices`` picks the stack's scored slices (see :func:`dataset`).
 
     After each round but the last, every method gets correction strokes in its own errors on
     the correction plane (half as many pixels as the first strokes: background strokes in
@@ -199,7 +199,7 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
     where the result is wrong; the forest is fitted again on all its strokes, paintseg
     continues training its model for another ``budget`` seconds."""
     rng = np.random.default_rng(seed)
-    train, test, (k, fz, fix_gt) = dataset(name, rng, corrections=rounds > 1, planes=planes)
+    train, test, (k, fz, fix_gt) = dataset(name, rng, corrections=rounds > 1, planes=score_slices)
     painted = sum(int((lab > 0).sum()) for _, lab in train)
     planes = sum(len(np.unique(np.nonzero(lab)[0])) if lab.ndim == 3 else 1 for _, lab in train)
     one = 512 * 512 if name.startswith("dsb2018") else int(np.prod(train[0][0].shape[-2:]))
