@@ -143,11 +143,11 @@ FIX_Z = 48
 
 
 def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False,
-            planes: str = "middle"):
+            score_slices: str = "middle"):
     """Painted (image, labels) pairs, held-out (image, truth, planes to score) triples, and
     where corrections are painted: (index of the painted pair, plane or None, its truth).
 
-    With ``corrections`` the corrected plane of the stack is not scored. ``planes="all"``
+    With ``corrections`` the corrected plane of the stack is not scored. ``score_slices="all"``
     scores every unpainted slice of the stack, its out-of-focus ends included, instead of
     slices 20..50."""
     if name == "nuclei3d":
@@ -157,7 +157,7 @@ def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False,
         img = tifffile.imread(SAMPLES / "nuclei3d.tif")
         gt = tifffile.imread(SAMPLES / "nuclei3d_labels.tif") > 0
         paint_z = (27, 38)
-        scored = range(20, 51) if planes == "middle" else range(img.shape[0])
+        scored = range(20, 51) if score_slices == "middle" else range(img.shape[0])
         test_z = [z for z in scored
                   if z not in paint_z and not (corrections and z == FIX_Z)]
         lab = np.zeros(img.shape, np.uint8)
@@ -199,7 +199,8 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
     where the result is wrong; the forest is fitted again on all its strokes, paintseg
     continues training its model for another ``budget`` seconds."""
     rng = np.random.default_rng(seed)
-    train, test, (k, fz, fix_gt) = dataset(name, rng, corrections=rounds > 1, planes=score_slices)
+    train, test, (k, fz, fix_gt) = dataset(name, rng, corrections=rounds > 1,
+                                           score_slices=score_slices)
     painted = sum(int((lab > 0).sum()) for _, lab in train)
     planes = sum(len(np.unique(np.nonzero(lab)[0])) if lab.ndim == 3 else 1 for _, lab in train)
     one = 512 * 512 if name.startswith("dsb2018") else int(np.prod(train[0][0].shape[-2:]))

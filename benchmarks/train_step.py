@@ -85,7 +85,8 @@ def layouts(repeats: int, loop_steps: int, rounds: int = 3) -> None:
     fast3d = preset_config("fast", dims=3, in_channels=1, classes=3)
     acc2d = preset_config("accurate", dims=2, in_channels=1, classes=3)
     rows = [
-        ("step: 2D strokes (3 U-Nets, base 8), 16 x 64^2", step_seconds, (strokes2d, 64, 16, repeats)),
+        ("step: 2D strokes (3 U-Nets, base 8), 16 x 64^2", step_seconds,
+         (strokes2d, 64, 16, repeats)),
         ("step: 2D dense (1 U-Net, base 16), 16 x 64^2", step_seconds, (dense2d, 64, 16, repeats)),
         ("step: 3D fast preset, 4 x 32^3", step_seconds, (fast3d, 32, 4, repeats)),
         ("step: 2D accurate (layer norm), 8 x 64^2", step_seconds, (acc2d, 64, 8, repeats)),
@@ -121,8 +122,7 @@ def new_loop_seconds(steps: int, *, preferred: bool) -> float:
     inst = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")
     labels = np.zeros(inst.shape, np.uint8)
     labels[::10] = np.where(inst[::10] > 0, 2, 1)
-    img = tifffile.imread(SAMPLES / "nuclei2d.tif")
-    data = prepare_data([(img, labels)], dims=2, seed=0, validation_fraction=0)
+    data = _dsb2018_data(labels, "scribbles")
     cfg = preset_config("fast", dims=2, in_channels=1, classes=2)
     model = new_model(cfg, class_values=data.class_values, seed=0)
     saved = paintseg.model.preferred_layout
@@ -134,11 +134,16 @@ def new_loop_seconds(steps: int, *, preferred: bool) -> float:
         paintseg.model.preferred_layout = saved
 
 
+def _dsb2018_data(labels: np.ndarray, labels_kind: str):
+    """Training data of the DSB2018 image with ``labels``, nothing held out."""
+    img = tifffile.imread(SAMPLES / "nuclei2d.tif")
+    return prepare_data([(img, labels)], dims=2, labels_kind=labels_kind, seed=0,
+                        validation_fraction=0)
+
+
 def loop_seconds(labels: np.ndarray, labels_kind: str, anchor: float, steps: int) -> float:
     """Seconds per loop step continuing the starter model."""
-    img = tifffile.imread(SAMPLES / "nuclei2d.tif")
-    data = prepare_data([(img, labels)], dims=2, labels_kind=labels_kind, seed=0,
-                        validation_fraction=0)
+    data = _dsb2018_data(labels, labels_kind)
     return _loop_step_seconds(load_model(resolve_model("nuclei")), data, steps, anchor=anchor)
 
 
