@@ -18,8 +18,9 @@ Both methods get the same strokes. The baseline is scikit-image ``multiscale_bas
 (intensity, edges, texture at sigma 1..16) with a scikit-learn random forest (100 trees), as in
 ilastik's pixel classification. paintseg trains its default preset ("fast", on every device;
 ``--presets`` tries others) for ``--budget`` seconds
-and predicts the held-out pixels with tiled inference. Both report the foreground IoU against
-the ground truth.
+and predicts the held-out pixels with tiled inference, its class borders snapped to the image's
+edges as `paintseg segment` does (``--argmax-too`` also scores the same model's arg-max labels,
+``snap=0``). Both report the foreground IoU against the ground truth.
 
 ``--rounds 2`` adds a round of corrections, as a user paints where the first result is wrong:
 each method gets strokes in its own errors on one plane (cells3d slice 48, near the stack's
@@ -40,7 +41,7 @@ Usage::
 
     python benchmarks/interactive.py [--budget 60] [--device auto] [--datasets nuclei3d dsb2018]
         [--seeds 0 1 2 3 4] [--presets auto accurate accurate:none fast,dims=3,patch_size=48
-        auto,init=nuclei] [--rounds 2] [--planes middle|all]
+        auto,init=nuclei] [--rounds 2] [--planes middle|all] [--argmax-too]
 """
 
 from __future__ import annotations
@@ -189,9 +190,12 @@ def foreground_iou(preds, test) -> float:
 
 
 def run_one(name: str, seed: int, budget: float, device, presets: list[str],
-            rounds: int = 1, score_slices: str = "middle") -> list[tuple[float, ...]]:
+            rounds: int = 1, score_slices: str = "middle", argmax_too: bool = False
+            ) -> list[tuple[float, ...]]:
     """Forest IoU and paintseg's IoU per preset for one dataset and one seed (strokes drawn by
     ``seed``), per round; ``score_slices`` picks the stack's scored slices (see :func:`dataset`).
+    With ``argmax_too``, each preset's IoU is followed by that of the same model's arg-max
+    labels (``snap=0``: borders not snapped to edges).
 
     After each round but the last, every method gets correction strokes in its own errors on
     the correction plane (half as many pixels as the first strokes: background strokes in
@@ -233,6 +237,12 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
                                                  device=device, preset=p, model=models.get(p),
                                                  extra=fix_img)
             ious.append(iou)
+            if argmax_too:
+                argmax = [segment(img, models[p], axes="YX" if img.ndim == 2 else "ZYX",
+                                  device=device, snap=0).labels >= 2 for img, _, _ in test]
+                ious.append(foreground_iou(argmax, test))
+                print(f"    the same model's arg-max labels (snap 0): foreground IoU "
+                      f"{ious[-1]:.3f}", flush=True)
             fixes[p] = fixed if fz is None else fixed[fz]
         rows.append((rf, *ious))
         if r == rounds - 1:
@@ -340,6 +350,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of painting: after each, correction strokes in each "
                              "method's errors (the cells3d slice %d is then not scored)" % FIX_Z)
+    parser.add_argument("--argmax-too", action="store_true",
+                        help="also score each trained model's arg-max labels (snap 0), paired")
     parser.add_argument("--planes", choices=["middle", "all"], default="middle",
                         help="cells3d slices scored: middle = 20..50 (in focus), all = every "
                              "unpainted slice, the out-of-focus ends included")
@@ -349,7 +361,9 @@ def main() -> None:
     summary = {}
     for name in args.datasets:
         summary[name] = [run_one(name, seed, args.budget, device, args.presets, args.rounds,
-                                 args.planes) for seed in args.seeds]
+                                 args.planes, args.argmax_too) for seed in args.seeds]
+    columns = [c for p in args.presets for c in ([p, f"{p} arg-max"] if args.argmax_too
+                                                 else [p])]
     print(f"\nmeans over seeds {args.seeds}:")
     for r in range(args.rounds):
         if args.rounds > 1:
@@ -357,7 +371,7 @@ def main() -> None:
         for name, runs in summary.items():
             rows = [run[r] for run in runs]
             rf = float(np.mean([row[0] for row in rows]))
-            for i, preset in enumerate(args.presets, start=1):
+            for i, preset in enumerate(columns, start=1):
                 ps = float(np.mean([row[i] for row in rows]))
                 wins = sum(row[i] > row[0] for row in rows)
                 print(f"  {name:<9} forest {rf:.3f}  paintseg {preset} {ps:.3f}  "

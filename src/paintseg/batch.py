@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 
-from .config import DEFAULT_BLOCK_BYTES, TileConfig
+from .config import DEFAULT_BLOCK_BYTES, SNAP_PIXELS, TileConfig
 from .errors import InputError, OutputError, PaintsegError, StopRequested
 from .io import atomic_path, list_images, open_output, read_image, write_tiff
 from .model import PaintsegModel
@@ -57,6 +57,9 @@ class SegmentSettings:
         :func:`~paintseg.inference.wants_instances`).
     min_size : int
         Instances smaller than this are removed.
+    snap : int
+        Semantic labels of 2D models: how far (pixels) class borders may move to the image's
+        nearest edge (0: the arg-max class; see :func:`paintseg.postprocess.snap_to_edges`).
     diameter : float or None
         Typical object diameter (rescales the image to the model's object size).
     background_class : int or None
@@ -75,6 +78,7 @@ class SegmentSettings:
 
     output: str = "auto"
     min_size: int = 30
+    snap: int = SNAP_PIXELS
     diameter: float | None = None
     background_class: int | None = 1
     probabilities: bool = False
@@ -86,6 +90,8 @@ class SegmentSettings:
     def __post_init__(self) -> None:
         if self.format not in ("tiff", "zarr"):
             raise ValueError(f"format must be 'tiff' or 'zarr', got {self.format!r}")
+        if self.snap < 0:
+            raise ValueError(f"snap must be 0 or more pixels, got {self.snap}")
 
 
 @dataclass
@@ -331,7 +337,8 @@ def segment_file(
                                      "float32", axes="C" + axes, fmt=s.format)
             outputs.append(probs_file)
         result = segment_labels(
-            image, model, output=s.output, min_size=s.min_size, diameter=s.diameter,
+            image, model, output=s.output, min_size=s.min_size, snap=s.snap,
+            diameter=s.diameter,
             tiles=s.tiles, device=device, background_class=s.background_class,
             labels_out=labels_file.array if labels_file else None,
             probabilities_out=probs_file.array if probs_file else None,
@@ -504,7 +511,7 @@ def _block_labels(info: _FileInfo, model: PaintsegModel, settings: SegmentSettin
 
     return segment_block(info.image, model, plan, index, part, axes=info.axes,
                          output=settings.output, min_size=settings.min_size,
-                         tiles=settings.tiles, device=device,
+                         snap=settings.snap, tiles=settings.tiles, device=device,
                          background_class=settings.background_class, progress=progress,
                          should_stop=should_stop)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import TileConfig
+from .config import SNAP_PIXELS, TileConfig
 from .io import ImageData
 from .model import PaintsegModel
 
@@ -177,6 +177,7 @@ def segment_block(
     axes: str,
     output: str = "auto",
     min_size: int = 30,
+    snap: int = SNAP_PIXELS,
     tiles: TileConfig | None = None,
     device: Any = "auto",
     background_class: int | None = 1,
@@ -198,8 +199,9 @@ def segment_block(
     if not plan.volume:
         labels = np.asarray(segment_labels(
             _planes(image, axes, a, b), model, axes=axes + "C", output=output,
-            min_size=min_size, tiles=tiles, device=device, background_class=background_class,
-            intensity_range=plan.intensity_range, progress=progress, should_stop=should_stop,
+            min_size=min_size, snap=snap, tiles=tiles, device=device,
+            background_class=background_class, intensity_range=plan.intensity_range,
+            progress=progress, should_stop=should_stop,
         ).labels)
         top = int(labels.max(initial=0))
     elif not plan.instances:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DEFAULT_BLOCK_BYTES
+from .config import DEFAULT_BLOCK_BYTES, SNAP_PIXELS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "record it; 'nuclei': about 16 px). Loads the image into memory")
     seg.add_argument("--min-size", type=int, default=30,
                      help="instances smaller than this many pixels are removed (default 30)")
+    seg.add_argument("--snap", type=int, default=SNAP_PIXELS, metavar="PIXELS",
+                     help="semantic labels of 2D models: class borders may move by up to this "
+                     f"many pixels to the image's nearest edge where the model is not sure "
+                     f"(default {SNAP_PIXELS}; 0: the model's arg-max)")
     seg.add_argument("--overlay", action="store_true",
                      help="also write OUT/<name>_overlay.png (image with label outlines; the "
                      "middle slice of a stack)")
@@ -210,7 +214,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
                            batch_size=args.batch_size)
         settings = SegmentSettings(
-            output=args.output, min_size=args.min_size, diameter=args.diameter,
+            output=args.output, min_size=args.min_size, snap=args.snap,
+            diameter=args.diameter,
             background_class=None if args.background_class < 0 else args.background_class,
             probabilities=args.probabilities, overlay=args.overlay, axes=args.axes, tiles=tiles,
             format=args.format,

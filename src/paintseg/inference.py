@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig, TileConfig
+from .config import SNAP_PIXELS, ModelConfig, TileConfig
 from .devices import amp_dtype, memory_available, resolve_device
 from .errors import InputError
 from .io import ImageData, guess_axes, label_dtype, label_values
@@ -352,7 +352,7 @@ def after_oom(
 def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out_axes: str,
                       name: str, t_start: float, labels_out: Any, probabilities_out: Any,
                       return_probabilities: bool, background_class: int | None,
-                      **kwargs: Any) -> SegmentResult:
+                      snap: int, **kwargs: Any) -> SegmentResult:
     from skimage.transform import resize
 
     from .postprocess import semantic_labels
@@ -369,12 +369,24 @@ def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out
         resized[idx] = resize(data[idx], small, order=1, anti_aliasing=scale < 1,
                               preserve_range=True)
     inner = segment(np.moveaxis(resized, 0, -1), model, axes=out_axes + "C",
-                    return_probabilities=True, background_class=background_class, **kwargs)
+                    return_probabilities=True, background_class=background_class, snap=0,
+                    **kwargs)
     probs = np.empty((model.config.classes, *lead[1:], *spatial), np.float32)
     for idx in np.ndindex(*probs.shape[: probs.ndim - dims]):
         probs[idx] = resize(inner.probabilities[idx], spatial, order=1, preserve_range=True)
     probs /= probs.sum(0, keepdims=True).clip(1e-12)
-    labels = semantic_labels(probs, model.class_values, background_class=background_class)
+    if snap > 0 and dims == 2:  # borders snapped to the edges of the image as given
+        from .postprocess import snap_planes
+
+        lo, hi = kwargs.get("intensity_range") or percentile_range(
+            view, model.normalization, name=name)
+        lo = np.asarray(lo, np.float32).reshape(-1, *([1] * (data.ndim - 1)))
+        hi = np.asarray(hi, np.float32).reshape(lo.shape)
+        data = (data - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
+        lut = np.asarray(label_values(model.class_values, background_class))
+        labels = lut[snap_planes(probs, data, snap=snap)].astype(label_dtype(int(lut.max())))
+    else:
+        labels = semantic_labels(probs, model.class_values, background_class=background_class)
     if labels_out is not None:
         labels_out[...] = labels
         labels = labels_out
@@ -405,6 +417,7 @@ def segment(
     scale: float = 1.0,
     intensity_range: tuple[np.ndarray, np.ndarray] | None = None,
     rows: tuple[int, int] | None = None,
+    snap: int = SNAP_PIXELS,
 ) -> SegmentResult:
     """Segment an image (2D, 2D + channels, 3D, time series) with a model.
 
@@ -441,6 +454,12 @@ def segment(
         around it: a block of a large image. With the whole image's ``intensity_range`` and
         the tiling of :func:`resolve_tiles` for the whole image, the block equals the same
         range of a whole-image run. Outputs then have the block's shape.
+    snap : int
+        2D models: class borders in the labels may move by up to this many pixels to the
+        image's nearest strong edge, where the model is not confident (see
+        :func:`~paintseg.postprocess.snap_to_edges`; per plane of the whole image, so tiling
+        does not change it). 0: the arg-max class. The probabilities are not changed; 3D
+        models are not snapped (not measured).
 
     Returns
     -------
@@ -477,7 +496,7 @@ def segment(
             background_class=background_class, labels_out=labels_out,
             probabilities_out=probabilities_out, return_probabilities=return_probabilities,
             progress=progress, should_stop=should_stop, name=name, t_start=t_start,
-            intensity_range=intensity_range,
+            intensity_range=intensity_range, snap=snap,
         )
     n_batch_axes = len(out_axes) - cfg.dims
     spatial = labels_shape[n_batch_axes:]
@@ -513,6 +532,24 @@ def segment(
     if probabilities_out is None and return_probabilities:
         probabilities_out = np.zeros((cfg.classes, *out_shape), dtype=np.float32)
 
+    # snapping borders to edges (2D models) needs whole planes: the slabs of a stack are
+    # whole planes; the rows of a single image are kept (in the probabilities) until all are in
+    if snap < 0:
+        raise ValueError(f"snap must be 0 or more pixels, got {snap}")
+    snap_planes = snap > 0 and cfg.dims == 2 and n_batch_axes > 0
+    snap_later = None
+    if snap > 0 and cfg.dims == 2 and n_batch_axes == 0:
+        snap_later = probabilities_out if probabilities_out is not None else np.zeros(
+            (cfg.classes, *out_shape), dtype=np.float32)
+    lut_np = np.asarray(lut_values).astype(ldtype)
+
+    def snapped(region: tuple[slice, ...], probs: np.ndarray) -> np.ndarray:
+        """Class indices of whole planes (``region``, image coordinates) of probabilities."""
+        from .postprocess import snap_planes
+
+        x = np.asarray(view[(slice(None), *region)], dtype=np.float32)
+        return snap_planes(probs, (x - lo_b) * inv_b, snap=snap)
+
     dev = resolve_device(device)
     network = model.network
     used = {"tile": 0, "batch": 1}  # what the last attempt ran with (for OOM retries)
@@ -527,10 +564,19 @@ def segment(
         lut = torch.tensor(lut_values, dtype=torch.int64, device=dev)
 
         def sink(region: tuple[slice, ...], block: torch.Tensor) -> None:
-            region = (slice(region[0].start - r0, region[0].stop - r0), *region[1:])
-            labels_out[region] = lut[block.argmax(0)].to("cpu").numpy().astype(ldtype)
-            if probabilities_out is not None:
-                probabilities_out[(slice(None), *region)] = block.to("cpu").numpy()
+            local = (slice(region[0].start - r0, region[0].stop - r0), *region[1:])
+            if snap_planes:  # whole planes: snapped here, as they come
+                probs = block.to("cpu").numpy()
+                labels_out[local] = lut_np[snapped(region, probs)]
+            elif snap_later is not None:  # rows of one image: snapped once all are in
+                probs = block.to("cpu").numpy()
+                snap_later[(slice(None), *local)] = probs
+            else:
+                labels_out[local] = lut[block.argmax(0)].to("cpu").numpy().astype(ldtype)
+                probs = None
+            if probabilities_out is not None and probabilities_out is not snap_later:
+                probabilities_out[(slice(None), *local)] = (
+                    probs if probs is not None else block.to("cpu").numpy())
 
         predict_tiled(
             view,
@@ -560,6 +606,9 @@ def segment(
                                             used_batch=used["batch"], align=cfg.align, device=dev)
             messages.append(note)
     network.to_device("cpu")
+    if snap_later is not None:
+        whole = (slice(r0, r1), *(slice(0, n) for n in out_shape[1:]))
+        labels_out[...] = lut_np[snapped(whole, np.asarray(snap_later))]
     return SegmentResult(
         labels=labels_out,
         probabilities=probabilities_out,
@@ -609,6 +658,7 @@ def segment_labels(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     intensity_range: tuple[np.ndarray, np.ndarray] | None = None,
+    snap: int = SNAP_PIXELS,
 ) -> SegmentResult:
     """:func:`segment` followed by the postprocessing a user asked for: the one path that the
     CLI, the batch runner and the napari widget share, so their labels are identical.
@@ -625,6 +675,9 @@ def segment_labels(
     labels_out : array-like, optional
         Preallocated semantic label output; must be None for instance output (the object
         count, and so the label type, is known only at the end).
+    snap : int
+        Semantic labels of 2D models: how far (pixels) class borders may move to the image's
+        nearest edge (0: the arg-max; see :func:`segment`). Instances are not snapped.
 
     Other parameters are those of :func:`segment`.
     """
@@ -638,7 +691,7 @@ def segment_labels(
         labels_out=labels_out, probabilities_out=probabilities_out,
         return_probabilities=return_probabilities or instances, progress=progress,
         should_stop=should_stop, scale=scale_for(model, diameter),
-        intensity_range=intensity_range,
+        intensity_range=intensity_range, snap=0 if instances else snap,
     )
     if instances:
         from .postprocess import instances_per_image

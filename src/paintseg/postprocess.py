@@ -8,10 +8,13 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from .config import SNAP_PIXELS
 from .io import label_dtype, label_values
 
 __all__ = [
     "semantic_labels",
+    "snap_to_edges",
+    "snap_planes",
     "instances_from_probabilities",
     "filter_instances",
     "instances_per_image",
@@ -36,6 +39,86 @@ def semantic_labels(
     """
     lut = np.array(label_values(class_values, background_class))
     return lut[np.argmax(probabilities, axis=0)].astype(label_dtype(int(lut.max())))
+
+
+# pixels whose largest class probability reaches this are never moved by snap_to_edges
+SNAP_CONFIDENCE = 0.98
+
+
+def snap_to_edges(
+    probabilities: np.ndarray,
+    image: np.ndarray,
+    *,
+    snap: int = SNAP_PIXELS,
+    confidence: float = SNAP_CONFIDENCE,
+    sigma: float = 1.0,
+) -> np.ndarray:
+    """Arg-max classes of one 2D plane, with the borders between classes moved to the
+    image's nearest strong edge.
+
+    Pixels at most ``snap`` pixels from a border of the arg-max classes whose class
+    probability is below ``confidence`` are decided again: by a seeded watershed on the
+    image's gradient magnitude, flooded from every other pixel (its arg-max class). A border
+    thus moves by at most ``snap`` pixels, to where the image changes most, and the confident
+    parts of the result stay as they are. A network trained on strokes learns nothing about
+    the pixels between the strokes, so its arg-max border lies anywhere in the unpainted gap
+    around an object; the image's edge is where a user would put it.
+
+    Parameters
+    ----------
+    probabilities : ndarray, shape (K, Y, X)
+        Class probabilities of one plane.
+    image : ndarray, shape (C, Y, X)
+        The normalised image plane (all channels' gradients are summed).
+    snap : int
+        Farthest distance (pixels) a border may move; 0 returns the arg-max.
+    confidence : float
+        Pixels whose largest class probability reaches this are never moved.
+    sigma : float
+        Gaussian smoothing (pixels) before the gradient.
+
+    Returns
+    -------
+    ndarray of int64, shape (Y, X)
+        Class indices (0..K-1).
+    """
+    from skimage.filters import gaussian, sobel
+
+    if snap < 0:
+        raise ValueError(f"snap must be 0 or more pixels, got {snap}")
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim != 3 or np.ndim(image) != 3 or \
+            probabilities.shape[1:] != np.shape(image)[1:]:
+        raise ValueError(f"probabilities (K, Y, X) and image (C, Y, X) of one plane expected, "
+                         f"got {probabilities.shape} and {np.shape(image)}")
+    index = np.argmax(probabilities, axis=0)
+    present = np.unique(index)
+    if snap == 0 or len(present) < 2:
+        return index
+    # distance of each pixel to the nearest pixel of another class
+    distance = np.zeros(index.shape, np.float32)
+    for k in present:
+        inside = index == k
+        distance[inside] = ndi.distance_transform_edt(inside)[inside]
+    band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
+    if not band.any():
+        return index
+    grad = np.zeros(index.shape, np.float32)
+    for channel in np.asarray(image, dtype=np.float32):
+        grad += sobel(gaussian(channel, sigma=sigma, preserve_range=True))
+    markers = np.where(band, 0, index + 1)
+    return watershed(grad, markers=markers).astype(np.int64) - 1
+
+
+def snap_planes(probabilities: np.ndarray, image: np.ndarray, *, snap: int = SNAP_PIXELS
+                ) -> np.ndarray:
+    """:func:`snap_to_edges` on every 2D plane: ``probabilities`` (K, ..., Y, X) and the
+    normalised ``image`` (C, ..., Y, X); class indices (..., Y, X)."""
+    index = np.empty(probabilities.shape[1:], np.int64)
+    for plane in np.ndindex(*probabilities.shape[1:-2]):
+        index[plane] = snap_to_edges(probabilities[(slice(None), *plane)],
+                                     image[(slice(None), *plane)], snap=snap)
+    return index
 
 
 def filter_instances(

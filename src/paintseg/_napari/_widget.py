@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..config import SNAP_PIXELS
 from ..errors import PaintsegError
 from ._jobs import JobRunner
 from ._layers import SCOPES, layer_axes, merge_region, scope_region, spatial_shape, training_pair
@@ -239,6 +240,15 @@ class PaintsegWidget(QWidget):
         self.seg_min_size.setValue(30)
         self.seg_min_size.setSuffix(" px")
         form.addRow("Min. object size", self.seg_min_size)
+        self.seg_snap = QSpinBox()
+        self.seg_snap.setRange(0, 64)
+        self.seg_snap.setValue(SNAP_PIXELS)
+        self.seg_snap.setSuffix(" px")
+        self.seg_snap.setSpecialValueText("off")
+        self.seg_snap.setToolTip("Class labels of 2D models: borders may move by up to this many "
+                                 "pixels to the image's nearest edge where the model is not "
+                                 "sure (the CLI's --snap)")
+        form.addRow("Snap borders to edges", self.seg_snap)
         self.seg_diameter = QDoubleSpinBox()
         self.seg_diameter.setRange(0, 10000)
         self.seg_diameter.setSpecialValueText("as trained")
@@ -589,6 +599,7 @@ class PaintsegWidget(QWidget):
             return False
         tiles = TileConfig(tile=self.seg_tile.value() or None)
         output, min_size = self.seg_output.currentText(), self.seg_min_size.value()
+        snap = self.seg_snap.value()
         diameter = self.seg_diameter.value() or None
         want_probs = self.seg_probs.isChecked()
         rgb = bool(layer.rgb)
@@ -601,8 +612,8 @@ class PaintsegWidget(QWidget):
         def job(report, should_stop):
             part = data if whole else np.asarray(data[index])
             result = segment_labels(
-                part, net, output=output, min_size=min_size, diameter=diameter, axes=axes,
-                tiles=tiles, device=device, return_probabilities=want_probs,
+                part, net, output=output, min_size=min_size, snap=snap, diameter=diameter,
+                axes=axes, tiles=tiles, device=device, return_probabilities=want_probs,
                 progress=lambda d, t: report((d, t)), should_stop=should_stop,
             )
             return result
@@ -930,7 +941,7 @@ class PaintsegWidget(QWidget):
             out_dir = check_output_folder(dst)
             settings = SegmentSettings(
                 output=self.seg_output.currentText(), min_size=self.seg_min_size.value(),
-                diameter=self.seg_diameter.value() or None,
+                snap=self.seg_snap.value(), diameter=self.seg_diameter.value() or None,
                 tiles=TileConfig(tile=self.seg_tile.value() or None),
             )
         except Exception as exc:  # noqa: BLE001 - shown to the user

@@ -1,0 +1,139 @@
+"""Class borders snapped to image edges: postprocess.snap_to_edges and its use by segment()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+
+from paintseg.batch import SegmentSettings
+from paintseg.config import NormConfig, TileConfig
+from paintseg.inference import segment, segment_labels
+from paintseg.normalize import percentile_range
+from paintseg.postprocess import snap_planes, snap_to_edges
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def _shrunk_probabilities(truth: np.ndarray, *, by: int, p_band: float) -> np.ndarray:
+    """(2, Y, X) probabilities whose arg-max is ``truth`` eroded by ``by`` pixels, unsure
+    (``p_band``) within 6 pixels of that border, confident elsewhere: a stroke model's
+    result with its borders inside the objects."""
+    obj = ndi.binary_erosion(truth, iterations=by)
+    near = ndi.binary_dilation(obj, iterations=6) & ~ndi.binary_erosion(obj, iterations=6)
+    p = np.where(obj, 0.99, 0.01)
+    p[near] = np.where(obj[near], p_band, 1 - p_band)
+    return np.stack([1 - p, p]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dsb_crop():
+    """The real DSB2018 nuclei image (a crop of its bottom half), normalised, and its nuclei
+    mask."""
+    img = tifffile.imread(SAMPLES / "nuclei2d.tif")[256:512, :256].astype(np.float32)
+    truth = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")[256:512, :256] > 0
+    lo, hi = percentile_range(img[np.newaxis], NormConfig())
+    return ((img - lo[0]) / (hi[0] - lo[0]))[np.newaxis], truth
+
+
+def test_snap_moves_shrunk_borders_to_real_nuclei_edges(dsb_crop):
+    image, truth = dsb_crop
+    probs = _shrunk_probabilities(truth, by=2, p_band=0.7)
+    argmax = probs.argmax(0) == 1
+    snapped = snap_to_edges(probs, image, snap=8) == 1
+    assert _iou(argmax, truth) < 0.75
+    assert _iou(snapped, truth) > _iou(argmax, truth) + 0.05
+    # confident pixels never move, and no pixel moves farther than `snap` from the border
+    confident = probs.max(0) >= 0.98
+    np.testing.assert_array_equal(snapped[confident], argmax[confident])
+    moved = snapped != argmax
+    to_border = np.where(argmax, ndi.distance_transform_edt(argmax),
+                         ndi.distance_transform_edt(~argmax))
+    assert moved.any() and to_border[moved].max() <= 8
+
+
+def test_snap_zero_and_single_class_are_the_argmax(dsb_crop):
+    image, truth = dsb_crop
+    probs = _shrunk_probabilities(truth, by=2, p_band=0.7)
+    np.testing.assert_array_equal(snap_to_edges(probs, image, snap=0), probs.argmax(0))
+    one = np.stack([np.full(truth.shape, 0.6), np.full(truth.shape, 0.4)]).astype(np.float32)
+    np.testing.assert_array_equal(snap_to_edges(one, image, snap=8), 0)
+    with pytest.raises(ValueError, match="snap must be 0 or more"):
+        snap_to_edges(probs, image, snap=-1)
+    with pytest.raises(ValueError, match=r"\(2, 100, 256\) and \(1, 256, 256\)"):
+        snap_to_edges(probs[:, :100], image, snap=8)
+
+
+def test_three_classes_snap_each_border(dsb_crop):
+    image, truth = dsb_crop
+    two = _shrunk_probabilities(truth, by=2, p_band=0.7)
+    # a third class (value 3) on the right half of the objects: borders between all classes
+    three = np.zeros((3, *truth.shape), np.float32)
+    right = np.zeros(truth.shape, bool)
+    right[:, 128:] = True
+    three[0] = two[0]
+    three[1] = np.where(right, 0, two[1])
+    three[2] = np.where(right, two[1], 0)
+    out = snap_to_edges(three, image, snap=8)
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert _iou(out > 0, truth) > _iou(three.argmax(0) > 0, truth) + 0.05
+    assert not (out[:, :120] == 2).any()  # class 3 stays on its side
+
+
+def test_segment_snaps_a_stack_plane_by_plane_whatever_the_tiling(nuclei3d_path, small_model):
+    stack = tifffile.imread(nuclei3d_path)[28:31]
+    whole = segment(stack, small_model, axes="ZYX", return_probabilities=True,
+                    tiles=TileConfig(tile=1024, mode="exact"))
+    tiled = segment(stack, small_model, axes="ZYX", tiles=TileConfig(tile=64, mode="exact"))
+    argmax = segment(stack, small_model, axes="ZYX", snap=0)
+    assert tiled.plan.n_tiles > whole.plan.n_tiles == 3  # one window per plane
+    # exact tiling: equal up to float rounding, which can flip a tie of the watershed
+    assert (tiled.labels != whole.labels).mean() < 1e-4
+    # the labels are the snap of the probabilities, plane by plane
+    lo, hi = percentile_range(stack[np.newaxis], small_model.normalization)
+    image = ((stack - lo[0]) / (hi[0] - lo[0]))[np.newaxis].astype(np.float32)
+    expected = snap_planes(whole.probabilities, image, snap=8) + 1  # class values 1, 2
+    expected[expected == 1] = 0  # background written as 0
+    np.testing.assert_array_equal(whole.labels, expected)
+    assert (argmax.labels != whole.labels).any()
+
+
+def test_segment_snaps_a_single_image_once_all_its_rows_are_in(nuclei2d, small_model):
+    img = nuclei2d[:320, :256]
+    probs_out = np.zeros((2, 320, 256), np.float32)
+    tiled = segment(img, small_model, tiles=TileConfig(tile=64, mode="exact"),
+                    probabilities_out=probs_out)
+    whole = segment(img, small_model, tiles=TileConfig(tile=1024, mode="exact"),
+                    return_probabilities=True)
+    assert tiled.plan.n_tiles > 4
+    assert (tiled.labels != whole.labels).mean() < 1e-4
+    np.testing.assert_allclose(probs_out, whole.probabilities, atol=1e-4)
+    np.testing.assert_allclose(probs_out.sum(0), 1, atol=1e-4)  # probabilities, not labels
+
+
+def test_instances_and_3d_models_are_not_snapped(small_model_3d, nuclei3d_path):
+    vol = tifffile.imread(nuclei3d_path)[:8, :64, :64]
+    snapped = segment(vol, small_model_3d, axes="ZYX")
+    plain = segment(vol, small_model_3d, axes="ZYX", snap=0)
+    np.testing.assert_array_equal(snapped.labels, plain.labels)
+
+
+def test_snap_setting_is_checked():
+    with pytest.raises(ValueError, match="snap must be 0 or more pixels, got -2"):
+        SegmentSettings(snap=-2)
+
+
+def test_segment_labels_passes_snap(nuclei2d, small_model):
+    img = nuclei2d[:128, :128]
+    a = segment_labels(img, small_model, output="semantic", snap=0).labels
+    b = segment(img, small_model, snap=0).labels
+    np.testing.assert_array_equal(a, b)
+    c = segment_labels(img, small_model, output="semantic").labels
+    np.testing.assert_array_equal(c, segment(img, small_model).labels)
