@@ -536,7 +536,7 @@ def segment(
     # whole planes; the rows of a single image are kept (in the probabilities) until all are in
     if snap < 0:
         raise ValueError(f"snap must be 0 or more pixels, got {snap}")
-    snap_planes = snap > 0 and cfg.dims == 2 and n_batch_axes > 0
+    snap_in_sink = snap > 0 and cfg.dims == 2 and n_batch_axes > 0
     snap_later = None
     if snap > 0 and cfg.dims == 2 and n_batch_axes == 0:
         snap_later = probabilities_out if probabilities_out is not None else np.zeros(
@@ -565,7 +565,7 @@ def segment(
 
         def sink(region: tuple[slice, ...], block: torch.Tensor) -> None:
             local = (slice(region[0].start - r0, region[0].stop - r0), *region[1:])
-            if snap_planes:  # whole planes: snapped here, as they come
+            if snap_in_sink:  # whole planes: snapped here, as they come
                 probs = block.to("cpu").numpy()
                 labels_out[local] = lut_np[snapped(region, probs)]
             elif snap_later is not None:  # rows of one image: snapped once all are in
