@@ -137,3 +137,16 @@ def test_segment_labels_passes_snap(nuclei2d, small_model):
     np.testing.assert_array_equal(a, b)
     c = segment_labels(img, small_model, output="semantic").labels
     np.testing.assert_array_equal(c, segment(img, small_model).labels)
+
+
+def test_a_rescaled_image_is_snapped_at_full_resolution(nuclei2d, small_model):
+    img = nuclei2d[:200, :200]
+    res = segment(img, small_model, scale=0.5, return_probabilities=True)
+    plain = segment(img, small_model, scale=0.5, snap=0, return_probabilities=True)
+    np.testing.assert_allclose(res.probabilities, plain.probabilities)
+    assert res.labels.shape == (200, 200)
+    lo, hi = percentile_range(img[np.newaxis], small_model.normalization)
+    image = ((img - lo[0]) / (hi[0] - lo[0]))[np.newaxis].astype(np.float32)
+    expected = np.array([0, 2])[snap_to_edges(res.probabilities, image, snap=8)]
+    np.testing.assert_array_equal(res.labels, expected)
+    assert (res.labels != plain.labels).any()
