@@ -26,7 +26,7 @@ from .devices import amp_dtype, memory_available, resolve_device
 from .errors import InputError
 from .io import ImageData, guess_axes, label_dtype, label_values
 from .model import PaintsegModel, exact_halo
-from .normalize import percentile_range
+from .normalize import channel_scaling, percentile_range
 from .tiling import TilePlan, plan_tiles, predict_tiled
 
 __all__ = [
@@ -375,18 +375,13 @@ def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out
     for idx in np.ndindex(*probs.shape[: probs.ndim - dims]):
         probs[idx] = resize(inner.probabilities[idx], spatial, order=1, preserve_range=True)
     probs /= probs.sum(0, keepdims=True).clip(1e-12)
-    if snap > 0 and dims == 2:  # borders snapped to the edges of the image as given
-        from .postprocess import snap_planes
-
-        lo, hi = kwargs.get("intensity_range") or percentile_range(
-            view, model.normalization, name=name)
-        lo = np.asarray(lo, np.float32).reshape(-1, *([1] * (data.ndim - 1)))
-        hi = np.asarray(hi, np.float32).reshape(lo.shape)
-        data = (data - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
-        lut = np.asarray(label_values(model.class_values, background_class))
-        labels = lut[snap_planes(probs, data, snap=snap)].astype(label_dtype(int(lut.max())))
-    else:
-        labels = semantic_labels(probs, model.class_values, background_class=background_class)
+    snap = snap if dims == 2 else 0  # borders snapped to the edges of the image as given
+    if snap:
+        lo, inv = channel_scaling(*(kwargs.get("intensity_range") or percentile_range(
+            view, model.normalization, name=name)), data.ndim)
+        data = (data - lo) * inv
+    labels = semantic_labels(probs, model.class_values, background_class=background_class,
+                             image=data, snap=snap)
     if labels_out is not None:
         labels_out[...] = labels
         labels = labels_out
@@ -506,12 +501,9 @@ def segment(
     else:
         lo, hi = percentile_range(view, model.normalization, name=name)
     messages: list[str] = []
-    contrast = hi - lo
-    if np.any(contrast <= 1e-12):
+    if np.any(hi - lo <= 1e-12):
         messages.append(f"{name}: image is constant (no contrast); segmentation is trivial")
-        contrast = np.where(contrast <= 1e-12, 1.0, contrast)
-    lo_b = lo.reshape(-1, *([1] * (view.ndim - 1))).astype(np.float32)
-    inv_b = (1.0 / contrast).reshape(lo_b.shape).astype(np.float32)
+    lo_b, inv_b = channel_scaling(lo, hi, view.ndim)
     check_finite = np.dtype(image.data.dtype).kind == "f"
 
     def transform(win: np.ndarray, start: tuple[int, ...]) -> np.ndarray:
@@ -541,14 +533,14 @@ def segment(
     if snap > 0 and cfg.dims == 2 and n_batch_axes == 0:
         snap_later = probabilities_out if probabilities_out is not None else np.zeros(
             (cfg.classes, *out_shape), dtype=np.float32)
-    lut_np = np.asarray(lut_values).astype(ldtype)
 
     def snapped(region: tuple[slice, ...], probs: np.ndarray) -> np.ndarray:
-        """Class indices of whole planes (``region``, image coordinates) of probabilities."""
-        from .postprocess import snap_planes
+        """Labels of whole planes (``region``, image coordinates) of probabilities."""
+        from .postprocess import semantic_labels
 
         x = np.asarray(view[(slice(None), *region)], dtype=np.float32)
-        return snap_planes(probs, (x - lo_b) * inv_b, snap=snap)
+        return semantic_labels(probs, model.class_values, background_class=background_class,
+                               image=(x - lo_b) * inv_b, snap=snap).astype(ldtype, copy=False)
 
     dev = resolve_device(device)
     network = model.network
@@ -567,7 +559,7 @@ def segment(
             local = (slice(region[0].start - r0, region[0].stop - r0), *region[1:])
             if snap_in_sink:  # whole planes: snapped here, as they come
                 probs = block.to("cpu").numpy()
-                labels_out[local] = lut_np[snapped(region, probs)]
+                labels_out[local] = snapped(region, probs)
             elif snap_later is not None:  # rows of one image: snapped once all are in
                 probs = block.to("cpu").numpy()
                 snap_later[(slice(None), *local)] = probs
@@ -608,7 +600,7 @@ def segment(
     network.to_device("cpu")
     if snap_later is not None:
         whole = (slice(r0, r1), *(slice(0, n) for n in out_shape[1:]))
-        labels_out[...] = lut_np[snapped(whole, np.asarray(snap_later))]
+        labels_out[...] = snapped(whole, np.asarray(snap_later))
     return SegmentResult(
         labels=labels_out,
         probabilities=probabilities_out,

@@ -63,6 +63,17 @@ def percentile_range(
     return lo, hi
 
 
+def channel_scaling(lo: np.ndarray, hi: np.ndarray, ndim: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, 1 / (hi - lo))`` per channel, shaped ``(C, 1, ..., 1)`` for a channels-first
+    array of ``ndim`` dimensions (``(x - lo) * inv`` normalises it); a channel without
+    contrast (``hi - lo <= 1e-12``) gets 1."""
+    lo = np.asarray(lo, dtype=np.float32).reshape(-1, *([1] * (ndim - 1)))
+    contrast = np.asarray(hi, dtype=np.float32).reshape(lo.shape) - lo
+    inv = 1.0 / np.where(contrast <= 1e-12, 1.0, contrast)
+    return lo, inv.astype(np.float32)
+
+
 def _histogram_percentiles(values: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     """``np.percentile(values, qs)`` (linear interpolation) of 1D integer values, by counting.
 

@@ -27,8 +27,11 @@ def semantic_labels(
     class_values: Sequence[int],
     *,
     background_class: int | None = 1,
+    image: np.ndarray | None = None,
+    snap: int = 0,
 ) -> np.ndarray:
-    """Arg-max class per pixel as its class value (the background class written as 0).
+    """Arg-max class per pixel as its class value (the background class written as 0),
+    with class borders snapped to the image's edges when ``snap`` > 0.
 
     Parameters
     ----------
@@ -36,9 +39,20 @@ def semantic_labels(
     class_values : sequence of int, length K
     background_class : int or None
         Class value written as 0; None keeps every value.
+    image : ndarray, shape (C, *spatial), optional
+        The normalised image; needed with ``snap``.
+    snap : int
+        Pixels a border may move to an edge in each 2D plane (:func:`snap_planes`); 0: the
+        arg-max.
     """
     lut = np.array(label_values(class_values, background_class))
-    return lut[np.argmax(probabilities, axis=0)].astype(label_dtype(int(lut.max())))
+    if snap > 0:
+        if image is None:
+            raise ValueError("snapping borders to edges needs the image")
+        index = snap_planes(probabilities, image, snap=snap)
+    else:
+        index = np.argmax(probabilities, axis=0)
+    return lut[index].astype(label_dtype(int(lut.max())))
 
 
 # pixels whose largest class probability reaches this are never moved by snap_to_edges
