@@ -5,7 +5,8 @@ wheels, see sample_data/README.md):
 
 - ``nuclei3d``: cells3d nuclei stack; strokes on 2 slices of the stack (as painted in napari),
   a 2D model trained on the stack and run on the whole stack, evaluated on the other slices
-  20..50 (``--planes all``: on every other slice). The stack is normalised as a whole, for
+  20..50 (``--planes all``: on every other slice; ``--planes both``: each method scored
+  both ways, paired). The stack is normalised as a whole, for
   both methods.
 - ``dsb2018``: the DSB2018 nuclei image; strokes on the top half, evaluated on the bottom half.
 - ``dsb2018-inverted`` (not run by default): the same with its intensities inverted, dark
@@ -41,7 +42,7 @@ Usage::
 
     python benchmarks/interactive.py [--budget 60] [--device auto] [--datasets nuclei3d dsb2018]
         [--seeds 0 1 2 3 4] [--presets auto accurate accurate:none fast,dims=3,patch_size=48
-        auto,init=nuclei] [--rounds 2] [--planes middle|all] [--argmax-too]
+        auto,init=nuclei] [--rounds 2] [--planes middle|all|both] [--argmax-too]
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False,
     where corrections are painted: (index of the painted pair, plane or None, its truth).
 
     With ``corrections`` the corrected plane of the stack is not scored. ``score_slices="all"``
-    scores every unpainted slice of the stack, its out-of-focus ends included, instead of
-    slices 20..50."""
+    (or ``"both"``, see :func:`scorings`) scores every unpainted slice of the stack, its
+    out-of-focus ends included, instead of slices 20..50."""
     if name == "nuclei3d":
         # as in napari: strokes on 2 slices of the stack's Labels layer, a 2D model trained on
         # the stack (normalised as a whole) and run on the whole stack, scored on the other
@@ -182,6 +183,15 @@ def dataset(name: str, rng: np.random.Generator, *, corrections: bool = False,
     return train, test, fix
 
 
+def scorings(name: str, test, score_slices: str) -> dict[str, list]:
+    """The held-out sets each method is scored on, by row label: ``test`` itself, or for the
+    stack with ``score_slices="both"`` its slices 20..50 and all its scored slices."""
+    if name != "nuclei3d" or score_slices != "both":
+        return {name: test}
+    middle = [(img, gt, [z for z in zs if 20 <= z <= 50]) for img, gt, zs in test]
+    return {"nuclei3d 20..50": middle, "nuclei3d all": test}
+
+
 def foreground_iou(preds, test) -> float:
     """Foreground IoU over the scored planes of every held-out image."""
     p = np.concatenate([(pr if z is None else pr[z]).ravel() for pr, (_, _, z) in zip(preds, test)])
@@ -191,9 +201,10 @@ def foreground_iou(preds, test) -> float:
 
 def run_one(name: str, seed: int, budget: float, device, presets: list[str],
             rounds: int = 1, score_slices: str = "middle", argmax_too: bool = False
-            ) -> list[tuple[float, ...]]:
+            ) -> list[dict[str, tuple[float, ...]]]:
     """Forest IoU and paintseg's IoU per preset for one dataset and one seed (strokes drawn by
-    ``seed``), per round; ``score_slices`` picks the stack's scored slices (see :func:`dataset`).
+    ``seed``), per round, by scoring (:func:`scorings`); ``score_slices`` picks the stack's
+    scored slices (see :func:`dataset`).
     With ``argmax_too``, each preset's IoU is followed by that of the same model's arg-max
     labels (``snap=0``: borders not snapped to edges).
 
@@ -209,6 +220,7 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
     planes = sum(len(np.unique(np.nonzero(lab)[0])) if lab.ndim == 3 else 1 for _, lab in train)
     one = 512 * 512 if name.startswith("dsb2018") else int(np.prod(train[0][0].shape[-2:]))
     scored = sum(1 if z is None else len(z) for _, _, z in test)
+    sets = scorings(name, test, score_slices)
     print(f"\n{name}, seed {seed}: {planes} painted image(s), {painted} painted pixels "
           f"({100 * painted / one:.2f}% of one image), {scored} held-out image(s)")
     if name.startswith("dsb2018") and any("init=nuclei" in p for p in presets):
@@ -227,24 +239,28 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
                   + ", ".join(f"{m} {n} pixels" for m, n in added.items()))
         mine = {m: [(img, lab) for (img, _), lab in zip(train, labels[m])] for m in labels}
         preds, fit_s, total_s = random_forest(mine["forest"], [*test, fix_entry])
-        rf = foreground_iou([p == 2 for p in preds[:-1]], test)
+        masks = [[p == 2 for p in preds[:-1]]]  # forest, then each column of paintseg
+        rf = foreground_iou(masks[0], test)
         print(f"  random forest (ilastik-style): foreground IoU {rf:.3f}  "
               f"(fit {fit_s:.1f} s, fit + predict {total_s:.1f} s)")
         fixes = {"forest": preds[-1] if fz is None else preds[-1][fz]}
-        ious = []
         for p in presets:
-            iou, models[p], fixed = paintseg_run(mine[p], test, seed=seed, budget=budget,
-                                                 device=device, preset=p, model=models.get(p),
-                                                 extra=fix_img)
-            ious.append(iou)
+            mask, models[p], fixed = paintseg_run(mine[p], test, seed=seed, budget=budget,
+                                                  device=device, preset=p, model=models.get(p),
+                                                  extra=fix_img)
+            masks.append(mask)
             if argmax_too:
-                argmax = [segment(img, models[p], axes="YX" if img.ndim == 2 else "ZYX",
-                                  device=device, snap=0).labels >= 2 for img, _, _ in test]
-                ious.append(foreground_iou(argmax, test))
+                masks.append([segment(img, models[p], axes="YX" if img.ndim == 2 else "ZYX",
+                                      device=device, snap=0).labels >= 2 for img, _, _ in test])
                 print(f"    the same model's arg-max labels (snap 0): foreground IoU "
-                      f"{ious[-1]:.3f}", flush=True)
+                      f"{foreground_iou(masks[-1], test):.3f}", flush=True)
             fixes[p] = fixed if fz is None else fixed[fz]
-        rows.append((rf, *ious))
+        rows.append({label: tuple(foreground_iou(m, held) for m in masks)
+                     for label, held in sets.items()})
+        if len(sets) > 1:
+            for label, row in rows[-1].items():
+                print(f"  scored on {label}: " + "  ".join(f"{x:.3f}" for x in row)
+                      + "  (forest, then paintseg)")
         if r == rounds - 1:
             break
         for m, pred in fixes.items():
@@ -269,9 +285,10 @@ def add_corrections(plane: np.ndarray, pred: np.ndarray, truth: np.ndarray, *, p
 
 def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
                  model: PaintsegModel | None = None, extra: np.ndarray | None = None
-                 ) -> tuple[float, PaintsegModel, np.ndarray | None]:
+                 ) -> tuple[list[np.ndarray], PaintsegModel, np.ndarray | None]:
     """Train a new model of ``preset`` on the strokes for ``budget`` s (or continue training
-    ``model``); held-out IoU, the model and its labels of ``extra`` (None without it).
+    ``model``); its foreground masks of the held-out images (their IoU printed), the model and
+    its labels of ``extra`` (None without it).
 
     ``preset`` may name a normalisation after a colon (``accurate:none``) to try the preset's
     architecture with other normalisation layers, and training options after commas
@@ -334,7 +351,7 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
           f"derivative gain {cfg.derivative_gain:g}): "
           f"foreground IoU {iou:.3f}  ({done.step} steps, best step {done.best_step}, train "
           f"{train_s:.1f} s, predict {predict_s:.1f} s)", flush=True)
-    return iou, model, None if extra is None else labels_of(extra)
+    return labels, model, None if extra is None else labels_of(extra)
 
 
 def main() -> None:
@@ -352,9 +369,10 @@ def main() -> None:
                              "method's errors (the cells3d slice %d is then not scored)" % FIX_Z)
     parser.add_argument("--argmax-too", action="store_true",
                         help="also score each trained model's arg-max labels (snap 0), paired")
-    parser.add_argument("--planes", choices=["middle", "all"], default="middle",
+    parser.add_argument("--planes", choices=["middle", "all", "both"], default="middle",
                         help="cells3d slices scored: middle = 20..50 (in focus), all = every "
-                             "unpainted slice, the out-of-focus ends included")
+                             "unpainted slice, the out-of-focus ends included; both = each "
+                             "method scored both ways")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; paintseg budget {args.budget:.0f} s")
@@ -368,15 +386,19 @@ def main() -> None:
     for r in range(args.rounds):
         if args.rounds > 1:
             print(f" round {r + 1}:")
-        for name, runs in summary.items():
-            rows = [run[r] for run in runs]
-            rf = float(np.mean([row[0] for row in rows]))
-            for i, preset in enumerate(columns, start=1):
-                ps = float(np.mean([row[i] for row in rows]))
-                wins = sum(row[i] > row[0] for row in rows)
-                print(f"  {name:<9} forest {rf:.3f}  paintseg {preset} {ps:.3f}  "
-                      f"paintseg / forest {ps / rf:.2f}x  (paintseg ahead in {wins} of "
-                      f"{len(rows)})")
+        for runs in summary.values():
+            for label in runs[0][r]:
+                rows = [run[r][label] for run in runs]
+                rf = float(np.mean([row[0] for row in rows]))
+                for i, preset in enumerate(columns, start=1):
+                    ps = float(np.mean([row[i] for row in rows]))
+                    wins = sum(row[i] > row[0] for row in rows)
+                    print(f"  {label:<9} forest {rf:.3f}  paintseg {preset} {ps:.3f}  "
+                          f"paintseg / forest {ps / rf:.2f}x  (paintseg ahead in {wins} of "
+                          f"{len(rows)})")
+                if len(rows) > 1:
+                    print(f"  {label:<9} per seed: " + "; ".join(
+                        " ".join(f"{x:.3f}" for x in row) for row in rows))
 
 
 if __name__ == "__main__":
