@@ -193,32 +193,6 @@ def test_members_average_their_probabilities_and_round_trip(tmp_path):
         ModelConfig(members=0)
 
 
-@pytest.mark.parametrize("layout", ["default", "channels_last"])
-def test_each_member_runs_on_its_own_part_of_the_batch(layout):
-    """``member_logits(x, parts)``: member i sees only ``x[parts[i]]``, and gives there what it
-    gives on the whole batch (the filter bank is per patch, so sharing it changes nothing)."""
-    cfg = ModelConfig(dims=2, depth=2, base_features=4, classes=3, norm="none",
-                      features=(1.0, 2.0), members=3)
-    net = new_model(cfg, seed=0).network.eval()
-    if layout == "channels_last":
-        net.to_device("cpu")
-    x = torch.rand(7, 1, 21, 30, generator=torch.Generator().manual_seed(0))
-    parts = [torch.tensor([4, 0]), torch.tensor([6, 2, 1]), torch.tensor([3, 5])]
-    with torch.no_grad():
-        whole = net.member_logits(x)
-        each = net.member_logits(x, parts)
-    assert [tuple(e.shape) for e in each] == [(2, 3, 21, 30), (3, 3, 21, 30), (2, 3, 21, 30)]
-    for i, (e, p) in enumerate(zip(each, parts)):
-        torch.testing.assert_close(e, whole[i][p], rtol=1e-4, atol=1e-5)
-    # a patch of another member's part changes nothing in member 0's logits
-    x2 = x.clone()
-    x2[6] = 0
-    with torch.no_grad():
-        torch.testing.assert_close(net.member_logits(x2, parts)[0], each[0])
-    with pytest.raises(ValueError, match="2 parts for 3 members"):
-        net.member_logits(x, parts[:2])
-
-
 def test_one_member_keeps_the_parameter_names_of_earlier_checkpoints():
     starter = load_model("nuclei")  # saved before networks had members; loaded strictly
     keys = set(starter.network.state_dict())

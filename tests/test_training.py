@@ -341,66 +341,6 @@ def test_each_member_fits_the_targets_on_its_own(real_pair):
     assert not torch.allclose(three["extra_members.0.head.weight"], three["head.weight"])
 
 
-def test_split_members_each_train_on_their_own_patches(real_pair, monkeypatch):
-    """``member_patches="split"`` deals each step's patches out among the members: every patch
-    goes to exactly one member, each member's loss sees only its share, the run lowers the
-    loss on real data and a seeded run repeats."""
-    from paintseg import training
-
-    img, gt = real_pair
-    lab = strokes(gt)
-    data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
-    dealt = []
-    real_parts = training._member_parts
-
-    def recording(n, members, gen, device):
-        parts = real_parts(n, members, gen, device)
-        dealt.append((n, [p.tolist() for p in parts]))
-        return parts
-
-    monkeypatch.setattr(training, "_member_parts", recording)
-    seen = []
-    real_loss = training.masked_loss
-
-    def counting(logits, targets, **kw):
-        if torch.is_grad_enabled():
-            seen.append(len(targets))
-        return real_loss(logits, targets, **kw)
-
-    monkeypatch.setattr(training, "masked_loss", counting)
-    cfg = ModelConfig(depth=2, base_features=8, members=3)
-    states = []
-    for _ in range(2):
-        model = new_model(cfg, class_values=data.class_values, seed=0)
-        xb, yb = training._sample_batch(data, 8, (64, 64), np.random.default_rng(123))
-        loss_now = fixed_batch_loss(model, xb, yb)
-        start = loss_now()
-        list(iter_train(model, data, TrainConfig(steps=40, seed=0, patch_size=64,
-                                                 member_patches="split"), device="cpu"))
-        assert loss_now() < 0.8 * start
-        states.append(model.network.state_dict())
-    assert len(dealt) == 80
-    for n, parts in dealt:
-        assert n == 16 and sorted(sum(parts, [])) == list(range(16))  # each patch once
-        assert sorted(len(p) for p in parts) == [5, 5, 6]
-    assert seen[:3] == [len(p) for p in dealt[0][1]]  # each member's loss: its share only
-    assert len({tuple(map(tuple, parts)) for _, parts in dealt[:40]}) > 1  # dealt anew
-    for k in states[0]:
-        assert torch.equal(states[0][k], states[1][k]), k
-
-
-def test_split_members_need_a_patch_each(real_pair):
-    img, gt = real_pair
-    data = prepare_data([(img, strokes(gt))], dims=2, seed=0, validation_fraction=0)
-    model = new_model(ModelConfig(depth=2, base_features=8, members=3),
-                      class_values=data.class_values, seed=0)
-    with pytest.raises(InputError, match="a batch of 2 for 3 members"):
-        list(iter_train(model, data, TrainConfig(steps=1, batch_size=2, member_patches="split"),
-                        device="cpu"))
-    with pytest.raises(ValueError, match="member_patches must be shared or split, got 'each'"):
-        TrainConfig(member_patches="each")
-
-
 def test_continuing_changes_little_outside_the_corrections(real_pair):
     """Background strokes on all of a model's false positives, as a user corrects it, then
     training continues (a high learning rate, so that the drift shows in 30 steps of a tiny

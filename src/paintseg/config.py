@@ -254,11 +254,6 @@ class TrainConfig:
         erased the dim nuclei of the stack (see ``benchmarks/RESULTS.md``, "Correction
         rounds"). Has no effect on a new model, a new output layer, or labels that leave no
         pixel unpainted (dense instance labels).
-    member_patches : str
-        With a network of several members (``ModelConfig.members``): ``"shared"``, every
-        member trains on every patch of a step, or ``"split"``, the patches of each step are
-        dealt out among the members, each training on its own share (their errors less alike,
-        and each step cheaper).
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """
@@ -275,7 +270,6 @@ class TrainConfig:
     dice_weight: float = 1.0
     ema: float = 0.98
     anchor: float = 1.0
-    member_patches: str = "shared"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -295,9 +289,6 @@ class TrainConfig:
             raise ValueError(f"augment must be none, flips or full, got {self.augment!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
-        if self.member_patches not in ("shared", "split"):
-            raise ValueError(
-                f"member_patches must be shared or split, got {self.member_patches!r}")
         if not self.anchor >= 0:
             raise ValueError(f"anchor must be >= 0, got {self.anchor}")
         if not self.learning_rate > 0:

@@ -268,30 +268,10 @@ class UNet(nn.Module):
             return torch.channels_last_3d
         return torch.contiguous_format
 
-    def member_logits(self, x: torch.Tensor,
-                      parts: Sequence[torch.Tensor] | None = None
-                      ) -> torch.Tensor | list[torch.Tensor]:
-        """Each member's logits: what training fits, each member to the targets on its own.
-
-        Parameters
-        ----------
-        x : Tensor
-            Input, ``(N, in_channels, *spatial)``.
-        parts : sequence of Tensor, optional
-            One index tensor per member: member ``i`` runs on ``x[parts[i]]`` only (the filter
-            bank still runs once on all of ``x``).
-
-        Returns
-        -------
-        Tensor or list of Tensor
-            Without ``parts``, ``(members, N, classes, *spatial)``; with them, a list of
-            ``(len(parts[i]), classes, *spatial)``.
-        """
-        if parts is None:
-            return torch.stack(self._members(x))
-        if len(parts) != self.config.members:
-            raise ValueError(f"{len(parts)} parts for {self.config.members} members")
-        return self._members(x, parts)
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's logits, ``(members, N, classes, *spatial)``: what training fits, each
+        member to the targets on its own."""
+        return torch.stack(self._members(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._members(x)
@@ -300,8 +280,7 @@ class UNet(nn.Module):
         # the log of the members' mean class probabilities: its softmax is their average
         return torch.logsumexp(torch.log_softmax(torch.stack(out), 2), 0) - math.log(len(out))
 
-    def _members(self, x: torch.Tensor,
-                 parts: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def _members(self, x: torch.Tensor) -> list[torch.Tensor]:
         cfg = self.config
         if x.ndim != cfg.dims + 2:
             raise ValueError(
@@ -321,14 +300,9 @@ class UNet(nn.Module):
         if self.filters is not None:
             x = self.filters(x)  # computed once, shared by the members
         layout = self._layout()
-        # each member's input: all of x, or its part of the batch
-        inputs = [x] if parts is None else [x[p] for p in parts]
         if layout is not torch.contiguous_format:
-            inputs = [xi.contiguous(memory_format=layout) for xi in inputs]
-        if parts is None:
-            inputs = inputs * self.config.members
-        out = [_body_forward(self, inputs[0]),
-               *(m(xi) for m, xi in zip(self.extra_members, inputs[1:]))]
+            x = x.contiguous(memory_format=layout)
+        out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
         if any(pads):
             crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
             out = [o[crop] for o in out]

@@ -481,14 +481,6 @@ def _crop(item: _Item, centre: np.ndarray, size: tuple[int, ...], rng: np.random
     return _crop_pair(img, tgt, start, size)
 
 
-def _member_parts(n: int, members: int, gen: torch.Generator,
-                  device: torch.device) -> list[torch.Tensor]:
-    """The patches of a batch of ``n`` dealt out at random among ``members``: one index tensor
-    each, sizes differing by at most one."""
-    perm = torch.randperm(n, generator=gen)
-    return [perm[i::members].to(device) for i in range(members)]
-
-
 def _sample_batch(data: TrainingData, batch: int, size: tuple[int, ...],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Patches centred near painted pixels, classes drawn uniformly (balanced)."""
@@ -921,11 +913,6 @@ def iter_train(
     net = model.network.to_device(dev)
     net.train()
     k = len(data.class_values)
-    n_members = model.config.members
-    split = cfg.member_patches == "split" and n_members > 1
-    if split and batch < n_members:
-        raise InputError(f"member_patches='split' needs at least one patch per member: a batch "
-                         f"of {batch} for {n_members} members")
     freq = data.counts.astype(np.float64) + 1.0
     weights_np = (1.0 / np.sqrt(freq))
     weights_np = weights_np / weights_np.mean()
@@ -996,23 +983,17 @@ def iter_train(
             yb = torch.from_numpy(yb_np).to(dev)
             if cfg.augment != "none":
                 xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
-            # each member of the network fits the targets on its own (one member: the U-Net),
-            # on every patch or on its share of them
-            parts = _member_parts(len(xb), n_members, gen, dev) if split else None
-            members = net.member_logits(xb, parts)
-            targets = [yb] * n_members if parts is None else [yb[p] for p in parts]
-            painted_loss = sum(masked_loss(logits, t, class_weights=weights,
+            # each member of the network fits the targets on its own (one member: the U-Net)
+            members = net.member_logits(xb)
+            painted_loss = sum(masked_loss(logits, yb, class_weights=weights,
                                            dice_weight=cfg.dice_weight)
-                               for logits, t in zip(members, targets)) / n_members
+                               for logits in members) / len(members)
             loss = painted_loss
             if teacher is not None:
                 with torch.no_grad():
                     start_probs = torch.softmax(teacher(xb), 1)
-                start = [start_probs] * n_members if parts is None else \
-                    [start_probs[p] for p in parts]
-                loss = loss + cfg.anchor * sum(
-                    anchor_loss(logits, sp, t)
-                    for logits, sp, t in zip(members, start, targets)) / n_members
+                loss = loss + cfg.anchor * sum(anchor_loss(logits, start_probs, yb)
+                                               for logits in members) / len(members)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
