@@ -314,7 +314,10 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
             arch[key] = type(getattr(ModelConfig(), key))(value)
             continue
         default = getattr(TrainConfig, key)
-        overrides[key] = type(default)(value) if default is not None else int(value)
+        if default is None:  # int or float options whose default depends on the run
+            overrides[key] = float(value) if "." in value else int(value)
+        else:
+            overrides[key] = type(default)(value)
     if model is None and init is not None:
         model = load_model(init)  # a bundled or saved model, as `paintseg train --init` does
     if model is not None:

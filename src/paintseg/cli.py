@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DEFAULT_BLOCK_BYTES, SNAP_PIXELS
+from .config import DEFAULT_BLOCK_BYTES, SNAP_PIXELS, STROKES_INTENSITY_SHIFT, TrainConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--patch-size", type=int, default=None)
     tr.add_argument("--learning-rate", type=float, default=3e-3)
     tr.add_argument("--augment", choices=("none", "flips", "full"), default="flips")
+    tr.add_argument("--intensity-shift", type=float, default=None, metavar="WIDTH",
+                    help="half-width of a random brightness offset per training patch, in "
+                         "normalised units (default: %s on strokes, 0 on dense labels; 0: "
+                         "none)" % STROKES_INTENSITY_SHIFT)
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--validation-fraction", type=float, default=0.15)
@@ -303,7 +307,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .config import TrainConfig
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
     from .io import check_output_folder, read_image
@@ -326,6 +329,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig(time_budget=args.time_budget, steps=args.steps,
                              batch_size=args.batch_size, patch_size=args.patch_size,
                              learning_rate=args.learning_rate, augment=args.augment,
+                             intensity_shift=args.intensity_shift,
                              validation_fraction=args.validation_fraction, seed=args.seed)
         device = resolve_device(args.device)
         out = Path(args.out)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from skimage.segmentation import find_boundaries
 
-from .config import ModelConfig, NormConfig, TrainConfig
+from .config import STROKES_INTENSITY_SHIFT, ModelConfig, NormConfig, TrainConfig
 from .devices import resolve_device
 from .errors import InputError
 from .model import PaintsegModel, default_class_names, new_model
@@ -557,6 +557,13 @@ def _augment(
     return x, y
 
 
+def _shift_intensity(x: torch.Tensor, gen: torch.Generator, width: float) -> torch.Tensor:
+    """``x`` plus an offset drawn uniformly from ``[-width, width]`` for each patch and channel
+    (drawn on the CPU generator, so that seeded runs agree on every device)."""
+    offset = (torch.rand(*x.shape[:2], generator=gen) * 2 - 1) * width
+    return x + offset.to(x.device, x.dtype).view(*x.shape[:2], *([1] * (x.ndim - 2)))
+
+
 # ---------------------------------------------------------------------------- loss
 
 
@@ -622,6 +629,15 @@ def _has_unpainted(data: TrainingData) -> bool:
     """Whether any pixel of the training images is unpainted (dense instance labels have none:
     there, the anchor would only see the reflected margins of patches at the image border)."""
     return any(bool((it.targets == IGNORE).any()) for it in data.items)
+
+
+def intensity_shift(config: TrainConfig, data: TrainingData) -> float:
+    """The brightness offset's half-width a run uses: ``config.intensity_shift``, or where that
+    is None, :data:`~paintseg.config.STROKES_INTENSITY_SHIFT` for strokes (some pixel
+    unpainted) and 0 for dense labels."""
+    if config.intensity_shift is not None:
+        return float(config.intensity_shift)
+    return STROKES_INTENSITY_SHIFT if _has_unpainted(data) else 0.0
 
 
 def continues_training(model: PaintsegModel) -> bool:
@@ -907,6 +923,7 @@ def iter_train(
         torch.manual_seed(cfg.seed)
     psize = cfg.patch_size or (64 if data.dims == 2 else 32)
     batch = cfg.batch_size or (16 if data.dims == 2 else 4)
+    shift = intensity_shift(cfg, data)
     align = model.config.align
     psize = max(align, int(math.ceil(psize / align) * align))
     size = (psize,) * data.dims
@@ -983,8 +1000,11 @@ def iter_train(
             yb = torch.from_numpy(yb_np).to(dev)
             if cfg.augment != "none":
                 xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
+            # the network sees the patch with a brightness offset; the anchor's starting model
+            # the patch as it is, so the anchor keeps what the start predicts on the image
+            shown = _shift_intensity(xb, gen, shift) if shift > 0 else xb
             # each member of the network fits the targets on its own (one member: the U-Net)
-            members = net.member_logits(xb)
+            members = net.member_logits(shown)
             painted_loss = sum(masked_loss(logits, yb, class_weights=weights,
                                            dice_weight=cfg.dice_weight)
                                for logits in members) / len(members)
@@ -1038,6 +1058,7 @@ def iter_train(
         "device": str(dev),
         "painted_pixels": [int(c) for c in data.counts],
         "anchor": cfg.anchor if teacher is not None else 0.0,
+        "intensity_shift": shift,
         "validation_iou": round(history[best_step][0], 4) if history else None,
     })
     if step > 0:
