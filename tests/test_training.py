@@ -388,7 +388,8 @@ def test_continuing_changes_little_outside_the_corrections(real_pair):
 
 def test_reported_loss_is_the_painted_pixels_loss(real_pair):
     """The loss in the events leaves out the anchor's term: the first step of a continued run
-    reports the same loss with and without the anchor (same weights, same batch)."""
+    reports the same loss with and without the anchor (same weights, same batch; the
+    brightness offset pinned, which by default only the run without the anchor would get)."""
     img, gt = real_pair
     data = prepare_data([(img, strokes(gt))], dims=2, seed=0, validation_fraction=0)
     model = tiny(class_values=data.class_values)
@@ -396,7 +397,8 @@ def test_reported_loss_is_the_painted_pixels_loss(real_pair):
     first = {}
     for anchor in (0.0, 1.0):
         m = copy.deepcopy(model)
-        events = iter_train(m, data, TrainConfig(steps=2, seed=1, patch_size=64, anchor=anchor),
+        events = iter_train(m, data, TrainConfig(steps=2, seed=1, patch_size=64, anchor=anchor,
+                                                 intensity_shift=0.05),
                             device="cpu", step_every=0)
         first[anchor] = next(ev for ev in events if ev.kind is EventKind.STEP).loss
     assert first[0.0] == first[1.0] > 0
@@ -738,7 +740,8 @@ def test_intensity_shift_reaches_the_network(real_pair, monkeypatch):
 
 
 def test_intensity_shift_defaults_to_strokes_only(real_pair):
-    """By default strokes get the brightness offset and dense labels none; a set width is
+    """By default strokes get the brightness offset, dense labels none, and a run that
+    continues a model anchored to its predictions (a correction round) none; a set width is
     used as it is. Each run records the width it used."""
     from paintseg.config import STROKES_INTENSITY_SHIFT
     from paintseg.training import intensity_shift
@@ -752,10 +755,22 @@ def test_intensity_shift_defaults_to_strokes_only(real_pair):
     assert intensity_shift(TrainConfig(), dense) == 0.0
     assert intensity_shift(TrainConfig(intensity_shift=0.2), dense) == 0.2
     assert intensity_shift(TrainConfig(intensity_shift=0), scribbles) == 0.0
+    assert intensity_shift(TrainConfig(), scribbles, anchored=True) == 0.0
+    assert intensity_shift(TrainConfig(intensity_shift=0.2), scribbles, anchored=True) == 0.2
     for data, want in ((scribbles, STROKES_INTENSITY_SHIFT), (dense, 0.0)):
         m = tiny(classes=len(data.class_values), class_values=data.class_values)
         list(iter_train(m, data, TrainConfig(steps=1, seed=0, patch_size=64), device="cpu"))
         assert m.provenance["training"][-1]["intensity_shift"] == want
+    # a model trained once on strokes: training it again is a correction round (anchored by
+    # default), unless the anchor is off
+    m = tiny(class_values=scribbles.class_values)
+    list(iter_train(m, scribbles, TrainConfig(steps=1, seed=0, patch_size=64), device="cpu"))
+    for anchor, want in ((1.0, 0.0), (0.0, STROKES_INTENSITY_SHIFT)):
+        again = copy.deepcopy(m)
+        list(iter_train(again, scribbles, TrainConfig(steps=1, seed=0, patch_size=64,
+                                                      anchor=anchor), device="cpu"))
+        assert again.provenance["training"][-1]["anchor"] == anchor
+        assert again.provenance["training"][-1]["intensity_shift"] == want
 
 
 def test_cli_refuses_a_bad_intensity_shift(tmp_path, nuclei2d_path, real_pair, capsys):

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--augment", choices=("none", "flips", "full"), default="flips")
     tr.add_argument("--intensity-shift", type=float, default=None, metavar="WIDTH",
                     help="half-width of a random brightness offset per training patch, in "
-                         "normalised units (default: %s on strokes, 0 on dense labels; 0: "
+                         "normalised units (default: %s on strokes, 0 on dense labels and "
+                         "when continuing an --init model anchored to its predictions; 0: "
                          "none)" % STROKES_INTENSITY_SHIFT)
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     tr.add_argument("--seed", type=int, default=None)

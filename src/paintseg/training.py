@@ -631,13 +631,31 @@ def _has_unpainted(data: TrainingData) -> bool:
     return any(bool((it.targets == IGNORE).any()) for it in data.items)
 
 
-def intensity_shift(config: TrainConfig, data: TrainingData) -> float:
-    """The brightness offset's half-width a run uses: ``config.intensity_shift``, or where that
-    is None, :data:`~paintseg.config.STROKES_INTENSITY_SHIFT` for strokes (some pixel
-    unpainted) and 0 for dense labels."""
+def intensity_shift(config: TrainConfig, data: TrainingData, *, anchored: bool = False) -> float:
+    """The brightness offset's half-width a run uses.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's settings; a set ``config.intensity_shift`` is used as it is.
+    data : TrainingData
+        Its training data.
+    anchored : bool
+        Whether the run holds the unpainted pixels to the starting model's predictions
+        (:func:`holds_to_predictions`).
+
+    Returns
+    -------
+    float
+        Where ``config.intensity_shift`` is None:
+        :data:`~paintseg.config.STROKES_INTENSITY_SHIFT` for strokes (some pixel unpainted) on
+        a run that is not anchored, and 0 for dense labels and for anchored runs (correction
+        rounds: there the starting model has decided the unpainted gap, and the offset lowered
+        the rounds' gains).
+    """
     if config.intensity_shift is not None:
         return float(config.intensity_shift)
-    return STROKES_INTENSITY_SHIFT if _has_unpainted(data) else 0.0
+    return STROKES_INTENSITY_SHIFT if _has_unpainted(data) and not anchored else 0.0
 
 
 def continues_training(model: PaintsegModel) -> bool:
@@ -923,7 +941,6 @@ def iter_train(
         torch.manual_seed(cfg.seed)
     psize = cfg.patch_size or (64 if data.dims == 2 else 32)
     batch = cfg.batch_size or (16 if data.dims == 2 else 4)
-    shift = intensity_shift(cfg, data)
     align = model.config.align
     psize = max(align, int(math.ceil(psize / align) * align))
     size = (psize,) * data.dims
@@ -944,6 +961,7 @@ def iter_train(
     # with every pixel painted there is nothing to hold, and its forward pass is skipped
     teacher = copy.deepcopy(net).eval() if holds_to_predictions(model, data, anchor=cfg.anchor) \
         else None
+    shift = intensity_shift(cfg, data, anchored=teacher is not None)
     eval_net = ema_net if ema_net is not None else net
     best_step = 0
     history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
