@@ -253,11 +253,12 @@ class TrainConfig:
         there) and when training continues a model anchored to its predictions (correction
         rounds: the starting model has decided the gap there, and with the offset the rounds
         gained less: on 10 draws of cells3d 0.872 to 0.887 with it, 0.863 to 0.902 without;
-        ``benchmarks/RESULTS.md``, "Correction rounds with the offset"). Strokes leave a gap in brightness between the classes; without the offset the
-        border in that gap (the haze of out-of-focus slices, dim objects) falls where the
-        network's start and batch order put it, with it nearer the gap's middle: on 10 draws
-        of cells3d strokes the whole stack's IoU went from 0.837 (worst draw 0.722) to 0.860
-        (worst 0.829); see ``benchmarks/RESULTS.md``, "A brightness offset per patch".
+        ``benchmarks/RESULTS.md``, "Correction rounds with the offset"). Strokes leave a gap
+        in brightness between the classes; without the offset the border in that gap (the
+        haze of out-of-focus slices, dim objects) falls where the network's start and batch
+        order put it, with it nearer the gap's middle: on 10 draws of cells3d strokes the whole
+        stack's IoU went from 0.837 (worst draw 0.722) to 0.860 (worst 0.829); see
+        ``benchmarks/RESULTS.md``, "A brightness offset per patch".
     dice_weight : float
         Weight of the soft Dice term added to the cross-entropy.
     ema : float
