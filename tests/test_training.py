@@ -48,6 +48,14 @@ def strokes(gt: np.ndarray, n: int = 60, seed: int = 0) -> np.ndarray:
     return lab
 
 
+@pytest.fixture
+def strokes_path(tmp_path, real_pair):
+    """:func:`strokes` of the sample image's truth, written as a TIFF for the CLI."""
+    path = tmp_path / "strokes.tif"
+    tifffile.imwrite(path, strokes(real_pair[1]))
+    return path
+
+
 def tiny(classes=2, **kw):
     return new_model(ModelConfig(depth=2, base_features=8, classes=classes), seed=0, **kw)
 
@@ -480,10 +488,9 @@ def test_bad_budget():
         TrainConfig(anchor=-0.5)
 
 
-def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, capsys):
+def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, strokes_path, capsys):
     img, gt = real_pair
-    lab_path = tmp_path / "strokes.tif"
-    tifffile.imwrite(lab_path, strokes(gt))
+    lab_path = strokes_path
     out = tmp_path / "m.pt"
     rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(out), "--steps", "3",
                "--seed", "0", "--patch-size", "64", "--device", "cpu", "-q"])
@@ -583,11 +590,11 @@ def test_cli_warns_before_continuing_a_contradicted_model(tmp_path, real_pair, c
     assert "without --init, a new U-Net is trained" in err
 
 
-def test_cli_refuses_a_model_of_other_channels_before_any_work(tmp_path, real_pair, capsys):
-    img, gt = real_pair
-    rgb, lab_path = tmp_path / "rgb.tif", tmp_path / "strokes.tif"
+def test_cli_refuses_a_model_of_other_channels_before_any_work(tmp_path, real_pair,
+                                                               strokes_path, capsys):
+    img, _ = real_pair
+    rgb, lab_path = tmp_path / "rgb.tif", strokes_path
     tifffile.imwrite(rgb, np.stack([img] * 3, -1), photometric="rgb")
-    tifffile.imwrite(lab_path, strokes(gt))
     out = tmp_path / "m.pt"
     assert main(["train", str(rgb), str(lab_path), "--out", str(out), "--init", "nuclei",
                  "--steps", "1", "-q"]) == 2
@@ -613,10 +620,8 @@ def test_prepare_training_refuses_a_model_of_other_channels(real_pair, monkeypat
         next(training.iter_train(load_model("nuclei"), data))  # the same words for the API
 
 
-def test_cli_says_when_a_seeded_run_cannot_repeat(tmp_path, nuclei2d_path, real_pair, capsys):
-    _, gt = real_pair
-    lab_path = tmp_path / "strokes.tif"
-    tifffile.imwrite(lab_path, strokes(gt))
+def test_cli_says_when_a_seeded_run_cannot_repeat(tmp_path, nuclei2d_path, strokes_path, capsys):
+    lab_path = strokes_path
     for budget, note in ((["--time-budget", "0.5"], True), (["--steps", "2"], False)):
         assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(tmp_path / "m.pt"),
                      "--seed", "0", "--patch-size", "64", *budget]) == 0
@@ -773,12 +778,9 @@ def test_intensity_shift_defaults_to_strokes_only(real_pair):
         assert again.provenance["training"][-1]["intensity_shift"] == want
 
 
-def test_cli_refuses_a_bad_intensity_shift(tmp_path, nuclei2d_path, real_pair, capsys):
-    img, gt = real_pair
-    lab_path = tmp_path / "strokes.tif"
-    tifffile.imwrite(lab_path, strokes(gt))
+def test_cli_refuses_a_bad_intensity_shift(tmp_path, nuclei2d_path, strokes_path, capsys):
     out = tmp_path / "m.pt"
-    rc = main(["train", str(nuclei2d_path), str(lab_path), "--out", str(out), "--steps", "1",
+    rc = main(["train", str(nuclei2d_path), str(strokes_path), "--out", str(out), "--steps", "1",
                "--intensity-shift", "-0.5"])
     assert rc != 0
     assert "intensity shift must be in [0, 1], got -0.5" in capsys.readouterr().err

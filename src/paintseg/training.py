@@ -655,7 +655,7 @@ def intensity_shift(config: TrainConfig, data: TrainingData, *, anchored: bool =
     """
     if config.intensity_shift is not None:
         return float(config.intensity_shift)
-    return STROKES_INTENSITY_SHIFT if _has_unpainted(data) and not anchored else 0.0
+    return STROKES_INTENSITY_SHIFT if not anchored and _has_unpainted(data) else 0.0
 
 
 def continues_training(model: PaintsegModel) -> bool:
