@@ -139,7 +139,11 @@ def test_segment_labels_passes_snap(nuclei2d, small_model):
     np.testing.assert_array_equal(c, segment(img, small_model).labels)
 
 
-def test_a_rescaled_image_is_snapped_at_full_resolution(nuclei2d, small_model):
+def test_a_rescaled_image_is_snapped_at_full_resolution(nuclei2d, small_model, monkeypatch):
+    from paintseg import postprocess
+
+    # the untrained model's classes are speckle, thin everywhere: snapped as if they were not
+    monkeypatch.setattr(postprocess, "thin_classes", lambda *a, **k: [])
     img = nuclei2d[:200, :200]
     res = segment(img, small_model, scale=0.5, return_probabilities=True)
     plain = segment(img, small_model, scale=0.5, snap=0, return_probabilities=True)
@@ -150,3 +154,46 @@ def test_a_rescaled_image_is_snapped_at_full_resolution(nuclei2d, small_model):
     expected = np.array([0, 2])[snap_to_edges(res.probabilities, image, snap=8)]
     np.testing.assert_array_equal(res.labels, expected)
     assert (res.labels != plain.labels).any()
+
+
+def test_thin_classes_are_measured_by_their_width():
+    from paintseg.postprocess import thin_classes
+
+    yy, xx = np.mgrid[:200, :200]
+    index = np.zeros((200, 200), np.int64)
+    index[20:26] = 1  # a strip 6 px wide: thin at snap 8
+    index[60:72] = 2  # 12 px wide: not
+    index[(yy - 140) ** 2 + (xx - 60) ** 2 < 6**2] = 3  # a disc 12 px across: not
+    index[(yy - 140) ** 2 + (xx - 150) ** 2 < 3**2] = 4  # 6 px across: thin
+    assert thin_classes(index, snap=8) == [1, 4]
+    assert thin_classes(index, snap=4) == []
+    assert thin_classes(np.zeros((9, 9), np.int64), snap=8) == []  # fills the image
+    with pytest.raises(ValueError, match=r"2D class map expected, got shape \(2, 9, 9\)"):
+        thin_classes(np.zeros((2, 9, 9), np.int64))
+    # real structures: the DSB2018 nuclei are not thin, their outlines (2 px) are
+    truth = tifffile.imread(SAMPLES / "nuclei2d_instances.tif") > 0
+    outline = truth & ~ndi.binary_erosion(truth, iterations=2)
+    assert thin_classes(np.where(outline, 2, truth.astype(np.int64)), snap=8) == [2]
+
+
+def test_a_thin_class_is_never_moved():
+    """A model's outline class (2 px) drawn 1 px inside the real cells3d nuclei's edges,
+    unsure everywhere near a border: snapping would pull it onto the edges, moving it; it
+    stays where the model put it, and so does every border within the snap distance."""
+    from paintseg.postprocess import thin_classes
+
+    img = tifffile.imread(SAMPLES / "nuclei3d.tif")[30].astype(np.float32)
+    truth = tifffile.imread(SAMPLES / "nuclei3d_labels.tif")[30] > 0
+    lo, hi = percentile_range(img[np.newaxis], NormConfig())
+    image = ((img - lo[0]) / (hi[0] - lo[0]))[np.newaxis]
+    inner = ndi.binary_erosion(truth, iterations=1)
+    core = ndi.binary_erosion(truth, iterations=3)
+    index = np.where(core, 1, np.where(inner, 2, 0))
+    probs = np.full((3, *truth.shape), 0.2, np.float32)
+    np.put_along_axis(probs, index[None], 0.6, axis=0)  # arg-max = index, unsure everywhere
+    assert thin_classes(index, snap=8) == [2]
+    np.testing.assert_array_equal(snap_to_edges(probs, image, snap=8), index)
+    # without the outline class, the nuclei 1 px inside their edges do snap
+    p2 = np.where(inner[None] == np.array([False, True])[:, None, None], 0.6, 0.4)
+    snapped = snap_to_edges(p2.astype(np.float32), image, snap=8)
+    assert (snapped != inner).any()

@@ -315,6 +315,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import (
         EventKind,
         check_channels,
+        collapse_text,
         disagreement_text,
         iter_train,
         kept_weights_text,
@@ -398,6 +399,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     assert done is not None
     say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; "
         f"{kept_weights_text(done)})")
+    warning = collapse_text(model, data, device=device)
+    if warning:
+        print(f"paintseg: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "semantic_labels",
     "snap_to_edges",
     "snap_planes",
+    "thin_classes",
     "instances_from_probabilities",
     "filter_instances",
     "instances_per_image",
@@ -74,7 +75,9 @@ def snap_to_edges(
     probability is below ``confidence`` are decided again: by a seeded watershed on the
     image's gradient magnitude, flooded from every other pixel (its arg-max class). A border
     thus moves by at most ``snap`` pixels, to where the image changes most, and the confident
-    parts of the result stay as they are. A network trained on strokes learns nothing about
+    parts of the result stay as they are. Thin classes (:func:`thin_classes`: membranes,
+    boundaries, fibres) are never moved, nor any border within ``snap`` pixels of them: a
+    watershed would pull a thin structure onto a neighbouring edge. A network trained on strokes learns nothing about
     the pixels between the strokes, so its arg-max border lies anywhere in the unpainted gap
     around an object; the image's edge is where a user would put it.
 
@@ -115,6 +118,10 @@ def snap_to_edges(
         inside = index == k
         distance[inside] = ndi.distance_transform_edt(inside)[inside]
     band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
+    thin = thin_classes(index, snap=snap)
+    if thin:
+        near_thin = ndi.distance_transform_edt(~np.isin(index, thin)) <= snap
+        band &= ~near_thin
     if not band.any():
         return index
     grad = np.zeros(index.shape, np.float32)
@@ -122,6 +129,41 @@ def snap_to_edges(
         grad += sobel(gaussian(channel, sigma=sigma, preserve_range=True))
     markers = np.where(band, 0, index + 1)
     return watershed(grad, markers=markers).astype(np.int64) - 1
+
+
+def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS) -> list[int]:
+    """The classes of a 2D class map whose regions are typically narrower than ``snap``.
+
+    A class's width is the median, over the pixels of its regions' skeleton, of twice their
+    distance to another class (the image's edge does not count): a strip's width, a disc's
+    diameter. Membranes 2-6 px wide measure about 6, the nuclei of DSB2018 about 14.
+
+    Parameters
+    ----------
+    index : ndarray of int, shape (Y, X)
+        Class indices.
+    snap : int
+        The snap distance (pixels): classes narrower than this are thin.
+
+    Returns
+    -------
+    list of int
+        The thin classes' indices (a class that fills the image is not thin).
+    """
+    from skimage.morphology import skeletonize
+
+    index = np.asarray(index)
+    if index.ndim != 2:
+        raise ValueError(f"a 2D class map expected, got shape {index.shape}")
+    thin = []
+    for c in np.unique(index):
+        inside = index == c
+        if inside.all():
+            continue
+        widths = 2 * ndi.distance_transform_edt(inside)[skeletonize(inside)]
+        if len(widths) and np.median(widths) < snap:
+            thin.append(int(c))
+    return thin
 
 
 def snap_planes(probabilities: np.ndarray, image: np.ndarray, *, snap: int = SNAP_PIXELS

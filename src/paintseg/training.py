@@ -61,6 +61,7 @@ __all__ = [
     "disagreement_text",
     "holds_to_predictions",
     "painted_agreement",
+    "collapse_text",
 ]
 
 IGNORE = -1
@@ -692,20 +693,32 @@ def holds_to_predictions(model: PaintsegModel, data: TrainingData, *,
 
 
 def _val_batches(data: TrainingData, size: tuple[int, ...], rng: np.random.Generator,
-                 max_patches: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Fixed patches over the held-out pixels (targets outside the hold-out ignored)."""
+                 max_patches: int = 16) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Fixed patches over the held-out pixels (targets outside the hold-out ignored), their
+    centres drawn evenly over the classes with held-out pixels, so that a class painted little
+    is scored too; and the number of distinct held-out pixels of each class inside them."""
+    k = len(data.class_values)
+    where = {c: [np.argwhere(it.val_mask & (it.targets == c)) for it in data.items]
+             for c in range(k)}
+    present = [c for c in range(k) if any(len(w) for w in where[c])]
+    covered = [np.zeros(it.targets.shape, bool) for it in data.items]
     out = []
-    for it in data.items:
-        idx = np.argwhere(it.val_mask)
-        if len(idx) == 0:
-            continue
-        picks = idx[rng.choice(len(idx), size=min(max_patches, len(idx)), replace=False)]
-        val_t = np.where(it.val_mask, it.targets, IGNORE)  # only the held-out pixels count
-        for c in picks:
-            plane, cc = _in_plane(data.dims, it.targets.ndim, c)
+    for c in present:
+        n = np.array([len(w) for w in where[c]], dtype=float)
+        for _ in range(max(1, max_patches // len(present))):
+            i = int(rng.choice(len(n), p=n / n.sum()))
+            it = data.items[i]
+            centre = where[c][i][rng.integers(int(n[i]))]
+            plane, cc = _in_plane(data.dims, it.targets.ndim, centre)
             start = tuple(int(v - s // 2) for v, s in zip(cc, size))
-            out.append(_crop_pair(it.image[(slice(None), *plane)], val_t[plane], start, size))
-    return out[:max_patches]
+            val_t = np.where(it.val_mask[plane], it.targets[plane], IGNORE)
+            out.append(_crop_pair(it.image[(slice(None), *plane)], val_t, start, size))
+            src, _ = _window(start, size, val_t.shape)
+            covered[i][plane][src] |= val_t[src] >= 0
+    held = np.zeros(k, dtype=np.int64)
+    for it, cov in zip(data.items, covered):
+        held += np.bincount(it.targets[cov], minlength=k)
+    return out, held
 
 
 def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]],
@@ -736,6 +749,13 @@ def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]]
     iou = {int(class_values[c]): inter[c] / union[c] for c in range(classes) if held[c] > 0}
     return {"loss": float(np.mean(losses)), "mean_iou": float(np.mean(list(iou.values()))),
             "iou": iou}
+
+
+# The keep-best rule (:func:`_clearly_beaten`) decides only where every painted class has at
+# least this many distinct held-out pixels in the validation patches; with fewer, one stroke
+# more or less moves a class's IoU by more than the rule's tolerance, and the latest weights
+# are kept.
+MIN_HELD_OUT = 200
 
 
 def _clearly_beaten(mean_iou: float, loss: float, history: Iterable[tuple[float, float]],
@@ -846,6 +866,46 @@ def painted_agreement(model: PaintsegModel, data: TrainingData, *,
             if totals[c] > 0}
 
 
+# A trained model that gives a painted class to fewer than this share of the pixels painted with
+# it has not learnt that class (issue: a thin class with few strokes came out empty).
+COLLAPSED = 0.5
+
+
+def collapse_text(model: PaintsegModel, data: TrainingData, *,
+                  device: str | torch.device = "auto",
+                  threshold: float = COLLAPSED) -> str | None:
+    """A warning when a trained model misses a painted class on its own strokes.
+
+    Parameters
+    ----------
+    model : PaintsegModel
+        The model after training on ``data``.
+    data : TrainingData
+        Its training data (training and held-out strokes alike are checked).
+    device : str or torch.device
+        Where to predict.
+    threshold : float
+        A painted class that the model gives to fewer than this share of its painted pixels
+        (:func:`painted_agreement`) is named.
+
+    Returns
+    -------
+    str or None
+        The text naming each such class with its share, or None when every painted class
+        reaches ``threshold``.
+    """
+    agree = painted_agreement(model, data, device=device)
+    missed = {c: v for c, v in agree.items() if v < threshold}
+    if not missed:
+        return None
+    names = dict(zip(model.class_values, model.class_names))
+    which = ", ".join(f"'{names.get(c, f'class {c}')}' (value {c}) on only {v:.0%} of its "
+                      "painted pixels" for c, v in missed.items())
+    it, is_ = ("it", "it is") if len(missed) == 1 else ("them", "they are")
+    return (f"the trained model predicts {which}: the result will miss {it}; paint more of "
+            f"{it}, where {is_} missed, or train longer")
+
+
 def disagreement_text(model: PaintsegModel, data: TrainingData, *,
                       device: str | torch.device = "auto",
                       threshold: float = DISAGREEMENT,
@@ -952,8 +1012,13 @@ def iter_train(
     weights_np = weights_np / weights_np.mean()
     weights = torch.tensor(weights_np, dtype=torch.float32, device=dev)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    val = _val_batches(data, size, np.random.default_rng(0 if cfg.seed is None else cfg.seed)) \
-        if data.has_validation else []
+    val, held = _val_batches(data, size, np.random.default_rng(
+        0 if cfg.seed is None else cfg.seed)) if data.has_validation else ([], np.zeros(0))
+    # the keep-best rule decides only on enough held-out pixels of every painted class; a
+    # model that was never trained (a new U-Net, or one with a new output layer) never
+    # returns its starting weights
+    decides = bool(val) and bool(np.all(held[data.counts > 0] >= MIN_HELD_OUT))
+    fresh = not continues_training(model)
     best_state = copy.deepcopy({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
     ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
     # continuing a trained model: its own predictions on the unpainted pixels are a soft
@@ -993,12 +1058,14 @@ def iter_train(
     def validate_now() -> TrainEvent:
         nonlocal best_step, best_state
         result = _validate(eval_net, val, dev, k, data.class_values, weights)
-        if not _clearly_beaten(result["mean_iou"], result["loss"], history.values()):
+        earlier = history.values() if decides else ()
+        if not _clearly_beaten(result["mean_iou"], result["loss"], earlier):
             best_step = step
             if step > 0:  # step 0: best_state already holds the starting weights
                 best_state = {kk: v.detach().cpu().clone()
                               for kk, v in eval_net.state_dict().items()}
-        history[step] = (result["mean_iou"], result["loss"])
+        if step > 0 or not fresh:  # a new U-Net's starting weights are never a candidate
+            history[step] = (result["mean_iou"], result["loss"])
         return TrainEvent(EventKind.VALIDATION, step, recent_loss(),
                           time.perf_counter() - t0, eta(), fraction(), result, best_step)
 
@@ -1056,8 +1123,9 @@ def iter_train(
                 yield validate_now()
     finally:
         net.train(False)
-    if val and not stopped and step not in history:  # the last weights, unless just scored
-        yield validate_now()
+    if val and step not in history and (not stopped or (fresh and best_step == 0 and step > 0)):
+        yield validate_now()  # the last weights, unless just scored (or stopped, where a new
+        # U-Net has nothing better kept)
     if val:
         net.load_state_dict(best_state)
     elif ema_net is not None and step > 0:
@@ -1077,7 +1145,7 @@ def iter_train(
         "painted_pixels": [int(c) for c in data.counts],
         "anchor": cfg.anchor if teacher is not None else 0.0,
         "intensity_shift": shift,
-        "validation_iou": round(history[best_step][0], 4) if history else None,
+        "validation_iou": round(history[best_step][0], 4) if best_step in history else None,
     })
     if step > 0:
         model.provenance.pop(_NEW_OUTPUT_LAYER, None)  # trained now

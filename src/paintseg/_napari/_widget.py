@@ -802,8 +802,8 @@ class PaintsegWidget(QWidget):
         from ..config import TrainConfig
         from ..devices import resolve_device
         from ..errors import InputError
-        from ..training import (EventKind, check_channels, disagreement_text, iter_train,
-                                prepare_training)
+        from ..training import (EventKind, check_channels, collapse_text, disagreement_text,
+                                iter_train, prepare_training)
 
         try:
             image = self._layer(self.train_image.currentText(), "an image layer")
@@ -866,6 +866,9 @@ class PaintsegWidget(QWidget):
                     break
             runs = model.provenance.get("training") or [{}]
             runs[-1]["data"] = f"labels '{labels_name}' on image '{source}' (napari)"
+            missed = collapse_text(model, td, device=device)
+            if missed:
+                yield ("warning", f"{missed[0].upper()}{missed[1:]}.")
             return model, last
 
         self.plot.clear()
@@ -884,8 +887,8 @@ class PaintsegWidget(QWidget):
 
         what, value = item
         if what in ("note", "warning"):
-            if what == "warning":
-                self._train_warning = value
+            if what == "warning":  # all of them stay on the Train tab
+                self._train_warning = "\n".join(filter(None, (self._train_warning, value)))
             self._notify(value, "info" if what == "note" else "warning")
             return
         ev = value
