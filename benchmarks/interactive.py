@@ -284,15 +284,28 @@ def scorings(name: str, test, score_slices: str) -> dict[str, list]:
     return {"nuclei3d 20..50": middle, "nuclei3d all": test}
 
 
-def object_iou(preds, test) -> float:
-    """Mean IoU of the object classes (all but the first, background or rest) over the scored
-    planes of every held-out image; predictions and truths are class maps 1..K (for two
-    classes: the foreground IoU)."""
+def class_ious(preds, test) -> list[float]:
+    """IoU of each object class (2..K: all but the first, background or rest) over the scored
+    planes of every held-out image; predictions and truths are class maps 1..K."""
     p = np.concatenate([(pr if z is None else pr[z]).ravel() for pr, (_, _, z) in zip(preds, test)])
     g = np.concatenate([(gt if z is None else gt[z]).ravel() for _, gt, z in test])
     k = int(g.max())
     iou = semantic_scores(p.astype(np.uint8), g.astype(np.uint8), classes=range(2, k + 1))["iou"]
-    return float(np.mean([iou.get(c, 0.0) for c in range(2, k + 1)]))
+    return [iou.get(c, 0.0) for c in range(2, k + 1)]
+
+
+def object_iou(preds, test) -> float:
+    """Mean IoU of the object classes (:func:`class_ious`; for two classes the foreground
+    IoU)."""
+    return float(np.mean(class_ious(preds, test)))
+
+
+def per_class_text(preds, test, names) -> str:
+    """``"  (membrane 0.512, mitochondria 0.301)"`` for more than one object class, else ``""``."""
+    ious = class_ious(preds, test)
+    if len(ious) < 2:
+        return ""
+    return "  (" + ", ".join(f"{n} {v:.3f}" for n, v in zip(names[1:], ious)) + ")"
 
 
 def run_one(name: str, seed: int, budget: float, device, presets: list[str],
@@ -341,20 +354,22 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
         preds, fit_s, total_s = random_forest(mine["forest"], [*test, fix_entry])
         masks = [preds[:-1]]  # class maps: the forest, then each column of paintseg
         rf = object_iou(masks[0], test)
-        print(f"  random forest (ilastik-style): object IoU {rf:.3f}  "
+        print(f"  random forest (ilastik-style): object IoU {rf:.3f}"
+              f"{per_class_text(masks[0], test, task.names)}  "
               f"(fit {fit_s:.1f} s, fit + predict {total_s:.1f} s)")
         fixes = {"forest": preds[-1] if fz is None else preds[-1][fz]}
         for p in presets:
             mask, models[p], fixed = paintseg_run(mine[p], test, seed=seed, budget=budget,
                                                   device=device, preset=p, model=models.get(p),
-                                                  extra=fix_img, classes=classes)
+                                                  extra=fix_img, names=task.names)
             masks.append(mask)
             if argmax_too:
                 masks.append([class_map(segment(img, models[p], axes=axes_of(img),
                                                 device=device, snap=0).labels, classes)
                               for img, _, _ in test])
                 print(f"    the same model's arg-max labels (snap 0): object IoU "
-                      f"{object_iou(masks[-1], test):.3f}", flush=True)
+                      f"{object_iou(masks[-1], test):.3f}"
+                      f"{per_class_text(masks[-1], test, task.names)}", flush=True)
             fixes[p] = fixed if fz is None else fixed[fz]
         rows.append({label: tuple(object_iou(m, held) for m in masks)
                      for label, held in sets.items()})
@@ -399,10 +414,12 @@ def class_map(labels: np.ndarray, classes: int) -> np.ndarray:
 
 def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
                  model: PaintsegModel | None = None, extra: np.ndarray | None = None,
-                 classes: int = 2) -> tuple[list[np.ndarray], PaintsegModel, np.ndarray | None]:
+                 names: Sequence[str] = ("background", "object")
+                 ) -> tuple[list[np.ndarray], PaintsegModel, np.ndarray | None]:
     """Train a new model of ``preset`` on the strokes for ``budget`` s (or continue training
-    ``model``); its class maps (1..``classes``, :func:`class_map`) of the held-out images
-    (their object IoU printed), the model and its class map of ``extra`` (None without it).
+    ``model``); its class maps (1..K for the task's K class ``names``, :func:`class_map`) of
+    the held-out images (their object IoU printed), the model and its class map of ``extra``
+    (None without it).
 
     ``preset`` may name a normalisation after a colon (``accurate:none``) to try the preset's
     architecture with other normalisation layers, and training options after commas
@@ -456,7 +473,7 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
     def labels_of(img: np.ndarray) -> np.ndarray:
         if id(img) not in cache:
             cache[id(img)] = class_map(segment(img, model, axes=axes_of(img),
-                                               device=device).labels, classes)
+                                               device=device).labels, len(names))
         return cache[id(img)]
 
     labels = [labels_of(img) for img, _, _ in test]
@@ -465,7 +482,8 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
     print(f"  paintseg {preset} ({cfg.network_name}, depth {cfg.depth}, base {cfg.base_features}, "
           f"{cfg.norm} norm, filter scales {', '.join(f'{x:g}' for x in cfg.features)}, "
           f"derivative gain {cfg.derivative_gain:g}): "
-          f"object IoU {iou:.3f}  ({done.step} steps, best step {done.best_step}, train "
+          f"object IoU {iou:.3f}{per_class_text(labels, test, names)}  ({done.step} steps, "
+          f"best step {done.best_step}, train "
           f"{train_s:.1f} s, predict {predict_s:.1f} s)", flush=True)
     return labels, model, None if extra is None else labels_of(extra)
 

@@ -161,19 +161,21 @@ def test_thin_classes_are_measured_by_their_width():
 
     yy, xx = np.mgrid[:200, :200]
     index = np.zeros((200, 200), np.int64)
-    index[20:26] = 1  # a strip 6 px wide: thin at snap 8
-    index[60:72] = 2  # 12 px wide: not
-    index[(yy - 140) ** 2 + (xx - 60) ** 2 < 6**2] = 3  # a disc 12 px across: not
-    index[(yy - 140) ** 2 + (xx - 150) ** 2 < 3**2] = 4  # 6 px across: thin
+    index[20:34] = 1  # a line 14 px wide: thin at snap 8 (narrower than 16, and long)
+    index[60:78] = 2  # 18 px wide: not
+    index[(yy - 140) ** 2 + (xx - 60) ** 2 < 7**2] = 3  # a disc 14 px across: not a line
+    index[130:136, 120:190] = 4  # a short line, 6 x 70: thin
     assert thin_classes(index, snap=8) == [1, 4]
-    assert thin_classes(index, snap=4) == []
+    assert thin_classes(index, snap=6) == [4]
     assert thin_classes(np.zeros((9, 9), np.int64), snap=8) == []  # fills the image
     with pytest.raises(ValueError, match=r"2D class map expected, got shape \(2, 9, 9\)"):
         thin_classes(np.zeros((2, 9, 9), np.int64))
-    # real structures: the DSB2018 nuclei are not thin, their outlines (2 px) are
+    # real structures: the DSB2018 nuclei are not thin, even shrunk by 3 px; their outlines
+    # (2 px) are
     truth = tifffile.imread(SAMPLES / "nuclei2d_instances.tif") > 0
     outline = truth & ~ndi.binary_erosion(truth, iterations=2)
     assert thin_classes(np.where(outline, 2, truth.astype(np.int64)), snap=8) == [2]
+    assert thin_classes(ndi.binary_erosion(truth, iterations=3).astype(np.int64)) == []
 
 
 def test_a_thin_class_is_never_moved():
@@ -191,7 +193,7 @@ def test_a_thin_class_is_never_moved():
     index = np.where(core, 1, np.where(inner, 2, 0))
     probs = np.full((3, *truth.shape), 0.2, np.float32)
     np.put_along_axis(probs, index[None], 0.6, axis=0)  # arg-max = index, unsure everywhere
-    assert thin_classes(index, snap=8) == [2]
+    assert 2 in thin_classes(index, snap=8)
     np.testing.assert_array_equal(snap_to_edges(probs, image, snap=8), index)
     # without the outline class, the nuclei 1 px inside their edges do snap
     p2 = np.where(inner[None] == np.array([False, True])[:, None, None], 0.6, 0.4)

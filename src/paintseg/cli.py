@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="size of a new U-Net: fast (default, any device) or accurate (larger, "
                          "for a GPU); auto = fast")
     tr.add_argument("--labels-kind", choices=("scribbles", "instances"), default="scribbles")
+    tr.add_argument("--class-names", default=None, metavar="NAME,NAME,...",
+                    help="names of the classes 1, 2, ... (comma-separated, e.g. "
+                         "background,membrane,mitochondria), kept in the checkpoint and shown "
+                         "in napari; default: background, class 2, ...")
     tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
     tr.add_argument("--steps", type=int, default=None)
     tr.add_argument("--batch-size", type=int, default=None,
@@ -354,9 +358,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             names.append(str(lab_path))
         if init is not None:  # before any work
             check_channels(init, channels, model_name=args.init)
+        names = None
+        if args.class_names is not None:
+            listed = [n.strip() for n in args.class_names.split(",")]
+            if not all(listed):
+                raise PaintsegError(f"--class-names {args.class_names!r}: a name is empty")
+            names = dict(enumerate(listed, start=1))
         # the same set-up as the napari widget's
         data, model = prepare_training(
-            pairs, base=init, dims=args.dims, in_channels=channels,
+            pairs, base=init, dims=args.dims, in_channels=channels, class_names=names,
             labels_kind=args.labels_kind, preset=args.preset, seed=args.seed,
             channel_axis=-1, validation_fraction=args.validation_fraction, names=names,
         )

@@ -76,8 +76,9 @@ def snap_to_edges(
     image's gradient magnitude, flooded from every other pixel (its arg-max class). A border
     thus moves by at most ``snap`` pixels, to where the image changes most, and the confident
     parts of the result stay as they are. Thin classes (:func:`thin_classes`: membranes,
-    boundaries, fibres) are never moved, nor any border within ``snap`` pixels of them: a
-    watershed would pull a thin structure onto a neighbouring edge. A network trained on strokes learns nothing about
+    boundaries, fibres: lines narrower than twice ``snap``) are never moved, nor any border
+    within ``snap`` pixels of them: the watershed pulled them onto neighbouring edges, or
+    erased them where no pixel of theirs was confident. A network trained on strokes learns nothing about
     the pixels between the strokes, so its arg-max border lies anywhere in the unpainted gap
     around an object; the image's edge is where a user would put it.
 
@@ -132,18 +133,22 @@ def snap_to_edges(
 
 
 def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS) -> list[int]:
-    """The classes of a 2D class map whose regions are typically narrower than ``snap``.
+    """The classes of a 2D class map that are thin lines: narrower than twice ``snap`` and at
+    least three times as long as wide.
 
     A class's width is the median, over the pixels of its regions' skeleton, of twice their
     distance to another class (the image's edge does not count): a strip's width, a disc's
-    diameter. Membranes 2-6 px wide measure about 6, the nuclei of DSB2018 about 14.
+    diameter. Its length is the mean number of skeleton pixels per region (of the regions of at
+    least width x width pixels). Membranes (2-6 px
+    wide, in networks), cell boundaries and fibres are thin; nuclei, even small ones or ones
+    shrunk by a model (14 px across in DSB2018, about as long as wide), are not.
 
     Parameters
     ----------
     index : ndarray of int, shape (Y, X)
         Class indices.
     snap : int
-        The snap distance (pixels): classes narrower than this are thin.
+        The snap distance (pixels).
 
     Returns
     -------
@@ -160,8 +165,18 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS) -> list[int]:
         inside = index == c
         if inside.all():
             continue
-        widths = 2 * ndi.distance_transform_edt(inside)[skeletonize(inside)]
-        if len(widths) and np.median(widths) < snap:
+        skeleton = skeletonize(inside)
+        widths = 2 * ndi.distance_transform_edt(inside)[skeleton]
+        if not len(widths):
+            continue
+        width = float(np.median(widths))
+        if width >= 2 * snap:
+            continue
+        # length: skeleton pixels per region, over the regions of at least width x width
+        # pixels (specks and fragments say nothing of the shape)
+        regions, n = ndi.label(inside)
+        big = np.flatnonzero(np.bincount(regions.ravel(), minlength=n + 1)[1:] >= width**2) + 1
+        if len(big) and np.isin(regions[skeleton], big).sum() / len(big) >= 3 * width:
             thin.append(int(c))
     return thin
 

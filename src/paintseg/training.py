@@ -21,7 +21,7 @@ import copy
 import enum
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -400,6 +400,9 @@ def prepare_data(
                 "classes, e.g. 1 = background and 2 = object"
             )
         cnames = tuple(class_names) if class_names else default_class_names(cvals)
+        if len(cnames) != len(cvals):
+            raise InputError(f"{len(cnames)} class names {list(cnames)} for {len(cvals)} "
+                             f"classes {list(cvals)}")
     counts = np.zeros(len(cvals), dtype=np.int64)
     val_counts = np.zeros(len(cvals), dtype=np.int64)
     for img, tgt, name in raw:
@@ -1258,6 +1261,7 @@ def prepare_training(
     labels_kind: str = "scribbles",
     preset: str = "auto",
     seed: int | None = None,
+    class_names: Mapping[int, str] | None = None,
     **prepare_options: Any,
 ) -> tuple[TrainingData, PaintsegModel]:
     """The training data and the model to train, as ``paintseg train``, the napari widget
@@ -1276,6 +1280,9 @@ def prepare_training(
         Image channels of a new U-Net.
     labels_kind, preset, seed
         As for :func:`prepare_data` and :func:`model_for_training`.
+    class_names : mapping, optional
+        Names of the classes by value (``{1: "rest", 2: "membrane"}``), kept in the
+        checkpoint; classes not named, and those of a continued model, keep their names.
     **prepare_options
         Further options of :func:`prepare_data` (``channel_axis``, ``names``, ...).
 
@@ -1283,15 +1290,21 @@ def prepare_training(
     -------
     (TrainingData, PaintsegModel)
     """
-    class_values = class_names = None
+    class_values = names = None
     if base is not None:
         check_channels(base, in_channels)
         dims = base.config.dims
         if labels_kind == "scribbles":
             painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}
-            class_values, class_names = classes_to_continue(base, painted)
+            class_values, names = classes_to_continue(base, painted)
+    if class_names and names is None and labels_kind == "scribbles":
+        if class_values is None:
+            class_values = tuple(sorted(set().union(
+                *(np.unique(lab).tolist() for _, lab in pairs)) - {0}))
+        defaults = default_class_names(class_values)
+        names = tuple(str(class_names.get(v, d)) for v, d in zip(class_values, defaults))
     data = prepare_data(pairs, dims=dims, labels_kind=labels_kind, class_values=class_values,
-                        class_names=class_names, seed=seed,
+                        class_names=names, seed=seed,
                         normalization=base.normalization if base is not None else None,
                         **prepare_options)
     model = model_for_training(base, data, in_channels=in_channels, labels_kind=labels_kind,

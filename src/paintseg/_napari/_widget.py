@@ -204,6 +204,15 @@ class PaintsegWidget(QWidget):
                   self.new_btn):
             row.addWidget(w)
         lay.addLayout(row)
+        row = QHBoxLayout()
+        self.new_names = QLineEdit()
+        self.new_names.setPlaceholderText("background, class 2, … (optional)")
+        self.new_names.setToolTip("Names of the classes 1, 2, … of a new U-Net, comma-separated "
+                                  "(e.g. rest, membrane, mitochondria); kept in the checkpoint")
+        self.new_names.textChanged.connect(self._update_legend)
+        row.addWidget(QLabel("Class names:"))
+        row.addWidget(self.new_names, 1)
+        lay.addLayout(row)
 
         row = QHBoxLayout()
         self.device = QComboBox()
@@ -538,10 +547,10 @@ class PaintsegWidget(QWidget):
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._notify(_message(exc), "error")
             return
-        values = tuple(range(1, k + 1))
+        values, names = zip(*self._new_class_names(k))
 
         def job(report, should_stop):
-            return new_model(cfg, class_values=values)
+            return new_model(cfg, class_values=values, class_names=names)
 
         self.jobs.start("new", job,
                         on_done=lambda m: (self._set_model(m, f"new {m.config.network_name}"),
@@ -728,10 +737,15 @@ class PaintsegWidget(QWidget):
     def _class_names(self) -> list[tuple[int, str]]:
         if self.model is not None and self.train_continue.isChecked():
             return list(zip(self.model.class_values, self.model.class_names))
-        k = self.new_classes.value()
+        return self._new_class_names(self.new_classes.value())
+
+    def _new_class_names(self, k: int) -> list[tuple[int, str]]:
+        """Values 1..k of a new U-Net's classes with the names typed (or the defaults)."""
         from ..model import default_class_names
 
-        return list(zip(range(1, k + 1), default_class_names(range(1, k + 1))))
+        typed = [n.strip() for n in self.new_names.text().split(",")]
+        names = [t or d for t, d in zip(typed + [""] * k, default_class_names(range(1, k + 1)))]
+        return list(zip(range(1, k + 1), names))
 
     def _default_continue(self, *_: Any) -> None:
         """Set *Continue from the current model* for the loaded model and the labels kind.
@@ -840,6 +854,8 @@ class PaintsegWidget(QWidget):
             self._notify(_message(exc), "warning" if isinstance(exc, _UserError) else "error")
             return False
         source, labels_name = image.name, labels_layer.name
+        # names of a new U-Net's classes, for the painted values up to 50
+        names = None if base is not None else dict(self._new_class_names(50))
         if labels_layer.metadata.get(ROLE) == "segmentation":
             # training labels now, however they were edited: never overwritten by a Segment
             labels_layer.metadata[EDITED] = True
@@ -850,6 +866,7 @@ class PaintsegWidget(QWidget):
 
         def job(report, should_stop):
             td, model = prepare_training([(img, lab)], base=base_copy, dims=dims,
+                                         class_names=names,
                                          in_channels=img.shape[-1], labels_kind=kind,
                                          preset=preset, channel_axis=-1, names=[labels_name])
             for note in td.notes:
