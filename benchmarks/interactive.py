@@ -78,7 +78,7 @@ from paintseg.inference import segment
 from paintseg.metrics import semantic_scores
 from paintseg.model import PaintsegModel, load_model, new_model
 from paintseg.normalize import percentile_range
-from paintseg.training import iter_train, prepare_data, prepare_training, preset_config
+from paintseg.training import iter_train, prepare_training
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -456,11 +456,13 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
         # model" do: its classes (the strokes' values are among them) and normalisation kept
         data, model = prepare_training(train, base=model, dims=dims, in_channels=1, seed=seed)
     else:
-        data = prepare_data(train, dims=dims, seed=seed)
-        cfg = preset_config(name, dims=dims, in_channels=1, classes=len(data.class_values))
+        # a new U-Net as `paintseg train` and the widget make it (model_for_training: its
+        # derivative gain chosen from the strokes), then the preset's options
+        data, model = prepare_training(train, base=None, dims=dims, in_channels=1,
+                                       preset=name, seed=seed)
         if norm or arch:
-            cfg = dataclasses.replace(cfg, **({"norm": norm} if norm else {}), **arch)
-        model = new_model(cfg, class_values=data.class_values, seed=seed)
+            cfg = dataclasses.replace(model.config, **({"norm": norm} if norm else {}), **arch)
+            model = new_model(cfg, class_values=data.class_values, seed=seed)
     cfg = model.config
     done = None
     for ev in iter_train(model, data, TrainConfig(time_budget=budget, seed=seed, **overrides),

@@ -383,3 +383,55 @@ def test_stack_paint_two_slices_train_segment_current_slice(open_widget, nuclei3
     fg = seg[33] == 2
     iou = (fg & gt[33]).sum() / (fg | gt[33]).sum()
     assert iou > 0.4, iou
+
+
+def test_rgb_three_named_classes_and_a_missed_class_is_named(open_widget, tmp_path):
+    """An RGB histology picture, three classes named on the widget, painted and trained: the
+    legend and the labels layer show the names, the model keeps them, the segmentation has
+    the three classes. A one-step run misses a class, and the Train tab says which."""
+    from skimage import color, data, filters
+    from scipy import ndimage as ndi
+
+    rgb = data.immunohistochemistry()
+    hed = color.rgb2hed(rgb)
+    dab = filters.gaussian(hed[..., 2], sigma=2)
+    dab = dab > filters.threshold_otsu(dab)
+    haem = filters.gaussian(hed[..., 0], sigma=1)
+    truth = np.where(dab, 3, np.where(~dab & (haem > filters.threshold_otsu(haem[~dab])), 2, 1))
+    viewer, w = open_widget(rgb, "ihc")
+    assert viewer.layers["ihc"].rgb
+    w.tabs.setCurrentIndex(1)
+    w.new_classes.setValue(3)
+    w.new_names.setText("stroma, nuclei, DAB")
+    assert "2 = nuclei" in w.legend.text() and "3 = DAB" in w.legend.text()
+    lab = w.new_labels_layer()
+    assert lab.data.shape == (512, 512)
+    assert list(lab.features["class"]) == ["not painted", "stroma", "nuclei", "DAB"]
+    lab.brush_size = 3
+    rng = np.random.default_rng(0)
+    for cls in (1, 2, 3):
+        ys, xs = np.nonzero(ndi.binary_erosion(truth == cls, iterations=2))
+        for i in rng.choice(len(ys), 120, replace=False):
+            lab.paint((ys[i], xs[i]), cls)
+    painted = lab.data.copy()
+    w.train_continue.setChecked(False)
+    w.train_seconds.setValue(0)
+    w.train_steps.setValue(1)  # one step: not enough to learn every class
+    w.train_refresh.setChecked(False)
+    w.train_btn.click()
+    assert w.jobs.wait(120_000)
+    assert w.model.class_names == ("stroma", "nuclei", "DAB")
+    assert "the result will miss" in w.train_info.text(), w.train_info.text()
+    w.train_steps.setValue(2 * TRAIN_STEPS)  # three classes in colour: more steps
+    w.train_refresh.setChecked(True)
+    w.train_continue.setChecked(False)
+    w.train_btn.click()
+    assert w.jobs.wait(120_000)
+    np.testing.assert_array_equal(lab.data, painted)  # the painted labels are untouched
+    assert "the result will miss" not in w.train_info.text(), w.train_info.text()
+    seg = viewer.layers["ihc segmentation"].data
+    assert set(np.unique(seg)) == {0, 2, 3}  # stroma written as 0, as the CLI writes it
+    held = np.s_[:, 256:]
+    agree = (np.where(seg == 0, 1, seg)[held] == truth[held]).mean()
+    assert agree > 0.7, agree
+    viewer.screenshot(str(tmp_path / "ihc.png"), canvas_only=False)
