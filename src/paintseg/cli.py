@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a U-Net on IMAGE / LABELS pairs. LABELS: 0 = not painted, "
         "1..K = class (1 = background by convention); or a dense instance image with "
         "--labels-kind instances. Writes the latest weights, unless earlier ones scored clearly "
-        "better on the held-out painted pixels (the starting weights included).",
+        "better on the held-out painted pixels (a continued model's starting weights included; "
+        "judged only with enough held-out pixels of every class), and warns about a painted "
+        "class the model misses.",
     )
     tr.add_argument("pairs", nargs="+", metavar="IMAGE LABELS", help="image and labels TIFFs, in pairs")
     tr.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")

@@ -119,10 +119,9 @@ def snap_to_edges(
         inside = index == k
         distance[inside] = ndi.distance_transform_edt(inside)[inside]
     band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
-    thin = thin_classes(index, snap=snap)
+    thin = thin_classes(index, snap=snap) if band.any() else []
     if thin:
-        near_thin = ndi.distance_transform_edt(~np.isin(index, thin)) <= snap
-        band &= ~near_thin
+        band &= ndi.distance_transform_edt(~np.isin(index, thin)) > snap
     if not band.any():
         return index
     grad = np.zeros(index.shape, np.float32)
