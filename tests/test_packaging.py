@@ -106,3 +106,11 @@ def test_ci_runs_the_readme_test_command():
     assert "torch==2.13.0" in test_cmd  # pip never chooses torch by itself
     main_job = next(c for c in commands if "paintseg segment" in c)
     assert "sample_data/" in main_job and "torch==2.13.0" in main_job
+
+
+def test_the_package_manifest_is_a_copy_of_the_top_level_one():
+    """``src/paintseg/napari.yaml`` is a plain file (a symlink becomes a text file in a Windows
+    checkout and the plugin fails to load), identical to the top-level manifest a reader sees."""
+    package = ROOT / "src" / "paintseg" / "napari.yaml"
+    assert not package.is_symlink()
+    assert package.read_bytes() == (ROOT / "napari.yaml").read_bytes()

@@ -1341,16 +1341,17 @@ def prepare_training(
     (TrainingData, PaintsegModel)
     """
     class_values = names = None
+    painted: set[int] = set()
+    if labels_kind == "scribbles" and (base is not None or class_names):
+        painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}
     if base is not None:
         check_channels(base, in_channels)
         dims = base.config.dims
         if labels_kind == "scribbles":
-            painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}
             class_values, names = classes_to_continue(base, painted)
     if class_names and names is None and labels_kind == "scribbles":
         if class_values is None:
-            class_values = tuple(sorted(set().union(
-                *(np.unique(lab).tolist() for _, lab in pairs)) - {0}))
+            class_values = tuple(sorted(painted))
         defaults = default_class_names(class_values)
         names = tuple(str(class_names.get(v, d)) for v, d in zip(class_values, defaults))
     data = prepare_data(pairs, dims=dims, labels_kind=labels_kind, class_values=class_values,

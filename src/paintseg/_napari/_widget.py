@@ -854,8 +854,9 @@ class PaintsegWidget(QWidget):
             self._notify(_message(exc), "warning" if isinstance(exc, _UserError) else "error")
             return False
         source, labels_name = image.name, labels_layer.name
-        # names of a new U-Net's classes, for the painted values up to 50
-        names = None if base is not None else dict(self._new_class_names(50))
+        # names of a new U-Net's classes, for any painted value the spin box allows
+        names = None if base is not None else dict(
+            self._new_class_names(self.new_classes.maximum()))
         if labels_layer.metadata.get(ROLE) == "segmentation":
             # training labels now, however they were edited: never overwritten by a Segment
             labels_layer.metadata[EDITED] = True
