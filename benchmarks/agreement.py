@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from interactive import add_corrections, dataset
+
 from paintseg.config import TrainConfig
 from paintseg.inference import segment
 from paintseg.model import load_model

@@ -31,7 +31,7 @@ from paintseg.batch import BatchStats, collect_inputs, run_batch
 from paintseg.config import ModelConfig
 from paintseg.model import new_model, save_model
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "paintseg" / "sample_data"
 
 
 def main() -> None:

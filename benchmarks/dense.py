@@ -41,7 +41,7 @@ from paintseg.model import load_model
 from paintseg.postprocess import instances_from_probabilities
 from paintseg.training import iter_train, median_diameter, prepare_training
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "paintseg" / "sample_data"
 TRAIN_SLICES, TEST_SLICES = (28, 36), [z for z in range(22, 47) if z not in (28, 36)]
 
 
@@ -132,7 +132,8 @@ def main() -> None:
         img = tifffile.imread(SAMPLES / "nuclei3d.tif")
         gt = tifffile.imread(SAMPLES / "nuclei3d_labels.tif")
         w = img.shape[2] // 2
-        train, test, dims, min_size = (img[..., :w], gt[..., :w]), (img[..., w:], gt[..., w:]), 3, 200
+        train, test = (img[..., :w], gt[..., :w]), (img[..., w:], gt[..., w:])
+        dims, min_size = 3, 200
     data, model = prepare_training([train], base=None, dims=dims, in_channels=1,
                                    labels_kind="instances", seed=args.seed)
     cfg = model.config

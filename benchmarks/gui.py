@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "paintseg" / "sample_data"
 
 
 def main() -> None:
@@ -109,8 +109,8 @@ def main() -> None:
     model = new_model(preset_config("fast", dims=2, in_channels=1, classes=2),
                       class_values=data.class_values)
     done = None
-    for done in iter_train(model, data, TrainConfig(time_budget=args.seconds)):
-        pass
+    for done in iter_train(model, data, TrainConfig(time_budget=args.seconds)):  # noqa: B007
+        pass  # the last event is read below
     print(f"\ntraining steps in {args.seconds:.0f} s: in the viewer {gui_steps}, headless "
           f"{done.step}; viewer / headless {gui_steps / max(done.step, 1):.2f}x")
 

@@ -52,12 +52,15 @@ foreground), and training is held to its own predictions where nothing is painte
 starter model never saw the cells3d stack; it was trained on the DSB2018 image, so its
 figures there are not held out.
 
+Needs scikit-learn for the forest: ``pip install torch==2.13.0 -e ".[bench]"``.
+
 Usage::
 
     python benchmarks/interactive.py [--budget 60] [--device auto] [--datasets nuclei3d dsb2018
         usiigaci usiigaci-boundary vnc-membrane vnc-3class] [--seeds 0 ... 9]
-        [--labels strokes|dense|both] [--presets auto accurate accurate:none fast,dims=3,patch_size=48
-        auto,init=nuclei] [--rounds 2] [--planes middle|all|both] [--argmax-too]
+        [--labels strokes|dense|both]
+        [--presets auto accurate accurate:none fast,dims=3,patch_size=48 auto,init=nuclei]
+        [--rounds 2] [--planes middle|all|both] [--argmax-too]
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ from paintseg.model import PaintsegModel, load_model, new_model
 from paintseg.normalize import percentile_range
 from paintseg.training import iter_train, prepare_training
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "paintseg" / "sample_data"
 
 
 def simulate_strokes(truth: np.ndarray, *, fraction: float, rng: np.random.Generator,
@@ -564,6 +567,11 @@ def main() -> None:
                              "unpainted slice, the out-of-focus ends included; both = each "
                              "method scored both ways")
     args = parser.parse_args()
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        parser.exit(1, 'interactive.py: the forest needs scikit-learn: '
+                       'pip install torch==2.13.0 -e ".[bench]"\n')
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; paintseg budget {args.budget:.0f} s")
     summary = {}

@@ -29,7 +29,7 @@ from paintseg.inference import segment
 from paintseg.io import OutputTiff, read_image
 from paintseg.model import load_model, new_model, save_model
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "paintseg" / "sample_data"
 
 
 def run_measured(cmd: list[str]) -> tuple[int, float, float, str]:

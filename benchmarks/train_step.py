@@ -30,10 +30,9 @@ import torch
 import paintseg.model
 from paintseg.config import ModelConfig, TrainConfig
 from paintseg.model import UNet, load_model, new_model, resolve_model
-from paintseg.training import (instance_targets, iter_train, masked_loss, prepare_data,
-                               preset_config)
+from paintseg.training import instance_targets, iter_train, masked_loss, prepare_data, preset_config
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "paintseg" / "sample_data"
 
 
 def step_seconds(cfg: ModelConfig, patch: int, batch: int, repeats: int, *,
@@ -153,15 +152,17 @@ def main() -> None:
     parser.add_argument("--loop-steps", type=int, default=40)
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
+    fast3d = preset_config("fast", dims=3, in_channels=1, classes=3)
     old3d = ModelConfig(dims=3, classes=3, depth=3, base_features=16, norm="layer",
                         features=(1, 2, 4, 8, 16))
     base = step_seconds(old3d, 32, 16, args.repeats)
     print(f"{'configuration':<58}{'s/step':>8}{'x old 3D':>10}")
     print(f"{'old 3D: 2D fast preset, layer norm, 16 x 32^3 (baseline)':<58}{base:8.2f}{1:10.2f}")
     for name, cfg, patch, batch in [
-        ("3D fast preset, 4 x 32^3", preset_config("fast", dims=3, in_channels=1, classes=3), 32, 4),
-        ("3D fast preset, 8 x 32^3", preset_config("fast", dims=3, in_channels=1, classes=3), 32, 8),
-        ("2D fast preset, 16 x 64^2", preset_config("fast", dims=2, in_channels=1, classes=3), 64, 16),
+        ("3D fast preset, 4 x 32^3", fast3d, 32, 4),
+        ("3D fast preset, 8 x 32^3", fast3d, 32, 8),
+        ("2D fast preset, 16 x 64^2", preset_config("fast", dims=2, in_channels=1, classes=3),
+         64, 16),
     ]:
         s = step_seconds(cfg, patch, batch, args.repeats)
         print(f"{name:<58}{s:8.2f}{s / base:10.2f}")

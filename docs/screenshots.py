@@ -28,8 +28,8 @@ def main() -> None:
     from paintseg._napari._widget import PaintsegWidget
 
     OUT.mkdir(parents=True, exist_ok=True)
-    img = tifffile.imread(ROOT / "sample_data" / "nuclei2d.tif")
-    gt = tifffile.imread(ROOT / "sample_data" / "nuclei2d_instances.tif") > 0
+    img = tifffile.imread(ROOT / "src" / "paintseg" / "sample_data" / "nuclei2d.tif")
+    gt = tifffile.imread(ROOT / "src" / "paintseg" / "sample_data" / "nuclei2d_instances.tif") > 0
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
     viewer.open_sample("napari-paintseg", "nuclei2d")

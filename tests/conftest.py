@@ -11,7 +11,7 @@ from paintseg.config import ModelConfig
 from paintseg.model import new_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "sample_data"
+SAMPLES = ROOT / "src" / "paintseg" / "sample_data"
 
 
 @pytest.fixture(autouse=True)

@@ -62,7 +62,8 @@ def test_folder_batch_isolates_failures_and_reports(tmp_path, model_file, nuclei
     assert written == ["a/one_labels.tif", "a/two_labels.tif", "b/three_labels.tif"]
     data = json.loads(report.read_text())
     assert (data["total"], data["done"], data["failed"], data["skipped"]) == (5, 3, 2, 0)
-    reasons = {Path(f["source"]).name: f["reason"] for f in data["files"] if f["status"] == "failed"}
+    reasons = {Path(f["source"]).name: f["reason"] for f in data["files"]
+               if f["status"] == "failed"}
     assert set(reasons) == {"corrupt.tif", "line.tif"}
     assert "corrupt.tif" in reasons["corrupt.tif"] and "truncated" in reasons["corrupt.tif"]
     assert "line.tif" in reasons["line.tif"]

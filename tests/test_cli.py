@@ -22,7 +22,8 @@ def model_file(tmp_path):
     return save_model(new_model(ModelConfig(depth=3, base_features=8), seed=0), tmp_path / "m.pt")
 
 
-def test_segment_2d_and_3d_with_probabilities(tmp_path, model_file, nuclei2d_path, nuclei3d_path, capsys):
+def test_segment_2d_and_3d_with_probabilities(tmp_path, model_file, nuclei2d_path, nuclei3d_path,
+                                              capsys):
     out = tmp_path / "out"
     rc = main(["segment", str(nuclei2d_path), str(nuclei3d_path), "--model", str(model_file),
                "--out", str(out), "--probabilities"])
@@ -105,11 +106,14 @@ def test_each_bad_input_one_message_nothing_written(tmp_path, model_file, nuclei
 
 def test_model_errors(tmp_path, nuclei2d_path, nuclei3d_path):
     out = tmp_path / "out"
-    m3 = save_model(new_model(ModelConfig(dims=3, depth=1, base_features=2), seed=0), tmp_path / "m3.pt")
+    m3 = save_model(new_model(ModelConfig(dims=3, depth=1, base_features=2), seed=0),
+                    tmp_path / "m3.pt")
     assert main(["segment", str(nuclei2d_path), "--model", str(m3), "--out", str(out), "-q"]) != 0
     assert list(out.iterdir()) == []
-    assert main(["segment", str(nuclei2d_path), "--model", str(nuclei2d_path), "--out", str(out), "-q"]) == 2
-    assert main(["segment", str(nuclei2d_path), "--model", str(tmp_path / "no.pt"), "--out", str(out), "-q"]) == 2
+    image = str(nuclei2d_path)
+    assert main(["segment", image, "--model", image, "--out", str(out), "-q"]) == 2
+    missing = str(tmp_path / "no.pt")
+    assert main(["segment", image, "--model", missing, "--out", str(out), "-q"]) == 2
     # a 3D model does run on a 3D stack
     assert main(["segment", str(nuclei3d_path), "--model", str(m3), "--out", str(out), "-q",
                  "--tile", "32"]) == 0
@@ -178,5 +182,6 @@ def test_bundled_nuclei_model_gives_instances_and_overlay(tmp_path, nuclei2d_pat
 
 
 def test_unknown_model_name_lists_bundled(tmp_path, nuclei2d_path, capsys):
-    assert main(["segment", str(nuclei2d_path), "--model", "mitochondria", "--out", str(tmp_path)]) == 2
+    assert main(["segment", str(nuclei2d_path), "--model", "mitochondria",
+                 "--out", str(tmp_path)]) == 2
     assert "bundled models: nuclei" in capsys.readouterr().err

@@ -85,8 +85,8 @@ def test_truncated_files(tmp_path, nuclei2d_path):
     (tmp_path / "t.tif").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputError, match="truncated TIFF"):
         read_image(tmp_path / "t.tif")
-    tifffile.imwrite(tmp_path / "c.tif", np.random.default_rng(0).integers(0, 999, (256, 256)).astype(np.uint16),
-                     compression="zlib")
+    noise = np.random.default_rng(0).integers(0, 999, (256, 256)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", noise, compression="zlib")
     raw = (tmp_path / "c.tif").read_bytes()
     (tmp_path / "ct.tif").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputError, match="corrupt TIFF"):

@@ -14,7 +14,8 @@ from paintseg.postprocess import filter_instances, instances_from_probabilities,
 def gt(request):
     from pathlib import Path
 
-    return tifffile.imread(Path(__file__).parents[1] / "sample_data" / "nuclei2d_instances.tif")
+    samples = Path(__file__).parents[1] / "src" / "paintseg" / "sample_data"
+    return tifffile.imread(samples / "nuclei2d_instances.tif")
 
 
 def test_instance_scores_identity_and_degradations(gt):

@@ -23,7 +23,7 @@ from paintseg.inference import segment_labels  # noqa: E402
 from paintseg.metrics import instance_scores  # noqa: E402
 from paintseg.model import load_model  # noqa: E402
 
-SAMPLES = os.path.join(os.path.dirname(__file__), "..", "sample_data")
+SAMPLES = os.path.join(os.path.dirname(__file__), "..", "src", "paintseg", "sample_data")
 # a new U-Net's training in the GUI tests, in steps: a time budget trains fewer steps under
 # load (15 s gave 42-48 steps, and the held-out IoU then ranged 0.37-0.73 between runs, with
 # random initial weights); by 100 steps the network has learned the strokes
@@ -389,8 +389,8 @@ def test_rgb_three_named_classes_and_a_missed_class_is_named(open_widget, tmp_pa
     """An RGB histology picture, three classes named on the widget, painted and trained: the
     legend and the labels layer show the names, the model keeps them, the segmentation has
     the three classes. A one-step run misses a class, and the Train tab says which."""
-    from skimage import color, data, filters
     from scipy import ndimage as ndi
+    from skimage import color, data, filters
 
     rgb = data.immunohistochemistry()
     hed = color.rgb2hed(rgb)

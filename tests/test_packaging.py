@@ -114,3 +114,15 @@ def test_the_package_manifest_is_a_copy_of_the_top_level_one():
     package = ROOT / "src" / "paintseg" / "napari.yaml"
     assert not package.is_symlink()
     assert package.read_bytes() == (ROOT / "napari.yaml").read_bytes()
+
+
+def test_no_symlinks_in_the_repository():
+    """A Windows checkout turns a symlink into a text file holding its target: the plugin's
+    manifest or sample data would then be missing."""
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    links = [line.split("\t", 1)[1] for line in listing.stdout.splitlines()
+             if line.startswith("120000 ")]
+    assert links == []
+    assert (ROOT / "src" / "paintseg" / "sample_data" / "nuclei2d.tif").is_file()

@@ -15,7 +15,7 @@ from paintseg.inference import segment, segment_labels
 from paintseg.normalize import percentile_range
 from paintseg.postprocess import snap_planes, snap_to_edges
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "paintseg" / "sample_data"
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -116,7 +116,8 @@ def test_blend_weights_partition_of_unity():
     w = window_weight(plan)
     acc = np.zeros((100 + 64, 90 + 64))
     for origin in plan.tiles():
-        sl = tuple(slice(o - h + 32, o - h + 32 + n) for o, h, n in zip(origin, plan.halo, plan.window))
+        sl = tuple(slice(o - h + 32, o - h + 32 + n)
+                   for o, h, n in zip(origin, plan.halo, plan.window))
         acc[sl] += w
     inner = acc[32:132, 32:122]
     # every pixel gets at least half weight per axis from its own core

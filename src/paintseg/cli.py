@@ -42,7 +42,8 @@ def _tile_arg(text: str) -> int | None:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--tile must be 'auto' or a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--tile must be 'auto' or a number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"--tile must be positive, got {value}")
     return value
@@ -140,15 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
         "judged only with enough held-out pixels of every class), and warns about a painted "
         "class the model misses.",
     )
-    tr.add_argument("pairs", nargs="+", metavar="IMAGE LABELS", help="image and labels TIFFs, in pairs")
+    tr.add_argument("pairs", nargs="+", metavar="IMAGE LABELS",
+                    help="image and labels TIFFs, in pairs")
     tr.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
     tr.add_argument("--init", default=None,
-                    help="start from this checkpoint (or a bundled model name) instead of a new U-Net; "
+                    help="start from this checkpoint (or a bundled model name) instead of a "
+                         "new U-Net; "
                          "where its classes are kept, it is held to its own predictions on the "
                          "unpainted pixels, so that corrections change little elsewhere; on "
                          "corrected nuclei masks (--labels-kind instances), --init nuclei "
                          "trained better than a new U-Net")
-    tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D or 3D U-Net (new models)")
+    tr.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                    help="2D or 3D U-Net (new models)")
     tr.add_argument("--preset", choices=("auto", "fast", "accurate"), default="auto",
                     help="size of a new U-Net: fast (default, any device) or accurate (larger, "
                          "for a GPU); auto = fast")
@@ -202,7 +206,8 @@ def _progress_printer(enabled: bool, label: str):
         state["last"] = now
         width = 30
         filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tiles")
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r  {label} [{bar}] {done}/{total} tiles")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -249,7 +254,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     except (PaintsegError, ValueError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
-    say(f"paintseg: device {describe_device(device)}" + (" (auto)" if args.device == "auto" else ""))
+    auto = " (auto)" if args.device == "auto" else ""
+    say(f"paintseg: device {describe_device(device)}{auto}")
     results = []
     t0 = time.perf_counter()
 

@@ -3,8 +3,9 @@
 Inputs are read on demand (positional reads of the bytes a window needs) when the file allows
 it (uncompressed, contiguous), through zarr when it is compressed and large, and into memory
 otherwise; nothing is loaded until a window of it is needed. Reads and writes do not map the
-file into memory, so resident memory stays bounded by the tile size, not the stack size. Outputs are written to a temporary file in the destination folder and
-renamed into place when complete, so a file with the final name is always whole.
+file into memory, so resident memory stays bounded by the tile size, not the stack size.
+Outputs are written to a temporary file in the destination folder and renamed into place when
+complete, so a file with the final name is always whole.
 
 Axes use the letters ``T`` (time), ``Z``, ``C`` (channels), ``Y``, ``X``.
 """
@@ -95,7 +96,7 @@ class RawArray:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing at exit must never raise
             pass
 
     def __len__(self) -> int:
@@ -309,7 +310,7 @@ def read_image(
         raise
     except tifffile.TiffFileError as exc:
         raise InputError(f"{path}: not a TIFF file or its header is corrupt ({exc})") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the file's fault
         raise InputError(f"{path}: corrupt TIFF ({exc.__class__.__name__}: {exc})") from None
     if log.messages and offset is None:
         raise InputError(f"{path}: corrupt TIFF ({log.messages[0][:200]})")
@@ -342,7 +343,7 @@ def read_image(
                 store = tifffile.imread(path, aszarr=True)
                 data = zarr.open(store, mode="r")
                 storage = "zarr"
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any reader failure is the file's fault
                 raise InputError(f"{path}: cannot open lazily: {exc}") from None
         else:
             data = _read_all(path)
@@ -386,7 +387,7 @@ def _read_all(path: Path) -> np.ndarray:
     with _TiffLog() as log:
         try:
             data = tifffile.imread(path)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any reader failure is the file's fault
             raise InputError(f"{path}: corrupt TIFF ({exc.__class__.__name__}: {exc})") from None
     if log.messages:
         raise InputError(f"{path}: corrupt TIFF ({log.messages[0][:200]})")
@@ -619,7 +620,8 @@ def write_tiff(
 def list_images(
     folder: str | os.PathLike[str], *, pattern: str = "*.tif*", recursive: bool = True
 ) -> Iterator[Path]:
-    """TIFF files under ``folder`` matching ``pattern``, sorted, hidden and partial files skipped."""
+    """TIFF files under ``folder`` matching ``pattern``, sorted, hidden and partial files
+    skipped."""
     folder = Path(folder)
     paths = folder.rglob("*") if recursive else folder.glob("*")
     for p in sorted(paths):

@@ -78,9 +78,9 @@ def snap_to_edges(
     parts of the result stay as they are. Thin classes (:func:`thin_classes`: membranes,
     boundaries, fibres: lines narrower than twice ``snap``) are never moved, nor any border
     within ``snap`` pixels of them: the watershed pulled them onto neighbouring edges, or
-    erased them where no pixel of theirs was confident. A network trained on strokes learns nothing about
-    the pixels between the strokes, so its arg-max border lies anywhere in the unpainted gap
-    around an object; the image's edge is where a user would put it.
+    erased them where no pixel of theirs was confident. A network trained on strokes learns
+    nothing about the pixels between the strokes, so its arg-max border lies anywhere in the
+    unpainted gap around an object; the image's edge is where a user would put it.
 
     Parameters
     ----------

@@ -3,7 +3,8 @@
 Every computation (loading a model, inference, training, batch) runs in a napari thread worker
 through :class:`~paintseg._napari._jobs.JobRunner`; layers change only in the GUI-thread
 handlers here. Progress shows in the widget's own bars: napari's activity progress bar animates
-continuously, and on a 2-core machine that animation halved the training speed (measured). The widget holds no segmentation logic of its own: it calls
+continuously, and on a 2-core machine that animation halved the training speed (measured).
+The widget holds no segmentation logic of its own: it calls
 :func:`~paintseg.inference.segment_labels`, :func:`~paintseg.training.iter_train` and
 :func:`~paintseg.batch.iter_batch`, the functions the CLI uses.
 """
@@ -816,8 +817,14 @@ class PaintsegWidget(QWidget):
         from ..config import TrainConfig
         from ..devices import resolve_device
         from ..errors import InputError
-        from ..training import (EventKind, check_channels, collapse_text, disagreement_text,
-                                iter_train, prepare_training)
+        from ..training import (
+            EventKind,
+            check_channels,
+            collapse_text,
+            disagreement_text,
+            iter_train,
+            prepare_training,
+        )
 
         try:
             image = self._layer(self.train_image.currentText(), "an image layer")
