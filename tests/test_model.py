@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from paintseg.config import ModelConfig, NormConfig, TileConfig, from_json, to_json
+from paintseg.devices import flush_denormals
 from paintseg.errors import CheckpointError
 from paintseg.inference import segment
 from paintseg.model import (
@@ -87,7 +89,8 @@ def test_derivative_gain_travels_with_the_checkpoint(tmp_path, nuclei2d):
     assert loaded.config.derivative_gain == 0.1
     assert "derivative channels x0.1" in loaded.describe()
     a = segment(nuclei2d, model, return_probabilities=True).probabilities
-    np.testing.assert_array_equal(a, segment(nuclei2d, loaded, return_probabilities=True).probabilities)
+    b = segment(nuclei2d, loaded, return_probabilities=True).probabilities
+    np.testing.assert_array_equal(a, b)
     ungained = new_model(ModelConfig(depth=2, base_features=4, features=(1.0, 4.0)), seed=0)
     b = segment(nuclei2d, ungained, return_probabilities=True).probabilities
     assert np.abs(a - b).max() > 1e-3  # the same weights see other features
@@ -96,6 +99,37 @@ def test_derivative_gain_travels_with_the_checkpoint(tmp_path, nuclei2d):
     assert from_json(ModelConfig, old).derivative_gain == 1.0
     with pytest.raises(ValueError, match="derivative_gain must be > 0"):
         ModelConfig(derivative_gain=0)
+
+
+def test_leaky_relu_travels_with_the_checkpoint_and_old_ones_stay_relu(tmp_path, nuclei2d):
+    cfg = ModelConfig(depth=2, base_features=4, norm="none", features=(1.0,),
+                      activation="leaky_relu")
+    model = new_model(cfg, seed=0)
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in model.network.modules())
+    loaded = load_model(save_model(model, tmp_path / "m.pt"))
+    assert loaded.config.activation == "leaky_relu" and "leaky ReLU" in loaded.describe()
+    a = segment(nuclei2d, model, return_probabilities=True).probabilities
+    b = segment(nuclei2d, loaded, return_probabilities=True).probabilities
+    np.testing.assert_array_equal(a, b)
+    # the same weights behind ReLUs give another result: the activation is really used
+    relu = new_model(dataclasses.replace(cfg, activation="relu"), seed=0)
+    relu.network.load_state_dict(model.network.state_dict())
+    b = segment(nuclei2d, relu, return_probabilities=True).probabilities
+    assert np.abs(a - b).max() > 1e-4
+    # a config written before the option existed is a ReLU network
+    old = {k: v for k, v in json.loads(to_json(cfg)).items() if k != "activation"}
+    assert from_json(ModelConfig, old).activation == "relu"
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ModelConfig(activation="gelu")
+
+
+def test_flush_denormals_restores_the_default():
+    tiny = torch.tensor([1e-42], dtype=torch.float32)  # a denormal float
+    with flush_denormals():
+        flushed = (tiny * 1.0).item()
+    assert (tiny * 1.0).item() != 0.0  # restored on leaving
+    if torch.set_flush_denormal(False):  # the CPU supports it: inside, denormals were zero
+        assert flushed == 0.0
 
 
 def test_checkpoint_round_trip_identical_predictions(tmp_path, nuclei2d):
@@ -147,7 +181,8 @@ def test_checkpoint_refusals(tmp_path):
 
 def test_checkpoint_mismatch_messages(tmp_path):
     path = save_model(new_model(ModelConfig(depth=1, base_features=2), seed=0), tmp_path / "m.pt")
-    with pytest.raises(CheckpointError, match=r"expects images with 1 channel\(s\) but the image has 3"):
+    with pytest.raises(CheckpointError,
+                       match=r"expects images with 1 channel\(s\) but the image has 3"):
         load_model(path, in_channels=3)
     with pytest.raises(CheckpointError, match="is a 2D model but a 3D model is needed"):
         load_model(path, dims=3)
@@ -169,8 +204,10 @@ def test_seeded_init_is_reproducible():
 def test_group_norm_is_not_tile_exact(nuclei2d):
     """Why layer norm is the default: group norm statistics depend on the tile."""
     model = new_model(ModelConfig(depth=2, base_features=8, norm="group"), seed=0)
-    whole = segment(nuclei2d, model, tiles=TileConfig(tile=4096, mode="exact"), return_probabilities=True)
-    tiled = segment(nuclei2d, model, tiles=TileConfig(tile=64, mode="exact"), return_probabilities=True)
+    whole = segment(nuclei2d, model, tiles=TileConfig(tile=4096, mode="exact"),
+                    return_probabilities=True)
+    tiled = segment(nuclei2d, model, tiles=TileConfig(tile=64, mode="exact"),
+                    return_probabilities=True)
     assert np.abs(whole.probabilities - tiled.probabilities).max() > 1e-3
 
 

@@ -18,11 +18,11 @@ from paintseg.errors import InputError
 from paintseg.model import load_model, new_model
 from paintseg.training import (
     EventKind,
+    _clearly_beaten,
     adapt_model,
     anchor_loss,
     continues_training,
     instance_targets,
-    _clearly_beaten,
     iter_train,
     kept_weights_text,
     masked_loss,
@@ -33,7 +33,8 @@ from paintseg.training import (
 
 @pytest.fixture(scope="module")
 def real_pair(nuclei2d):
-    gt = tifffile.imread(__import__("pathlib").Path(__file__).parents[1] / "sample_data" / "nuclei2d_instances.tif")
+    gt = tifffile.imread(Path(__file__).parents[1] / "src" / "paintseg" / "sample_data"
+                         / "nuclei2d_instances.tif")
     return nuclei2d, gt
 
 
@@ -515,7 +516,8 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, strokes_path
                "--init", "nuclei", "--steps", "1", "--patch-size", "64", "-q"])
     assert rc == 0 and load_model(tmp_path / "m3.pt").class_values == (1, 2, 3)
     inst = tmp_path / "inst.tif"
-    gt_instances = Path(__file__).parents[1] / "sample_data" / "nuclei2d_instances.tif"
+    gt_instances = (Path(__file__).parents[1] / "src" / "paintseg" / "sample_data"
+                    / "nuclei2d_instances.tif")
     tifffile.imwrite(inst, tifffile.imread(gt_instances))
     rc = main(["train", str(nuclei2d_path), str(inst), "--out", str(tmp_path / "m4.pt"),
                "--labels-kind", "instances", "--steps", "1", "--patch-size", "64", "-q"])
@@ -529,7 +531,8 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, strokes_path
     assert main(["train", str(nuclei2d_path), str(one), "--out", str(tmp_path / "x.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
     # a bad input does not make the missing folder either; a file is not a folder
-    assert main(["train", str(nuclei2d_path), str(one), "--out", str(tmp_path / "nf" / "x.pt")]) == 2
+    missing_dir = str(tmp_path / "nf" / "x.pt")
+    assert main(["train", str(nuclei2d_path), str(one), "--out", missing_dir]) == 2
     assert not (tmp_path / "nf").exists()
     assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(out / "x.pt")]) == 2
     err = capsys.readouterr().err
@@ -674,7 +677,7 @@ def test_a_3d_model_learns_from_a_real_stack():
     dense 3D instance labels of the cells3d stack; the painted labels are not modified."""
     from paintseg.training import _sample_batch, preset_config
 
-    root = Path(__file__).parents[1] / "sample_data"
+    root = Path(__file__).parents[1] / "src" / "paintseg" / "sample_data"
     img = tifffile.imread(root / "nuclei3d.tif")[16:48, 64:192, 64:192]
     gt = tifffile.imread(root / "nuclei3d_labels.tif")[16:48, 64:192, 64:192]
     before = gt.copy()
@@ -702,6 +705,8 @@ def test_fast_preset_damps_derivatives_for_strokes_only():
     dense = preset_config("auto", dims=2, in_channels=1, classes=3, labels_kind="instances")
     assert strokes.derivative_gain == 0.1 and dense.derivative_gain == 1.0
     assert (strokes.members, strokes.base_features) == (3, 8)  # 3 small U-Nets, averaged
+    # no normalisation layer: leaky ReLUs, so that no member can go silent for good
+    assert strokes.activation == "leaky_relu" and dense.activation == "relu"
     assert (dense.members, dense.base_features) == (1, 16)
     assert preset_config("auto", dims=3, in_channels=1, classes=2).members == 1
     assert strokes.features == (1.0, 2.0, 4.0, 8.0) and max(dense.features) == 16.0

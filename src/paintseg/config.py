@@ -18,6 +18,7 @@ T = TypeVar("T")
 
 NORMS = ("layer", "batch", "group", "none")
 UPSAMPLINGS = ("transpose", "upsample")
+ACTIVATIONS = ("relu", "leaky_relu")
 
 
 #: Stacks larger than this are segmented in blocks where needed (see :mod:`paintseg.blocks`).
@@ -77,6 +78,11 @@ class ModelConfig:
         patches to the targets on its own, their class probabilities averaged. Small networks
         trained from strokes for a minute differ much from one start to the next where nothing
         is painted; their average differs less.
+    activation : str
+        ``"relu"`` or ``"leaky_relu"`` (slope 0.1 below zero). Without normalisation layers a
+        ReLU layer can go silent for good (every channel negative on every input) and its
+        network then predicts one constant; a leaky ReLU keeps a gradient. Checkpoints saved
+        before this option existed are ReLU networks.
     """
 
     dims: int = 2
@@ -89,6 +95,7 @@ class ModelConfig:
     features: tuple[float, ...] = ()
     derivative_gain: float = 1.0
     members: int = 1
+    activation: str = "relu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(float(s) for s in self.features))
@@ -107,6 +114,8 @@ class ModelConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.upsampling not in UPSAMPLINGS:
             raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {self.upsampling!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
     @property
     def align(self) -> int:

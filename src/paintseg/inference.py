@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import SNAP_PIXELS, ModelConfig, TileConfig
-from .devices import amp_dtype, memory_available, resolve_device
+from .devices import amp_dtype, flush_denormals, memory_available, resolve_device
 from .errors import InputError
 from .io import ImageData, guess_axes, label_dtype, label_values
 from .model import PaintsegModel, exact_halo
@@ -310,7 +310,7 @@ def _make_predictor(
         shape = x.shape
         extra = x.ndim - 2 - dims
         xin = x.reshape(shape[0], shape[1], *shape[2 + extra :]) if extra else x
-        with torch.inference_mode():
+        with torch.inference_mode(), flush_denormals():
             if dtype is not None:
                 with torch.autocast(device.type, dtype=dtype):
                     logits = network(xin)
@@ -389,7 +389,8 @@ def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out
         probabilities_out[...] = probs
         probs = probabilities_out
     return SegmentResult(
-        labels=labels, probabilities=probs if (return_probabilities or probabilities_out is not None) else None,
+        labels=labels,
+        probabilities=probs if (return_probabilities or probabilities_out is not None) else None,
         axes=out_axes, device=inner.device, plan=inner.plan, batch_size=inner.batch_size,
         seconds=time.perf_counter() - t_start,
         messages=inner.messages + [f"image resampled by {scale:.3g} for the model"],

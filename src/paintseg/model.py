@@ -166,7 +166,7 @@ class FilterBank(nn.Module):
         def order(*axes: int) -> tuple[int, ...]:
             return tuple(axes.count(a) for a in range(dims))
 
-        for i, s in enumerate(self.sigmas):
+        for i in range(len(self.sigmas)):
             g, d1, d2 = getattr(self, f"g{i}"), getattr(self, f"d1_{i}"), getattr(self, f"d2_{i}")
             ri = g.numel() // 2
             crop = r - ri
@@ -182,7 +182,8 @@ class FilterBank(nn.Module):
                 half = torch.sqrt(((hxx - hyy) * 0.5) ** 2 + hxy * hxy + 1e-12)
                 ev = [log * 0.5 + half, log * 0.5 - half]
             else:  # bounds on the largest / smallest eigenvalue (see the class docstring)
-                off = torch.sqrt(sum(second[(a, b)] ** 2 for a in range(3) for b in range(a + 1, 3)) + 1e-12)
+                off = torch.sqrt(sum(second[(a, b)] ** 2 for a in range(3)
+                                     for b in range(a + 1, 3)) + 1e-12)
                 diag = torch.stack([second[(a, a)] for a in range(3)])
                 ev = [diag.max(0).values + off, diag.min(0).values - off]
             if self.gain != 1.0:
@@ -211,17 +212,22 @@ def preferred_layout(config: ModelConfig, device: torch.device) -> torch.memory_
     return torch.channels_last if config.dims == 2 else torch.channels_last_3d
 
 
+def _activation(name: str) -> nn.Module:
+    return nn.LeakyReLU(0.1, inplace=True) if name == "leaky_relu" else nn.ReLU(inplace=True)
+
+
 class _Block(nn.Sequential):
-    def __init__(self, cin: int, cout: int, dims: int, norm: str) -> None:
+    def __init__(self, cin: int, cout: int, dims: int, norm: str,
+                 activation: str = "relu") -> None:
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         bias = norm == "none"
         super().__init__(
             conv(cin, cout, 3, padding=1, bias=bias),
             _norm(norm, cout, dims),
-            nn.ReLU(inplace=True),
+            _activation(activation),
             conv(cout, cout, 3, padding=1, bias=bias),
             _norm(norm, cout, dims),
-            nn.ReLU(inplace=True),
+            _activation(activation),
         )
 
 
@@ -318,9 +324,9 @@ def _build_body(module: nn.Module, cin: int, config: ModelConfig) -> None:
     feats = [config.base_features * 2**i for i in range(config.depth + 1)]
     module.down = nn.ModuleList()
     for f in feats[:-1]:
-        module.down.append(_Block(cin, f, d, n))
+        module.down.append(_Block(cin, f, d, n, config.activation))
         cin = f
-    module.bottom = _Block(cin, feats[-1], d, n)
+    module.bottom = _Block(cin, feats[-1], d, n, config.activation)
     module.up = nn.ModuleList()
     module.dec = nn.ModuleList()
     for i in reversed(range(config.depth)):
@@ -331,7 +337,7 @@ def _build_body(module: nn.Module, cin: int, config: ModelConfig) -> None:
             module.up.append(
                 nn.Sequential(nn.Upsample(scale_factor=2.0), conv(feats[i + 1], feats[i], 1))
             )
-        module.dec.append(_Block(2 * feats[i], feats[i], d, n))
+        module.dec.append(_Block(2 * feats[i], feats[i], d, n, config.activation))
     module.head = conv(feats[0], config.classes, 1)
 
 
@@ -443,7 +449,8 @@ class PaintsegModel:
         c = self.config
         lines = [
             f"{c.network_name}, {c.in_channels} input channel(s), {c.classes} classes, "
-            f"depth {c.depth}, {c.base_features} base features, {c.norm} norm",
+            f"depth {c.depth}, {c.base_features} base features, {c.norm} norm"
+            + (", leaky ReLU" if c.activation == "leaky_relu" else ""),
             "classes: "
             + ", ".join(f"{v}={n}" for v, n in zip(self.class_values, self.class_names)),
             f"parameters: {sum(p.numel() for p in self.network.parameters()):,}",
@@ -451,7 +458,8 @@ class PaintsegModel:
         if c.features:
             gain = "" if c.derivative_gain == 1 else f"; derivative channels x{c.derivative_gain:g}"
             lines.append(f"filter bank: scales {', '.join(f'{x:g}' for x in c.features)}{gain}")
-        lines.append(f"normalisation: percentiles {self.normalization.low}-{self.normalization.high}")
+        norm = self.normalization
+        lines.append(f"normalisation: percentiles {norm.low}-{norm.high}")
         prov = self.provenance
         if prov.get("created"):
             lines.append(
@@ -624,7 +632,7 @@ def load_model(
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged or foreign files
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged or foreign files
         raise CheckpointError(
             f"{path} cannot be read as a paintseg checkpoint (damaged, truncated, or it holds "
             f"code rather than plain weights): {exc.__class__.__name__}: {str(exc)[:200]}"
@@ -669,7 +677,7 @@ def _from_payload(payload: Any, path: str) -> PaintsegModel:
             class_names=tuple(meta["class_names"]),
             provenance=dict(meta.get("provenance", {})),
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint fails in many ways
         raise CheckpointError(
             f"{path} is a damaged paintseg checkpoint: {exc.__class__.__name__}: "
             f"{str(exc)[:300]}"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from skimage.segmentation import find_boundaries
 
 from .config import STROKES_INTENSITY_SHIFT, ModelConfig, NormConfig, TrainConfig
-from .devices import resolve_device
+from .devices import flush_denormals, resolve_device
 from .errors import InputError
 from .model import PaintsegModel, default_class_names, new_model
 from .normalize import percentile_range
@@ -103,9 +103,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 # 0.900 / 0.886, seeds 5-9 0.842 / 0.799, DSB2018 seeds 0-9 0.812 / 0.806; forest 0.871 /
 # 0.864 / 0.791 (benchmarks/RESULTS.md). It also runs ~8% more steps a minute, and the exact
 # tiling halo drops from 104 to 80 pixels.
+# Leaky ReLUs: with ReLUs, one of the 3 small U-Nets often went silent for good (its last
+# layer's 8 channels negative everywhere; it then predicts one constant), which capped the
+# average's confidence at about 0.86, so that the snap re-decided every border pixel and a
+# third of the work was lost (cells3d draw 1: one member's logits had std 0.16, the others'
+# 11 and 13; benchmarks/RESULTS.md, "A silent member").
 STROKES_2D: dict[str, dict[str, Any]] = {
     "fast": {"derivative_gain": 0.1, "base_features": 8, "members": 3,
-             "features": (1.0, 2.0, 4.0, 8.0)},
+             "features": (1.0, 2.0, 4.0, 8.0), "activation": "leaky_relu"},
 }
 # 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
 # 128^3), so filter scales stop at 4; base 8. A step on 4 patches of 32^3 takes ~0.3 s on
@@ -121,7 +126,8 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     """Architecture of a new model: ``"fast"``, ``"accurate"`` or ``"auto"`` (= fast).
 
     For strokes, the 2D fast preset damps the filter bank's derivative channels (x0.1),
-    averages 3 U-Nets of base 8 and stops its filter scales at sigma 8 (:data:`STROKES_2D`).
+    averages 3 U-Nets of base 8 with leaky ReLUs and stops its filter scales at sigma 8
+    (:data:`STROKES_2D`).
     ``labels_kind="instances"`` (dense labels) keeps one U-Net of base 16 with the derivative
     channels at full strength and scales up to sigma 16: the x0.1 helps sparse strokes but cost
     dense training on the DSB2018 top half AP@0.5 0.573 -> 0.513 (``benchmarks/dense.py
@@ -281,7 +287,8 @@ class TrainingData:
     object_diameter: float | None = None
 
 
-def _normalised(image: np.ndarray, channel_axis: int | None, norm: NormConfig, name: str) -> np.ndarray:
+def _normalised(image: np.ndarray, channel_axis: int | None, norm: NormConfig,
+                name: str) -> np.ndarray:
     img = np.asarray(image)
     if img.dtype.kind not in "buif":
         raise InputError(f"{name}: unsupported pixel type {img.dtype}")
@@ -406,7 +413,7 @@ def prepare_data(
                              f"classes {list(cvals)}")
     counts = np.zeros(len(cvals), dtype=np.int64)
     val_counts = np.zeros(len(cvals), dtype=np.int64)
-    for img, tgt, name in raw:
+    for img, tgt, _name in raw:
         targets = scribble_targets(tgt, cvals) if labels_kind == "scribbles" else tgt
         val = _split_blocks(targets, validation_fraction, rng, validation_block, dims)
         train_t = np.where(val, HELD_OUT, targets)
@@ -443,7 +450,9 @@ def median_diameter(instance_images: Sequence[np.ndarray], *, dims: int) -> floa
     if not sizes:
         return None
     area = float(np.median(sizes))
-    return float(2 * (area / np.pi) ** 0.5) if dims == 2 else float(2 * (3 * area / (4 * np.pi)) ** (1 / 3))
+    if dims == 2:
+        return float(2 * (area / np.pi) ** 0.5)
+    return float(2 * (3 * area / (4 * np.pi)) ** (1 / 3))
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -988,6 +997,21 @@ def iter_train(
     TrainEvent
         STEP and VALIDATION events, then one DONE event.
     """
+    with flush_denormals():
+        yield from _train(model, data, config, device=device, should_stop=should_stop,
+                          step_every=step_every)
+
+
+def _train(
+    model: PaintsegModel,
+    data: TrainingData,
+    config: TrainConfig | None,
+    *,
+    device: str | torch.device,
+    should_stop: Callable[[], bool] | None,
+    step_every: float,
+) -> Iterator[TrainEvent]:
+    """The body of :func:`iter_train`."""
     cfg = config or TrainConfig()
     seconds, steps = cfg.budget
     dev = resolve_device(device)
@@ -1081,7 +1105,8 @@ def iter_train(
                 stopped = True
                 break
             f = fraction()
-            lr = cfg.learning_rate * (min(1.0, (step + 1) / warmup)) * 0.5 * (1 + math.cos(math.pi * f))
+            lr = (cfg.learning_rate * min(1.0, (step + 1) / warmup)
+                  * 0.5 * (1 + math.cos(math.pi * f)))
             for group in opt.param_groups:
                 group["lr"] = max(lr, cfg.learning_rate * 0.02)
             xb_np, yb_np = _sample_batch(data, batch, size, rng)
