@@ -126,3 +126,17 @@ def test_no_symlinks_in_the_repository():
              if line.startswith("120000 ")]
     assert links == []
     assert (ROOT / "src" / "paintseg" / "sample_data" / "nuclei2d.tif").is_file()
+
+
+def test_the_readme_quotes_the_starter_object_size_that_info_prints(capsys):
+    """The object size a user relies on comes from the checkpoint: ``paintseg info nuclei``
+    prints it and the README quotes the same figure."""
+    from paintseg.cli import main
+
+    assert main(["info", "nuclei"]) == 0
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("object diameter: about "))
+    size = int(line.split("about ")[1].split(" px")[0])
+    assert 20 < size < 60
+    readme = (ROOT / "README.md").read_text()
+    assert f"(`nuclei`: about {size} px across" in readme

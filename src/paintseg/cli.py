@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                      help="typical object diameter in the images; the image is rescaled to "
                      "the object size the model was trained on (models trained on instances "
-                     "record it; 'nuclei': about 16 px). Loads the image into memory")
+                     "record it: paintseg info MODEL prints it). Loads the image into memory")
     seg.add_argument("--min-size", type=int, default=30,
                      help="instances smaller than this many pixels are removed (default 30)")
     seg.add_argument("--snap", type=int, default=SNAP_PIXELS, metavar="PIXELS",

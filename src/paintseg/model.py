@@ -461,6 +461,9 @@ class PaintsegModel:
         norm = self.normalization
         lines.append(f"normalisation: percentiles {norm.low}-{norm.high}")
         prov = self.provenance
+        if prov.get("object_diameter"):
+            lines.append(f"object diameter: about {float(prov['object_diameter']):.0f} px, the "
+                         "size it learned (--diameter rescales images to it)")
         if prov.get("created"):
             lines.append(
                 f"created {prov['created']} with paintseg {prov.get('paintseg', '?')}, "
