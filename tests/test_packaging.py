@@ -140,3 +140,27 @@ def test_the_readme_quotes_the_starter_object_size_that_info_prints(capsys):
     assert 20 < size < 60
     readme = (ROOT / "README.md").read_text()
     assert f"(`nuclei`: about {size} px across" in readme
+
+
+def test_the_readme_synopsis_names_every_option_and_choice():
+    """The README's command synopsis is checked against ``cli.build_parser()``: every option
+    of every subcommand, and every choice of an option with choices, appears in it."""
+    import argparse
+
+    from paintseg.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    synopsis = readme[readme.index("## Command line"):].split("```text")[1].split("```")[0]
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) <= {line.split()[1] for line in synopsis.splitlines()
+                             if line.startswith("paintseg ")}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in synopsis, f"paintseg {name} {option}"
+            if action.option_strings and action.choices and not isinstance(action.choices, range):
+                for choice in action.choices:
+                    where = f"paintseg {name} {action.option_strings[0]} {choice}"
+                    assert str(choice) in synopsis, where
