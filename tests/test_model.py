@@ -69,6 +69,20 @@ def test_config_json_round_trip():
         ModelConfig(dims=4)
 
 
+def test_bad_settings_raise_the_users_error_type():
+    """Settings errors are PaintsegErrors (the CLI and napari show their message as is) and
+    stay ValueErrors for callers that catch those."""
+    from paintseg.config import TrainConfig
+    from paintseg.errors import ConfigError, PaintsegError
+
+    for make in (lambda: ModelConfig(norm="instance"), lambda: TileConfig(mode="fast"),
+                 lambda: TrainConfig(time_budget=-1.0), lambda: ModelConfig(depth=9),
+                 lambda: from_json(TileConfig, '{"tyle": 64}')):
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert isinstance(info.value, PaintsegError) and isinstance(info.value, ValueError)
+
+
 @pytest.mark.parametrize("dims,shape", [(2, (1, 1, 40, 33)), (3, (1, 1, 12, 20, 17))])
 def test_derivative_gain_scales_only_the_derivative_channels(dims, shape):
     from paintseg.model import FilterBank

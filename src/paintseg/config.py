@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .errors import ConfigError
+
 __all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "to_json", "from_json",
            "DEFAULT_BLOCK_BYTES", "SNAP_PIXELS"]
 
@@ -34,10 +36,10 @@ SNAP_PIXELS = 8
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
+        raise ConfigError(f"{name} must be {bounds}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,9 @@ class ModelConfig:
         object.__setattr__(self, "features", tuple(float(s) for s in self.features))
         object.__setattr__(self, "derivative_gain", float(self.derivative_gain))
         if not 0 < self.derivative_gain <= 100:
-            raise ValueError(f"derivative_gain must be > 0 and <= 100, got {self.derivative_gain}")
+            raise ConfigError(f"derivative_gain must be > 0 and <= 100, got {self.derivative_gain}")
         if any(not 0.3 <= s <= 32 for s in self.features):
-            raise ValueError(f"feature scales must be between 0.3 and 32, got {self.features}")
+            raise ConfigError(f"feature scales must be between 0.3 and 32, got {self.features}")
         _check_int("dims", self.dims, 2, 3)
         _check_int("in_channels", self.in_channels, 1, 64)
         _check_int("classes", self.classes, 1, 255)
@@ -111,11 +113,11 @@ class ModelConfig:
         _check_int("base_features", self.base_features, 1, 512)
         _check_int("members", self.members, 1, 16)
         if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+            raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.upsampling not in UPSAMPLINGS:
-            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {self.upsampling!r}")
+            raise ConfigError(f"upsampling must be one of {UPSAMPLINGS}, got {self.upsampling!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
     @property
     def align(self) -> int:
@@ -150,7 +152,7 @@ class NormConfig:
 
     def __post_init__(self) -> None:
         if not (0.0 <= float(self.low) < float(self.high) <= 100.0):
-            raise ValueError(
+            raise ConfigError(
                 f"percentiles must satisfy 0 <= low < high <= 100, got low={self.low}, "
                 f"high={self.high}"
             )
@@ -192,7 +194,7 @@ class TileConfig:
         if self.halo is not None:
             _check_int("halo", self.halo, 0)
         if self.mode not in ("blend", "exact"):
-            raise ValueError(f"mode must be 'blend' or 'exact', got {self.mode!r}")
+            raise ConfigError(f"mode must be 'blend' or 'exact', got {self.mode!r}")
         if self.batch_size is not None:
             _check_int("batch_size", self.batch_size, 1)
         if self.memory_budget is not None:
@@ -214,7 +216,7 @@ def from_json(cls: type[T], text: str | dict[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
     return cls(**data)
 
 
@@ -303,7 +305,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.time_budget is not None and not float(self.time_budget) > 0:
-            raise ValueError(f"time budget must be positive, got {self.time_budget}")
+            raise ConfigError(f"time budget must be positive, got {self.time_budget}")
         if self.steps is not None:
             _check_int("steps", self.steps, 1)
         if self.batch_size is not None:
@@ -311,21 +313,21 @@ class TrainConfig:
         if self.patch_size is not None:
             _check_int("patch_size", self.patch_size, 8)
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"validation fraction must be in [0, 1), got {self.validation_fraction}"
             )
         if self.augment not in ("none", "flips", "full"):
-            raise ValueError(f"augment must be none, flips or full, got {self.augment!r}")
+            raise ConfigError(f"augment must be none, flips or full, got {self.augment!r}")
         if self.intensity_shift is not None and not 0.0 <= self.intensity_shift <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"intensity shift must be in [0, 1], got {self.intensity_shift}"
             )
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not self.anchor >= 0:
-            raise ValueError(f"anchor must be >= 0, got {self.anchor}")
+            raise ConfigError(f"anchor must be >= 0, got {self.anchor}")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
 
     @property
     def budget(self) -> tuple[float | None, int | None]:

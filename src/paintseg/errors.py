@@ -8,7 +8,8 @@ notification. Anything else is a bug.
 
 from __future__ import annotations
 
-__all__ = ["PaintsegError", "InputError", "CheckpointError", "OutputError", "StopRequested"]
+__all__ = ["PaintsegError", "InputError", "CheckpointError", "OutputError", "ConfigError",
+           "StopRequested"]
 
 
 class PaintsegError(Exception):
@@ -25,6 +26,10 @@ class CheckpointError(PaintsegError, ValueError):
 
 class OutputError(PaintsegError, OSError):
     """An output cannot be written (folder missing or not writable, disk full...)."""
+
+
+class ConfigError(PaintsegError, ValueError):
+    """A setting is unknown or out of range (a model, tiling, training or segment option)."""
 
 
 class StopRequested(PaintsegError):
