@@ -144,6 +144,12 @@ def test_flush_denormals_restores_the_default():
     assert (tiny * 1.0).item() != 0.0  # restored on leaving
     if torch.set_flush_denormal(False):  # the CPU supports it: inside, denormals were zero
         assert flushed == 0.0
+    with flush_denormals():
+        with flush_denormals():  # inference inside training
+            pass
+        still = (tiny * 1.0).item()
+    if torch.set_flush_denormal(False):
+        assert still == 0.0  # the inner block left the outer one flushing
 
 
 def test_checkpoint_round_trip_identical_predictions(tmp_path, nuclei2d):

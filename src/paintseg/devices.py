@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -85,18 +86,25 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+_flushing = threading.local()  # per thread: how many flush_denormals blocks are open
+
+
 @contextlib.contextmanager
 def flush_denormals() -> Iterator[None]:
-    """Inside, the CPU treats denormal floats as zero (in the calling thread and torch's
-    intra-op threads); on leaving, the default (kept) is restored.
+    """Inside, the CPU treats denormal floats as zero (the calling thread and torch's intra-op
+    threads); leaving the outermost block restores torch's default. Blocks may nest (inference
+    inside training).
 
     Leaky-ReLU networks produce many tiny negative values whose products underflow into
     denormals, which x86 CPUs compute many times slower than normal floats. Where the CPU
     does not support the setting, nothing changes.
     """
-    supported = torch.set_flush_denormal(True)
+    depth = getattr(_flushing, "depth", 0)
+    supported = torch.set_flush_denormal(True) if depth == 0 else False
+    _flushing.depth = depth + 1
     try:
         yield
     finally:
+        _flushing.depth = depth
         if supported:
             torch.set_flush_denormal(False)

@@ -92,6 +92,15 @@ PRESETS: dict[str, dict[str, Any]] = {
              "norm": "none"},
     "accurate": {"depth": 4, "base_features": 32, "features": (1.0, 2.0, 4.0, 8.0, 16.0)},
 }
+# Brightness alone separates the painted classes when one channel's histogram of normalised
+# intensity gives this share of their painted pixels their class (class-balanced): midway
+# between nuclei, whose strokes score 0.94 (bars across their edges) to 0.999, and the other
+# kinds of data of benchmarks/interactive.py, at most 0.89 (EM membranes).
+BRIGHTNESS_SEPARATES = 0.92
+# The fast preset's derivative gain for strokes where brightness separates the classes, and
+# where it does not (shape and texture then tell them apart).
+STROKES_DERIVATIVE_GAIN = (0.1, 0.3)
+
 # What the 2D presets change for strokes (sparse labels; dense labels keep the preset as is).
 # Derivative channels x0.1: the network then starts from brightness, as the forest does; 60 s
 # of strokes, 5 seeds: cells3d stack IoU 0.881 (was 0.820), DSB2018 0.804 (was 0.816), forest
@@ -109,7 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # third of the work was lost (cells3d draw 1: one member's logits had std 0.16, the others'
 # 11 and 13; benchmarks/RESULTS.md, "A silent member").
 STROKES_2D: dict[str, dict[str, Any]] = {
-    "fast": {"derivative_gain": 0.1, "base_features": 8, "members": 3,
+    "fast": {"derivative_gain": STROKES_DERIVATIVE_GAIN[0], "base_features": 8, "members": 3,
              "features": (1.0, 2.0, 4.0, 8.0), "activation": "leaky_relu"},
 }
 # 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
@@ -148,9 +157,15 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
         raise ValueError(f"unknown preset {preset!r}; use fast, accurate or auto")
     _check_labels_kind(labels_kind)
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
-    if labels_kind == "scribbles" and dims == 2:
-        arch.update(STROKES_2D.get(preset, {}))
+    arch.update(_strokes_2d(preset, dims=dims, labels_kind=labels_kind))
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
+
+
+def _strokes_2d(preset: str, *, dims: int, labels_kind: str) -> dict[str, Any]:
+    """What :data:`STROKES_2D` changes in ``preset`` (``auto`` = fast) for these labels."""
+    if labels_kind != "scribbles" or dims != 2:
+        return {}
+    return STROKES_2D.get("fast" if preset == "auto" else preset, {})
 
 
 class EventKind(enum.Enum):
@@ -1230,16 +1245,6 @@ def classes_to_continue(
     return tuple(sorted(painted | set(model.class_values))), None
 
 
-# Brightness alone separates the painted classes when one channel's histogram of normalised
-# intensity gives this share of their painted pixels their class (class-balanced): midway
-# between nuclei, whose strokes score 0.94 (bars across their edges) to 0.999, and the other
-# kinds of data of benchmarks/interactive.py, at most 0.89 (EM membranes).
-BRIGHTNESS_SEPARATES = 0.92
-# The fast preset's derivative gain for strokes where brightness separates the classes, and
-# where it does not (shape and texture then tell them apart).
-STROKES_DERIVATIVE_GAIN = (0.1, 0.3)
-
-
 def brightness_separability(data: TrainingData, *, bins: int = 64) -> float:
     """How well brightness alone tells the painted classes apart.
 
@@ -1292,7 +1297,7 @@ def model_for_training(
     else:
         cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
                             classes=len(data.class_values), labels_kind=labels_kind)
-        if labels_kind == "scribbles" and data.dims == 2 and preset in ("auto", "fast"):
+        if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
             damped, shaped = STROKES_DERIVATIVE_GAIN
             gain = damped if brightness_separability(data) >= BRIGHTNESS_SEPARATES else shaped
             cfg = dataclasses.replace(cfg, derivative_gain=gain)
