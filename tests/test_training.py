@@ -18,7 +18,6 @@ from paintseg.errors import InputError
 from paintseg.model import load_model, new_model
 from paintseg.training import (
     EventKind,
-    _clearly_beaten,
     adapt_model,
     anchor_loss,
     continues_training,
@@ -29,6 +28,8 @@ from paintseg.training import (
     prepare_data,
     scribble_targets,
 )
+from paintseg.training.data import _sample_batch
+from paintseg.training.loop import _clearly_beaten
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,6 @@ def test_training_lowers_the_loss_on_real_data(real_pair):
     before = lab.copy()
     data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
     model = tiny(class_values=data.class_values)
-    from paintseg.training import _sample_batch
 
     loss_now = fixed_batch_loss(model, *_sample_batch(data, 8, (64, 64),
                                                        np.random.default_rng(123)))
@@ -236,13 +236,13 @@ def test_each_step_is_validated_once(real_pair):
 
 
 def test_a_retrain_that_makes_things_worse_returns_the_starting_weights(real_pair):
-    from paintseg import training
+    from paintseg.training import loop
 
     img, gt = real_pair
     # enough held-out pixels of each class for the rule to decide (MIN_HELD_OUT)
     data = prepare_data([(img, strokes(gt, n=300))], dims=2, seed=0, validation_fraction=0.3)
-    _, held = training._val_batches(data, (64, 64), np.random.default_rng(1))
-    assert held.min() >= training.MIN_HELD_OUT, held
+    _, held = loop._val_batches(data, (64, 64), np.random.default_rng(1))
+    assert held.min() >= loop.MIN_HELD_OUT, held
     model = tiny(class_values=data.class_values)
     list(iter_train(model, data, TrainConfig(steps=60, seed=0, patch_size=64), device="cpu"))
     start = {k: v.clone() for k, v in model.network.state_dict().items()}
@@ -619,7 +619,8 @@ def test_prepare_training_refuses_a_model_of_other_channels(real_pair, monkeypat
     import paintseg.training as training
 
     img, gt = real_pair
-    monkeypatch.setattr(training, "prepare_data", lambda *a, **k: pytest.fail("data prepared"))
+    monkeypatch.setattr(training.prepare, "prepare_data",
+                        lambda *a, **k: pytest.fail("data prepared"))
     with pytest.raises(InputError, match="expects 1 channel.s. but got 3 from the images"):
         training.prepare_training([(np.stack([img] * 3, -1), strokes(gt))],
                                   base=load_model("nuclei"), dims=2, in_channels=3,
@@ -675,7 +676,7 @@ def test_evaluate_warns_when_classes_meet_instances(tmp_path, real_pair, capsys)
 def test_a_3d_model_learns_from_a_real_stack():
     """The 3D fast preset (small filter scales, 4 patches of 32^3 per step) lowers the loss on
     dense 3D instance labels of the cells3d stack; the painted labels are not modified."""
-    from paintseg.training import _sample_batch, preset_config
+    from paintseg.training import preset_config
 
     root = Path(__file__).parents[1] / "src" / "paintseg" / "sample_data"
     img = tifffile.imread(root / "nuclei3d.tif")[16:48, 64:192, 64:192]
@@ -716,7 +717,7 @@ def test_fast_preset_damps_derivatives_for_strokes_only():
 
 
 def test_intensity_shift_offsets_each_patch_and_channel():
-    from paintseg.training import _shift_intensity
+    from paintseg.training.augment import _shift_intensity
 
     x = torch.randn(6, 2, 16, 16)
     out = _shift_intensity(x, torch.Generator().manual_seed(0), 0.1)
@@ -810,7 +811,7 @@ def test_anchor_holds_to_the_start_on_the_unshifted_patch(real_pair, monkeypatch
     """When training continues, the network sees each patch with its brightness offset and
     the anchor's starting model the patch as it is: the anchor keeps what the start predicts
     on the image the user sees, not on a brighter or darker copy of it."""
-    import paintseg.training as training
+    from paintseg.training import loop
 
     img, gt = real_pair
     data = prepare_data([(img, strokes(gt))], dims=2, seed=0, validation_fraction=0)
@@ -818,14 +819,14 @@ def test_anchor_holds_to_the_start_on_the_unshifted_patch(real_pair, monkeypatch
     list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
     assert continues_training(model)
     shifted, start_inputs = [], []
-    real_shift = training._shift_intensity
+    real_shift = loop._shift_intensity
 
     def spy_shift(x, gen, width):
         out = real_shift(x, gen, width)
         shifted.append((x.detach().clone(), out.detach().clone()))
         return out
 
-    monkeypatch.setattr(training, "_shift_intensity", spy_shift)
+    monkeypatch.setattr(loop, "_shift_intensity", spy_shift)
     # forward() is the starting model's call (the network's members are called directly);
     # the hook is copied with the network when the starting model is made
     model.network.register_forward_pre_hook(lambda mod, args: start_inputs.append(args[0].clone()))
@@ -839,7 +840,7 @@ def test_anchor_holds_to_the_start_on_the_unshifted_patch(real_pair, monkeypatch
 
 def _scripted_validation(monkeypatch, scores):
     """Make every validation return the next (mean IoU, loss) of ``scores``."""
-    from paintseg import training
+    from paintseg.training import loop
 
     it = iter(scores)
 
@@ -847,17 +848,17 @@ def _scripted_validation(monkeypatch, scores):
         iou, loss = next(it)
         return {"loss": loss, "mean_iou": iou, "iou": {1: iou, 2: iou}}
 
-    monkeypatch.setattr(training, "_validate", fake)
+    monkeypatch.setattr(loop, "_validate", fake)
 
 
 def test_a_new_unet_never_returns_its_starting_weights(real_pair, monkeypatch):
     """The untrained network scores best on the held-out strokes (as a collapsing run on thin
     membranes did): a new U-Net still returns trained weights, the best later ones."""
-    from paintseg import training
+    from paintseg.training import loop
 
     img, gt = real_pair
     data = prepare_data([(img, strokes(gt, n=120))], dims=2, seed=0)
-    monkeypatch.setattr(training, "MIN_HELD_OUT", 0)  # the rule decides here
+    monkeypatch.setattr(loop, "MIN_HELD_OUT", 0)  # the rule decides here
     _scripted_validation(monkeypatch, [(0.9, 0.1), (0.8, 0.2), (0.3, 2.0), (0.3, 2.0)])
     model = tiny(class_values=data.class_values)
     cfg = TrainConfig(steps=3, seed=0, patch_size=64, validate_every=0.0, ema=0.0)
@@ -880,33 +881,33 @@ def test_a_new_unet_never_returns_its_starting_weights(real_pair, monkeypatch):
 def test_the_keep_best_rule_needs_enough_held_out_pixels(real_pair, monkeypatch):
     """Earlier weights that scored clearly better are kept only where every painted class has
     MIN_HELD_OUT held-out pixels in the validation patches; on fewer the latest are kept."""
-    from paintseg import training
+    from paintseg.training import loop
 
     img, gt = real_pair
     data = prepare_data([(img, strokes(gt, n=120))], dims=2, seed=0)
-    _, held = training._val_batches(data, (64, 64), np.random.default_rng(0))
-    assert held.min() < training.MIN_HELD_OUT  # a handful of object pixels: [497, 45]
+    _, held = loop._val_batches(data, (64, 64), np.random.default_rng(0))
+    assert held.min() < loop.MIN_HELD_OUT  # a handful of object pixels: [497, 45]
     scores = [(0.5, 0.7), (0.9, 0.1), (0.3, 2.0), (0.3, 2.0)]
     kept = {}
-    for needed in (0, training.MIN_HELD_OUT):
-        monkeypatch.setattr(training, "MIN_HELD_OUT", needed)
+    for needed in (0, loop.MIN_HELD_OUT):
+        monkeypatch.setattr(loop, "MIN_HELD_OUT", needed)
         _scripted_validation(monkeypatch, scores)
         model = tiny(class_values=data.class_values)
         cfg = TrainConfig(steps=3, seed=0, patch_size=64, validate_every=0.0, ema=0.0)
         kept[needed] = list(iter_train(model, data, cfg, device="cpu"))[-1].best_step
-    assert kept == {0: 1, training.MIN_HELD_OUT: 3}
+    assert kept == {0: 1, loop.MIN_HELD_OUT: 3}
 
 
 def test_validation_patches_cover_every_painted_class(real_pair):
     """Patch centres are drawn per class: a class with few held-out pixels is scored too."""
-    from paintseg import training
+    from paintseg.training import loop
 
     img, gt = real_pair
     lab = strokes(gt, n=400)
     lab[(lab == 2) & (np.random.default_rng(0).random(lab.shape) < 0.9)] = 0  # few objects
     data = prepare_data([(img, lab)], dims=2, seed=0)
     assert data.has_validation
-    batches, held = training._val_batches(data, (64, 64), np.random.default_rng(0))
+    batches, held = loop._val_batches(data, (64, 64), np.random.default_rng(0))
     assert len(batches) == 16 and held[1] > 0
     y = np.concatenate([b[1].ravel() for b in batches])
     assert np.bincount(y[y >= 0], minlength=2)[1] >= held[1] > 0

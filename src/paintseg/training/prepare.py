@@ -1,0 +1,207 @@
+"""From painted images to a model ready to train: the network for the labels (new or
+adapted), the data, and :func:`train` for a whole run in one call."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, TrainConfig
+from ..model import PaintsegModel, default_class_names, new_model
+from .data import TrainingData, check_channels, prepare_data
+from .events import EventKind, TrainEvent
+from .loop import iter_train
+from .losses import _NEW_OUTPUT_LAYER
+from .presets import BRIGHTNESS_SEPARATES, STROKES_DERIVATIVE_GAIN, _strokes_2d, preset_config
+
+
+def adapt_model(
+    model: PaintsegModel,
+    class_values: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    *,
+    seed: int | None = None,
+) -> PaintsegModel:
+    """A copy of ``model`` for other classes: same weights, a new output layer if the class
+    count differs (the encoder and decoder are kept: warm start)."""
+    class_values = tuple(int(v) for v in class_values)
+    names = tuple(class_names) if class_names else None
+    if tuple(model.class_values) == class_values:
+        out = copy.deepcopy(model)
+        if names:
+            out.class_names = names
+        return out
+    cfg = ModelConfig(**{**model.config.__dict__, "classes": len(class_values)})
+    fresh = new_model(cfg, class_values=class_values, class_names=names,
+                      normalization=model.normalization, seed=seed)
+    state = {k: v for k, v in model.network.state_dict().items()
+             if not (k.startswith("head.") or ".head." in k)}  # every member's output layer
+    fresh.network.load_state_dict(state, strict=False)
+    fresh.provenance = copy.deepcopy(model.provenance)
+    fresh.provenance.setdefault("notes", []).append(
+        f"output layer re-initialised for classes {list(class_values)}"
+    )
+    fresh.provenance[_NEW_OUTPUT_LAYER] = True  # until it is trained: nothing to anchor to
+    return fresh
+
+
+def classes_to_continue(
+    model: PaintsegModel, painted: Iterable[int]
+) -> tuple[tuple[int, ...], tuple[str, ...] | None]:
+    """Classes to continue training ``model`` on scribbles with the ``painted`` values.
+
+    The model's own classes and names when every painted value is one of them (the output
+    layer is kept); otherwise their union with the painted values (a new output layer, names
+    by default).
+    """
+    painted = {int(v) for v in painted}
+    if painted <= set(model.class_values):
+        return tuple(model.class_values), tuple(model.class_names)
+    return tuple(sorted(painted | set(model.class_values))), None
+
+
+def brightness_separability(data: TrainingData, *, bins: int = 64) -> float:
+    """How well brightness alone tells the painted classes apart.
+
+    Parameters
+    ----------
+    data : TrainingData
+        The painted pixels (training and held-out) of its normalised images.
+    bins : int
+        Histogram bins over normalised intensities -0.5..1.5 (outside: the end bins).
+
+    Returns
+    -------
+    float
+        Over the channels, the best class-balanced accuracy of a classifier that gives each
+        intensity bin its most frequent class (1 / K: no separation; 1: full).
+    """
+    k = len(data.class_values)
+    best = 0.0
+    for ch in range(data.items[0].image.shape[0]):
+        hist = np.zeros((k, bins))
+        for it in data.items:
+            painted = it.targets >= 0
+            v = np.clip(it.image[ch][painted], -0.5, 1.5)
+            np.add.at(hist, (it.targets[painted], ((v + 0.5) / 2 * (bins - 1)).astype(int)), 1)
+        share = hist / hist.sum(1, keepdims=True).clip(1)
+        present = hist.sum(1) > 0
+        best = max(best, float(share[present].max(0).sum() / present.sum()))
+    return best
+
+
+def model_for_training(
+    base: PaintsegModel | None,
+    data: TrainingData,
+    *,
+    in_channels: int,
+    labels_kind: str = "scribbles",
+    preset: str = "auto",
+    seed: int | None = None,
+) -> PaintsegModel:
+    """The model to train on ``data``: ``base`` adapted to its classes (warm start), or a new
+    U-Net of ``preset`` when ``base`` is None. A model trained on instances records it, so
+    that segmenting with it gives instances by default.
+
+    A new 2D fast U-Net for strokes damps its derivative channels by x0.1 where brightness
+    alone separates the painted classes (:func:`brightness_separability` at least
+    :data:`BRIGHTNESS_SEPARATES`: nuclei), and by x0.3 elsewhere (cells in phase contrast,
+    membranes, boundaries)."""
+    if base is not None:
+        model = adapt_model(base, data.class_values, data.class_names, seed=seed)
+    else:
+        cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
+                            classes=len(data.class_values), labels_kind=labels_kind)
+        if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
+            damped, shaped = STROKES_DERIVATIVE_GAIN
+            gain = damped if brightness_separability(data) >= BRIGHTNESS_SEPARATES else shaped
+            cfg = dataclasses.replace(cfg, derivative_gain=gain)
+        model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
+                          seed=seed)
+    if labels_kind == "instances":
+        model.provenance["output"] = "instances"
+    return model
+
+def prepare_training(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    base: PaintsegModel | None,
+    dims: int,
+    in_channels: int,
+    labels_kind: str = "scribbles",
+    preset: str = "auto",
+    seed: int | None = None,
+    class_names: Mapping[int, str] | None = None,
+    **prepare_options: Any,
+) -> tuple[TrainingData, PaintsegModel]:
+    """The training data and the model to train, as ``paintseg train``, the napari widget
+    and the benchmarks set them up.
+
+    Parameters
+    ----------
+    pairs : sequence of (image, labels)
+        As for :func:`prepare_data`.
+    base : PaintsegModel or None
+        A model to continue (its dimensionality and normalisation are kept; on scribbles its
+        classes too, see :func:`classes_to_continue`), or None for a new U-Net.
+    dims : int
+        Dimensionality of a new U-Net (ignored when continuing ``base``).
+    in_channels : int
+        Image channels of a new U-Net.
+    labels_kind, preset, seed
+        As for :func:`prepare_data` and :func:`model_for_training`.
+    class_names : mapping, optional
+        Names of the classes by value (``{1: "rest", 2: "membrane"}``), kept in the
+        checkpoint; classes not named, and those of a continued model, keep their names.
+    **prepare_options
+        Further options of :func:`prepare_data` (``channel_axis``, ``names``, ...).
+
+    Returns
+    -------
+    (TrainingData, PaintsegModel)
+    """
+    class_values = names = None
+    painted: set[int] = set()
+    if labels_kind == "scribbles" and (base is not None or class_names):
+        painted = set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - {0}
+    if base is not None:
+        check_channels(base, in_channels)
+        dims = base.config.dims
+        if labels_kind == "scribbles":
+            class_values, names = classes_to_continue(base, painted)
+    if class_names and names is None and labels_kind == "scribbles":
+        if class_values is None:
+            class_values = tuple(sorted(painted))
+        defaults = default_class_names(class_values)
+        names = tuple(str(class_names.get(v, d)) for v, d in zip(class_values, defaults))
+    data = prepare_data(pairs, dims=dims, labels_kind=labels_kind, class_values=class_values,
+                        class_names=names, seed=seed,
+                        normalization=base.normalization if base is not None else None,
+                        **prepare_options)
+    model = model_for_training(base, data, in_channels=in_channels, labels_kind=labels_kind,
+                               preset=preset, seed=seed)
+    return data, model
+
+
+def train(
+    model: PaintsegModel,
+    data: TrainingData,
+    config: TrainConfig | None = None,
+    *,
+    device: str | torch.device = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
+) -> TrainEvent:
+    """Run :func:`iter_train` to the end; returns the DONE event."""
+    last: TrainEvent | None = None
+    for event in iter_train(model, data, config, device=device, should_stop=should_stop):
+        if on_event is not None:
+            on_event(event)
+        last = event
+    assert last is not None and last.kind is EventKind.DONE
+    return last
