@@ -124,7 +124,8 @@ def volume_blocks(args: argparse.Namespace, root: Path) -> None:
 
     from distributed import Client, LocalCluster
 
-    from paintseg.batch import SegmentSettings, segment_file
+    from paintseg.batch import segment_file
+    from paintseg.config import SegmentSettings
     from paintseg.metrics import instance_scores
     from paintseg.model import load_model
 

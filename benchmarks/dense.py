@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from paintseg.config import TrainConfig
+from paintseg.config import SegmentSettings, TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import segment, segment_labels
 from paintseg.metrics import instance_scores
@@ -77,8 +77,9 @@ def slices_benchmark(args: argparse.Namespace, device) -> None:
     min_size = 100  # about a twentieth of a nucleus's area here
 
     def score(model, diameter: float | None = None) -> dict:
-        pred = [segment_labels(img[z], model, output="instances", min_size=min_size,
-                               device=device, diameter=diameter).labels for z in TEST_SLICES]
+        settings = SegmentSettings(output="instances", min_size=min_size, diameter=diameter)
+        pred = [segment_labels(img[z], model, settings, device=device).labels
+                for z in TEST_SLICES]
         return instance_scores(slices_as_objects(pred), truth)
 
     print(f"training slices {TRAIN_SLICES}, held-out slices {TEST_SLICES[0]}..{TEST_SLICES[-1]}"

@@ -48,14 +48,14 @@ def main() -> None:
         print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size // 1024} KB)")
 
     # 1. starter model: Segment
-    w.segment_btn.click()
+    w.segment_tab.segment_btn.click()
     w.jobs.wait()
     shot("1_segment_starter")
 
     # 2. paint strokes on a new labels layer for a new 2-class U-Net
     viewer.layers["nuclei2d segmentation"].visible = False
     w.tabs.setCurrentIndex(1)
-    w.train_continue.setChecked(False)
+    w.train_tab.form["continue_model"].value = False
     lab = w.new_labels_layer()
     rng = np.random.default_rng(0)
     lab.brush_size = 4
@@ -71,8 +71,8 @@ def main() -> None:
     shot("2_paint")
 
     # 3. training, mid-run (live loss curve)
-    w.train_seconds.setValue(30)
-    w.train_btn.click()
+    w.train_tab.form["time_budget"].value = 30
+    w.train_tab.train_btn.click()
     QTimer.singleShot(15000, lambda: shot("3_training"))
     w.jobs.wait()
     viewer.layers["nuclei2d segmentation"].visible = True
@@ -84,11 +84,12 @@ def main() -> None:
     viewer.open_sample("napari-paintseg", "nuclei3d")
     viewer.reset_view()
     w.tabs.setCurrentIndex(0)
-    w.seg_image.setCurrentText("nuclei3d")
+    w.segment_tab.image.setCurrentText("nuclei3d")
     w.load_model("nuclei")
     w.jobs.wait()
-    w.seg_diameter.setValue(90)  # cells3d nuclei; the starter model also works without it
-    w.segment_btn.click()
+    # cells3d nuclei; the starter model also works without it
+    w.segment_tab.form["diameter"].value = 90
+    w.segment_tab.segment_btn.click()
     w.jobs.wait()
     viewer.dims.set_current_step(0, 30)
     shot("5_stack")
@@ -102,9 +103,9 @@ def main() -> None:
         raw = (src / "well_1.tif").read_bytes()
         (src / "well_4_truncated.tif").write_bytes(raw[: len(raw) // 2])
         w.tabs.setCurrentIndex(2)
-        w.batch_in.setText(str(src))
-        w.batch_out.setText(str(Path(tmp) / "labels"))
-        w.batch_btn.click()
+        w.batch_tab.input.setText(str(src))
+        w.batch_tab.output.setText(str(Path(tmp) / "labels"))
+        w.batch_tab.batch_btn.click()
         w.jobs.wait()
         shot("6_batch")
     viewer.close()

@@ -166,6 +166,72 @@ def test_out_of_memory_back_off_sequence():
     assert "using the CPU" in note
 
 
+def test_oom_retry_runs_again_with_what_after_oom_chooses():
+    """The retry object reruns an attempt after each CUDA out-of-memory error with smaller
+    settings, ends on the CPU, keeps a note per retry and lets other errors through."""
+    import torch
+
+    from paintseg.config import TileConfig
+    from paintseg.inference import OomRetry
+
+    asked = TileConfig(tile=None, batch_size=None)
+    retry = OomRetry(asked, torch.device("cuda"), align=16)
+    tried = []
+
+    def attempt(dev, tiles):
+        tried.append((dev.type, tiles.batch_size, tiles.tile))
+        retry.ran_with(tile=tiles.tile or 64, batch=tiles.batch_size or 2)
+        if dev.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return "done"
+
+    assert retry.run(attempt) == "done"
+    assert tried == [("cuda", None, None), ("cuda", 1, None), ("cuda", 1, 32), ("cpu", None, None)]
+    assert retry.device.type == "cpu" and len(retry.notes) == 3
+    assert retry.notes[-1].endswith("using the CPU")
+
+    def broken(dev, tiles):
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError, match="not a memory problem"):
+        OomRetry(asked, torch.device("cuda"), align=16).run(broken)
+
+
+def test_window_merger_blends_rows_and_frees_them():
+    """The merger's slabs, flushed row by row, equal one blend of the whole image; rows once
+    flushed are no longer held."""
+    import torch
+
+    from paintseg.tiling import ArraySink, WindowMerger, plan_tiles, window_weight
+
+    plan = plan_tiles((40, 33), tile=16, halo=4, blend=4)
+    rng = np.random.default_rng(0)
+    preds = {tuple(i): torch.from_numpy(rng.random((2, *plan.window), dtype=np.float32))
+             for i in np.ndindex(*[len(st) for st in plan.starts])}
+    sink = ArraySink(2, (0, 40), (33,))
+    merger = WindowMerger(plan, classes=2, device=torch.device("cpu"), sink=sink, rows=(0, 40),
+                          start=0)
+    held = []
+    for index, pred in preds.items():
+        merger.aggregate(pred, index)
+        if index[1] == len(plan.starts[1]) - 1 and index[0] + 1 < len(plan.starts[0]):
+            nxt = plan.starts[0][index[0] + 1] - plan.halo[0]
+            merger.flush(max(nxt, 0))
+            held.append(merger.acc.shape[1] if merger.acc is not None else 0)
+    merger.finalize()
+    assert merger.acc is None and max(held) < 40
+    # the same blend in one array: windows placed with their weights, then divided
+    pad = 32
+    acc, wsum = np.zeros((2, 40 + 2 * pad, 33 + 2 * pad)), np.zeros((40 + 2 * pad, 33 + 2 * pad))
+    for index, pred in preds.items():
+        y, x = (plan.starts[a][i] - plan.halo[a] + pad for a, i in enumerate(index))
+        w = window_weight(plan, index)
+        acc[:, y:y + plan.window[0], x:x + plan.window[1]] += pred.numpy() * w
+        wsum[y:y + plan.window[0], x:x + plan.window[1]] += w
+    ref = acc[:, pad:pad + 40, pad:pad + 33] / np.maximum(wsum[pad:pad + 40, pad:pad + 33], 1e-12)
+    np.testing.assert_allclose(sink.array, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_a_block_of_a_volume_equals_the_whole_run(small_model_3d, nuclei3d_path):
     """With the whole volume's tiling (resolve_tiles) and intensity range, segmenting Z planes
     a:b alone equals planes a:b of the whole run: labels and probabilities, bit for bit."""

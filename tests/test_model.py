@@ -9,6 +9,7 @@ import pickle
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from paintseg.config import ModelConfig, NormConfig, TileConfig, from_json, to_json
@@ -81,6 +82,51 @@ def test_bad_settings_raise_the_users_error_type():
         with pytest.raises(ConfigError) as info:
             make()
         assert isinstance(info.value, PaintsegError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"output": "objects"}, "output must be auto, semantic or instances, got 'objects'"),
+    ({"min_size": -1}, r"min_size \(the minimum object size\) must be >= 0, got -1"),
+    ({"snap": 2.5}, r"snap \(pixels\) must be an integer, got 2.5"),
+    ({"diameter": 0.0}, "the object diameter must be a positive number, got 0.0"),
+    ({"diameter": float("nan")}, "the object diameter must be a positive number, got nan"),
+    ({"background_class": -1}, "background_class must be >= 0, got -1"),
+    ({"axes": "ZQX"}, "axes must be distinct letters of TZCYX, got 'ZQX'"),
+    ({"format": "png"}, "format must be 'tiff' or 'zarr', got 'png'"),
+    ({"tiles": {"tile": 0}}, "tile must be >= 1, got 0"),
+])
+def test_segment_settings_check_themselves_once(kwargs, message):
+    """One settings object from the GUI and the CLI to the core: each bad value is refused
+    when the settings are built, naming the setting and the value."""
+    from paintseg.config import SegmentSettings
+    from paintseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        SegmentSettings(**kwargs)
+
+
+def test_segment_settings_round_trip_and_replace():
+    from paintseg.config import SegmentSettings
+    from paintseg.errors import ConfigError
+
+    s = SegmentSettings(output="instances", diameter=20.0, tiles=TileConfig(tile=64))
+    assert from_json(SegmentSettings, to_json(s)) == s  # tiles come back as a TileConfig
+    assert s.replace(snap=0).snap == 0 and s.replace(snap=0).tiles == s.tiles
+    with pytest.raises(ConfigError, match="unknown SegmentSettings fields: snapp"):
+        s.replace(snapp=0)
+    with pytest.raises(ConfigError, match="snap"):
+        s.replace(snap=-1)
+
+
+def test_the_cli_refuses_bad_segment_settings_before_any_file(tmp_path, capsys):
+    from paintseg.cli import main
+
+    img = tmp_path / "in.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.uint8))
+    assert main(["segment", str(img), "--model", "nuclei", "--out", str(tmp_path / "o"),
+                 "--min-size", "-3"]) != 0
+    assert "min_size (the minimum object size) must be >= 0, got -3" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 @pytest.mark.parametrize("dims,shape", [(2, (1, 1, 40, 33)), (3, (1, 1, 12, 20, 17))])

@@ -18,7 +18,8 @@ if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
 from qtpy.QtCore import QTimer  # noqa: E402
 
 from paintseg._napari._widget import EDITED, PaintsegWidget  # noqa: E402
-from paintseg.batch import SegmentSettings, collect_inputs, segment_file  # noqa: E402
+from paintseg.batch import collect_inputs, segment_file  # noqa: E402
+from paintseg.config import SegmentSettings  # noqa: E402
 from paintseg.inference import segment_labels  # noqa: E402
 from paintseg.metrics import instance_scores  # noqa: E402
 from paintseg.model import load_model  # noqa: E402
@@ -74,19 +75,21 @@ def _paint_strokes(layer, gt, rng, rows=slice(0, 256), dabs=60):
 
 def test_segment_with_starter_model_updates_one_layer(viewer_widget):
     viewer, w = viewer_widget
-    assert w.model_source == "nuclei" and "2D U-Net" in w.model_info.text()
-    assert not w.seg_stop.isEnabled() and w.segment_btn.isEnabled()
-    w.segment_btn.click()
-    assert not w.segment_btn.isEnabled() and not w.train_btn.isEnabled()  # one job at a time
+    assert w.model_source == "nuclei" and "2D U-Net" in w.model_panel.info.text()
+    assert not w.segment_tab.stop_btn.isEnabled() and w.segment_tab.segment_btn.isEnabled()
+    w.segment_tab.segment_btn.click()
+    # one job at a time
+    assert not w.segment_tab.segment_btn.isEnabled() and not w.train_tab.train_btn.isEnabled()
     assert w.jobs.wait(120_000)
     seg = viewer.layers["nuclei2d segmentation"]
     assert seg.data.shape == (512, 512) and 80 < seg.data.max() < 140  # instances
     # identical to what the CLI and batch runner write
-    ref = segment_labels(viewer.layers["nuclei2d"].data, load_model("nuclei"), axes="YX")
+    ref = segment_labels(viewer.layers["nuclei2d"].data, load_model("nuclei"),
+                         SegmentSettings(axes="YX"))
     np.testing.assert_array_equal(seg.data, ref.labels)
     # a rerun updates the same layer in place
-    w.seg_output.setCurrentText("semantic")
-    w.segment_btn.click()
+    w.segment_tab.form["output"].value = "semantic"
+    w.segment_tab.segment_btn.click()
     assert w.jobs.wait(120_000)
     assert [ly.name for ly in viewer.layers] == ["nuclei2d", "nuclei2d segmentation"]
     assert viewer.layers["nuclei2d segmentation"] is seg
@@ -95,7 +98,7 @@ def test_segment_with_starter_model_updates_one_layer(viewer_widget):
     seg.paint((10, 10), 5)
     assert seg.metadata[EDITED]
     edited = seg.data.copy()
-    w.segment_btn.click()
+    w.segment_tab.segment_btn.click()
     assert w.jobs.wait(120_000)
     assert [ly.name for ly in viewer.layers] == [
         "nuclei2d", "nuclei2d segmentation [2]", "nuclei2d segmentation"]
@@ -108,9 +111,9 @@ def test_field_of_view_and_probabilities(viewer_widget, qtbot):
     camera.zoom = camera.zoom * 4  # look at the centre
     camera.center = (0, 256, 256)
     qtbot.wait(100)  # napari updates the visible box when it draws
-    w.seg_scope.setCurrentText("field of view")
-    w.seg_probs.setChecked(True)
-    w.segment_btn.click()
+    w.segment_tab.form["scope"].value = "field of view"
+    w.segment_tab.form["probabilities"].value = True
+    w.segment_tab.segment_btn.click()
     assert w.jobs.wait(120_000)
     seg = viewer.layers["nuclei2d segmentation"].data
     ys, xs = np.nonzero(seg)
@@ -126,49 +129,50 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     viewer, w = viewer_widget
     w.tabs.setCurrentIndex(1)
     # the bundled starter is loaded: Train starts a new U-Net unless the user ticks Continue
-    assert w.model_source == "nuclei" and not w.train_continue.isChecked()
-    assert "2 = class 2" in w.legend.text() and "boundary" not in w.legend.text()
-    w.train_continue.setChecked(True)  # ticked: the legend shows the starter's classes
-    assert "3 = boundary" in w.legend.text()
-    w.train_continue.setChecked(False)
+    assert w.model_source == "nuclei" and not w.train_tab.form["continue_model"].value
+    legend = w.train_tab.legend
+    assert "2 = class 2" in legend.text() and "boundary" not in legend.text()
+    w.train_tab.form["continue_model"].value = True  # ticked: the legend shows the starter's
+    assert "3 = boundary" in w.train_tab.legend.text()
+    w.train_tab.form["continue_model"].value = False
     # corrected instances fine-tune the starter by default (benchmarks/dense.py); strokes not
-    w.labels_kind.setCurrentText("instances")
-    assert w.train_continue.isChecked()
-    assert "0 = background" in w.legend.text() and "boundary" not in w.legend.text()
-    w.labels_kind.setCurrentText("scribbles")
-    assert not w.train_continue.isChecked() and "1 = background" in w.legend.text()
+    w.train_tab.form["labels_kind"].value = "instances"
+    assert w.train_tab.form["continue_model"].value
+    assert "0 = background" in legend.text() and "boundary" not in legend.text()
+    w.train_tab.form["labels_kind"].value = "scribbles"
+    assert not w.train_tab.form["continue_model"].value and "1 = background" in legend.text()
     lab = w.new_labels_layer()
     assert lab.data.shape == (512, 512) and lab.data.max() == 0
     assert viewer.layers.selection.active is lab and lab.mode == "paint"
-    assert "1 = background" in w.legend.text()
+    assert "1 = background" in w.train_tab.legend.text()
     _paint_strokes(lab, gt2d, np.random.default_rng(0))
     painted = lab.data.copy()
-    w.train_seconds.setValue(0)  # no time limit
-    w.train_steps.setValue(TRAIN_STEPS)
-    w.train_btn.click()
-    assert w.train_stop.isEnabled() and not w.segment_btn.isEnabled()
+    w.train_tab.form["time_budget"].value = 0  # no time limit
+    w.train_tab.form["steps"].value = TRAIN_STEPS
+    w.train_tab.train_btn.click()
+    assert w.train_tab.stop_btn.isEnabled() and not w.segment_tab.segment_btn.isEnabled()
     assert w.jobs.wait(120_000)  # training, then the automatic Segment
     assert w.model_source == "new U-Net (trained)"
     np.testing.assert_array_equal(lab.data, painted)  # the painted labels are untouched
     seg = viewer.layers["nuclei2d segmentation"].data
     assert viewer.layers.selection.active is lab  # still painting on the same layer
     assert [ly.name for ly in viewer.layers][-1] == "nuclei2d paint"  # strokes stay visible
-    assert len(w.plot.loss) > 3
+    assert len(w.train_tab.plot.loss) > 3
     held = slice(256, 512)
     iou = ((seg[held] == 2) & gt2d[held]).sum() / ((seg[held] == 2) | gt2d[held]).sum()
     assert iou > 0.5, iou
     # continue training (on by default now that the model is trained on this image), stop it
     # midway: it ends early and keeps the best weights
-    assert w.train_continue.isChecked()
-    w.train_refresh.setChecked(False)
-    w.train_seconds.setValue(600)
-    w.train_steps.setValue(0)  # no step limit: only Stop ends it early
+    assert w.train_tab.form["continue_model"].value
+    w.train_tab.form["refresh"].value = False
+    w.train_tab.form["time_budget"].value = 600
+    w.train_tab.form["steps"].value = 0  # no step limit: only Stop ends it early
     t0 = time.perf_counter()
-    w.train_btn.click()
-    QTimer.singleShot(3000, w.train_stop.click)
+    w.train_tab.train_btn.click()
+    QTimer.singleShot(3000, w.train_tab.stop_btn.click)
     assert w.jobs.wait(120_000)
     assert time.perf_counter() - t0 < 60
-    assert "stopped; best weights kept" in w.train_info.text()
+    assert "stopped; best weights kept" in w.train_tab.info.text()
     runs = w.model.provenance["training"]
     assert len(runs) == 2 and runs[-1]["stopped"]
     # save and reopen
@@ -179,15 +183,15 @@ def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     w.load_model(str(path))
     assert w.jobs.wait(60_000)
     assert w.model_source == "painted.pt" and w.model is not trained
-    assert w.train_continue.isChecked()  # a checkpoint file is continued
-    w.labels_kind.setCurrentText("instances")
-    w.labels_kind.setCurrentText("scribbles")
-    assert w.train_continue.isChecked()  # whatever the labels are
+    assert w.train_tab.form["continue_model"].value  # a checkpoint file is continued
+    w.train_tab.form["labels_kind"].value = "instances"
+    w.train_tab.form["labels_kind"].value = "scribbles"
+    assert w.train_tab.form["continue_model"].value  # whatever the labels are
     for a, b in zip(trained.network.state_dict().values(), w.model.network.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy())
     w.load_model("nuclei")  # the bundled starter again: a new U-Net by default
     assert w.jobs.wait(60_000)
-    assert w.model_source == "nuclei" and not w.train_continue.isChecked()
+    assert w.model_source == "nuclei" and not w.train_tab.form["continue_model"].value
 
 
 def test_corrected_instances_fine_tune_the_starter(open_widget):
@@ -198,18 +202,18 @@ def test_corrected_instances_fine_tune_the_starter(open_widget):
     stack = tifffile.imread(os.path.join(SAMPLES, "nuclei3d.tif"))
     truth = tifffile.imread(os.path.join(SAMPLES, "nuclei3d_labels.tif"))
     viewer, w = open_widget(stack[32], "slice32")
-    w.segment_btn.click()
+    w.segment_tab.segment_btn.click()
     assert w.jobs.wait(120_000)
     seg = viewer.layers["slice32 segmentation"]
     seg.data = truth[32].astype(seg.data.dtype)  # the user's corrections
     corrected = seg.data.copy()
     w.tabs.setCurrentIndex(1)
-    w.train_labels.setCurrentText(seg.name)
-    w.labels_kind.setCurrentText("instances")
-    assert w.train_continue.isChecked()  # the default for corrected instances
-    w.train_seconds.setValue(0)
-    w.train_steps.setValue(20)
-    w.train_btn.click()
+    w.train_tab.labels.setCurrentText(seg.name)
+    w.train_tab.form["labels_kind"].value = "instances"
+    assert w.train_tab.form["continue_model"].value  # the default for corrected instances
+    w.train_tab.form["time_budget"].value = 0
+    w.train_tab.form["steps"].value = 20
+    w.train_tab.train_btn.click()
     assert w.jobs.wait(120_000)  # training, then the automatic Segment
     assert w.model_source == "nuclei (trained)"
     assert w.model.provenance["training"][-1]["anchor"] == 0.0  # nothing unpainted to hold
@@ -217,7 +221,8 @@ def test_corrected_instances_fine_tune_the_starter(open_widget):
     assert "slice32 segmentation [2]" in viewer.layers  # the new result, in a new layer
 
     def ap(model):
-        labels = segment_labels(stack[40], model, output="instances", axes="YX").labels
+        labels = segment_labels(stack[40], model,
+                                        SegmentSettings(output="instances", axes="YX")).labels
         return instance_scores(labels, truth[40])["ap"][0]
 
     before, after = ap(load_model("nuclei")), ap(w.model)
@@ -233,18 +238,19 @@ def test_continuing_a_contradicted_model_warns(open_widget, nuclei2d, gt2d):
     w.tabs.setCurrentIndex(1)
     lab = w.new_labels_layer()
     _paint_strokes(lab, gt2d, np.random.default_rng(0))
-    w.train_continue.setChecked(True)
-    w.train_refresh.setChecked(False)
-    w.train_seconds.setValue(0)
-    w.train_steps.setValue(2)
-    w.train_btn.click()
-    w.train_continue.setChecked(False)  # unticked during the run: it changes the next run only
+    w.train_tab.form["continue_model"].value = True
+    w.train_tab.form["refresh"].value = False
+    w.train_tab.form["time_budget"].value = 0
+    w.train_tab.form["steps"].value = 2
+    w.train_tab.train_btn.click()
+    # unticked during the run: it changes the next run only
+    w.train_tab.form["continue_model"].value = False
     assert w.jobs.wait(120_000)
     assert w.model_source == "nuclei (trained)"  # named by what it was trained from
     text = w.status.text()
     assert text.startswith("Training done") and "background 0%" in text, text
     assert "Untick 'Continue from the current model'" in text
-    assert "background 0%" in w.train_info.text()  # stays on the Train tab
+    assert "background 0%" in w.train_tab.info.text()  # stays on the Train tab
 
 
 def test_continuing_a_model_of_other_channels_is_refused_at_once(open_widget, nuclei2d, gt2d):
@@ -259,16 +265,16 @@ def test_continuing_a_model_of_other_channels_is_refused_at_once(open_widget, nu
     _paint_strokes(lab, gt2d, np.random.default_rng(0))
     painted = lab.data.copy()
     runs = len(w.model.provenance.get("training", []))
-    w.train_continue.setChecked(True)
-    w.train_refresh.setChecked(False)
-    w.train_seconds.setValue(0)
-    w.train_steps.setValue(3)
+    w.train_tab.form["continue_model"].value = True
+    w.train_tab.form["refresh"].value = False
+    w.train_tab.form["time_budget"].value = 0
+    w.train_tab.form["steps"].value = 3
     assert w.train() is False  # refused before a job starts
     text = w.status.text()
     assert text.startswith("'nuclei' expects 1 channel(s) but got 3 from 'rgb'"), text
     assert "untick 'Continue from the current model'" in text
     assert w.model_source == "nuclei" and len(w.model.provenance.get("training", [])) == runs
-    w.train_continue.setChecked(False)
+    w.train_tab.form["continue_model"].value = False
     assert w.train() is True
     assert w.jobs.wait(120_000)
     assert w.model_source == "new U-Net (trained)" and w.model.config.in_channels == 3
@@ -280,7 +286,7 @@ def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp
     # nothing painted
     w.tabs.setCurrentIndex(1)
     w.new_labels_layer()
-    w.train_btn.click()
+    w.train_tab.train_btn.click()
     assert w.jobs.wait(60_000)
     assert "nothing is painted" in w.status.text()
     # a file that is not a checkpoint
@@ -290,12 +296,13 @@ def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp
     assert w.jobs.wait(60_000)
     assert "bad.pt" in w.status.text() and w.model_source == "nuclei"  # the old model stays
     # a 3D model on a 2D image
-    w.new_dims.setCurrentText("3D")
-    w.new_btn.click()
+    w.model_panel.dims.setCurrentText("3D")
+    w.model_panel.new_btn.click()
     assert w.jobs.wait(60_000)
-    w.segment_btn.click()
+    w.segment_tab.segment_btn.click()
     # said as is (it read "Unexpected error (_UserError: ...); details are in the log.")
-    assert w.status.text() == "The model is 3D but 'nuclei2d' is 2D." and w.segment_btn.isEnabled()
+    assert w.status.text() == "The model is 3D but 'nuclei2d' is 2D."
+    assert w.segment_tab.segment_btn.isEnabled()
     assert [ly.name for ly in viewer.layers] == ["nuclei2d", "nuclei2d paint"]
 
 
@@ -307,13 +314,13 @@ def test_batch_tab_with_a_corrupt_file(viewer_widget, tmp_path, nuclei2d):
     tifffile.imwrite(src / "b.tif", nuclei2d[256:])
     (src / "broken.tif").write_bytes((src / "a.tif").read_bytes()[:5000])
     w.tabs.setCurrentIndex(2)
-    w.batch_in.setText(str(src))
-    w.batch_out.setText(str(out))
-    w.batch_btn.click()
+    w.batch_tab.input.setText(str(src))
+    w.batch_tab.output.setText(str(out))
+    w.batch_tab.batch_btn.click()
     assert w.jobs.wait(120_000)
-    table = {w.batch_table.item(r, 0).text(): (w.batch_table.item(r, 1).text(),
-                                               w.batch_table.item(r, 2).text())
-             for r in range(w.batch_table.rowCount())}
+    table = {w.batch_tab.table.item(r, 0).text(): (w.batch_tab.table.item(r, 1).text(),
+                                               w.batch_tab.table.item(r, 2).text())
+             for r in range(w.batch_tab.table.rowCount())}
     assert table["a.tif"][0] == "done" and table["b.tif"][0] == "done"
     assert table["broken.tif"][0] == "failed" and "truncated" in table["broken.tif"][1]
     assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
@@ -324,9 +331,9 @@ def test_batch_tab_with_a_corrupt_file(viewer_widget, tmp_path, nuclei2d):
     np.testing.assert_array_equal(tifffile.imread(out / "a_labels.tif"),
                                   tifffile.imread(ref.labels))
     # a rerun skips the finished files
-    w.batch_btn.click()
+    w.batch_tab.batch_btn.click()
     assert w.jobs.wait(120_000)
-    statuses = [w.batch_table.item(r, 1).text() for r in range(w.batch_table.rowCount())]
+    statuses = [w.batch_tab.table.item(r, 1).text() for r in range(w.batch_tab.table.rowCount())]
     assert sorted(statuses) == ["failed", "skipped", "skipped"]
 
 
@@ -337,14 +344,14 @@ def test_gui_thread_keeps_ticking_while_training(viewer_widget, gt2d):
     w.tabs.setCurrentIndex(1)
     lab = w.new_labels_layer()
     _paint_strokes(lab, gt2d, np.random.default_rng(1), dabs=30)
-    w.train_refresh.setChecked(False)
-    w.train_seconds.setValue(6)
+    w.train_tab.form["refresh"].value = False
+    w.train_tab.form["time_budget"].value = 6
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
-    w.train_btn.click()
+    w.train_tab.train_btn.click()
     assert w.jobs.wait(120_000)
     timer.stop()
     gaps = np.diff(ticks)
@@ -355,11 +362,12 @@ def test_stack_paint_two_slices_train_segment_current_slice(open_widget, nuclei3
     """A 2D model on a 3D stack: paint two slices, train, segment the displayed slice."""
     gt = tifffile.imread(os.path.join(SAMPLES, "nuclei3d_labels.tif")) > 0
     viewer, w = open_widget(tifffile.imread(nuclei3d_path), "nuclei3d", load_starter=False)
-    w.new_btn.click()  # a new 2D U-Net, 2 classes
+    w.model_panel.new_btn.click()  # a new 2D U-Net, 2 classes
     assert w.jobs.wait(60_000)
     # named as the Model panel describes it (the fast preset averages 3 U-Nets for strokes)
     assert w.model_source == "new 3 averaged 2D U-Nets"
-    assert w.model_info.text().startswith("<b>new 3 averaged 2D U-Nets</b>: 3 averaged 2D U-Nets")
+    assert w.model_panel.info.text().startswith(
+        "<b>new 3 averaged 2D U-Nets</b>: 3 averaged 2D U-Nets")
     lab = w.new_labels_layer()
     assert lab.data.shape == (60, 256, 256)
     rng = np.random.default_rng(0)
@@ -368,14 +376,14 @@ def test_stack_paint_two_slices_train_segment_current_slice(open_widget, nuclei3
             ys, xs = np.nonzero(mask)
             for i in rng.choice(len(ys), 40, replace=False):
                 lab.paint((z, ys[i], xs[i]), cls)
-    w.train_refresh.setChecked(False)
-    w.train_seconds.setValue(0)  # no time limit
-    w.train_steps.setValue(TRAIN_STEPS)
-    w.train_btn.click()
+    w.train_tab.form["refresh"].value = False
+    w.train_tab.form["time_budget"].value = 0  # no time limit
+    w.train_tab.form["steps"].value = TRAIN_STEPS
+    w.train_tab.train_btn.click()
     assert w.jobs.wait(120_000)
     viewer.dims.set_current_step(0, 33)
-    w.seg_scope.setCurrentText("current slice")
-    w.segment_btn.click()
+    w.segment_tab.form["scope"].value = "current slice"
+    w.segment_tab.segment_btn.click()
     assert w.jobs.wait(120_000)
     seg = viewer.layers["nuclei3d segmentation"].data
     assert seg.shape == (60, 256, 256)
@@ -401,9 +409,9 @@ def test_rgb_three_named_classes_and_a_missed_class_is_named(open_widget, tmp_pa
     viewer, w = open_widget(rgb, "ihc")
     assert viewer.layers["ihc"].rgb
     w.tabs.setCurrentIndex(1)
-    w.new_classes.setValue(3)
-    w.new_names.setText("stroma, nuclei, DAB")
-    assert "2 = nuclei" in w.legend.text() and "3 = DAB" in w.legend.text()
+    w.model_panel.classes.setValue(3)
+    w.model_panel.names.setText("stroma, nuclei, DAB")
+    assert "2 = nuclei" in w.train_tab.legend.text() and "3 = DAB" in w.train_tab.legend.text()
     lab = w.new_labels_layer()
     assert lab.data.shape == (512, 512)
     assert list(lab.features["class"]) == ["not painted", "stroma", "nuclei", "DAB"]
@@ -414,21 +422,21 @@ def test_rgb_three_named_classes_and_a_missed_class_is_named(open_widget, tmp_pa
         for i in rng.choice(len(ys), 120, replace=False):
             lab.paint((ys[i], xs[i]), cls)
     painted = lab.data.copy()
-    w.train_continue.setChecked(False)
-    w.train_seconds.setValue(0)
-    w.train_steps.setValue(1)  # one step: not enough to learn every class
-    w.train_refresh.setChecked(False)
-    w.train_btn.click()
+    w.train_tab.form["continue_model"].value = False
+    w.train_tab.form["time_budget"].value = 0
+    w.train_tab.form["steps"].value = 1  # one step: not enough to learn every class
+    w.train_tab.form["refresh"].value = False
+    w.train_tab.train_btn.click()
     assert w.jobs.wait(120_000)
     assert w.model.class_names == ("stroma", "nuclei", "DAB")
-    assert "the result will miss" in w.train_info.text(), w.train_info.text()
-    w.train_steps.setValue(2 * TRAIN_STEPS)  # three classes in colour: more steps
-    w.train_refresh.setChecked(True)
-    w.train_continue.setChecked(False)
-    w.train_btn.click()
+    assert "the result will miss" in w.train_tab.info.text(), w.train_tab.info.text()
+    w.train_tab.form["steps"].value = 2 * TRAIN_STEPS  # three classes in colour: more steps
+    w.train_tab.form["refresh"].value = True
+    w.train_tab.form["continue_model"].value = False
+    w.train_tab.train_btn.click()
     assert w.jobs.wait(120_000)
     np.testing.assert_array_equal(lab.data, painted)  # the painted labels are untouched
-    assert "the result will miss" not in w.train_info.text(), w.train_info.text()
+    assert "the result will miss" not in w.train_tab.info.text(), w.train_tab.info.text()
     seg = viewer.layers["ihc segmentation"].data
     assert set(np.unique(seg)) == {0, 2, 3}  # stroma written as 0, as the CLI writes it
     held = np.s_[:, 256:]

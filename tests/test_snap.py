@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
-from paintseg.batch import SegmentSettings
-from paintseg.config import NormConfig, TileConfig
+from paintseg.config import NormConfig, SegmentSettings, TileConfig
+from paintseg.errors import ConfigError
 from paintseg.inference import segment, segment_labels
 from paintseg.normalize import percentile_range
 from paintseg.postprocess import snap_planes, snap_to_edges
@@ -126,16 +126,16 @@ def test_instances_and_3d_models_are_not_snapped(small_model_3d, nuclei3d_path):
 
 
 def test_snap_setting_is_checked():
-    with pytest.raises(ValueError, match="snap must be 0 or more pixels, got -2"):
+    with pytest.raises(ConfigError, match=r"snap \(pixels\) must be >= 0, got -2"):
         SegmentSettings(snap=-2)
 
 
 def test_segment_labels_passes_snap(nuclei2d, small_model):
     img = nuclei2d[:128, :128]
-    a = segment_labels(img, small_model, output="semantic", snap=0).labels
+    a = segment_labels(img, small_model, SegmentSettings(output="semantic", snap=0)).labels
     b = segment(img, small_model, snap=0).labels
     np.testing.assert_array_equal(a, b)
-    c = segment_labels(img, small_model, output="semantic").labels
+    c = segment_labels(img, small_model, SegmentSettings(output="semantic")).labels
     np.testing.assert_array_equal(c, segment(img, small_model).labels)
 
 

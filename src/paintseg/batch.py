@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 
-from .config import DEFAULT_BLOCK_BYTES, SNAP_PIXELS, TileConfig
+from .config import DEFAULT_BLOCK_BYTES, SegmentSettings
 from .errors import InputError, OutputError, PaintsegError, StopRequested
 from .io import atomic_path, list_images, open_output, read_image, write_tiff
 from .model import PaintsegModel
@@ -44,54 +44,6 @@ __all__ = [
 ]
 
 _TIFF_EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
-
-
-@dataclass(frozen=True)
-class SegmentSettings:
-    """What to compute for each image (the same settings in the CLI, the GUI and a batch).
-
-    Parameters
-    ----------
-    output : str
-        ``"auto"``, ``"semantic"`` or ``"instances"`` (see
-        :func:`~paintseg.inference.wants_instances`).
-    min_size : int
-        Instances smaller than this are removed.
-    snap : int
-        Semantic labels of 2D models: how far (pixels) class borders may move to the image's
-        nearest edge (0: the arg-max class; see :func:`paintseg.postprocess.snap_to_edges`).
-    diameter : float or None
-        Typical object diameter (rescales the image to the model's object size).
-    background_class : int or None
-        Class value written as 0.
-    probabilities : bool
-        Also write the class probabilities (float32, classes first).
-    overlay : bool
-        Also write a PNG of the image with the label outlines.
-    axes : str or None
-        Axes of the inputs when their metadata is missing or wrong.
-    tiles : TileConfig
-        Tiling.
-    format : str
-        ``"tiff"`` or ``"zarr"`` (OME-Zarr folders, which napari opens lazily).
-    """
-
-    output: str = "auto"
-    min_size: int = 30
-    snap: int = SNAP_PIXELS
-    diameter: float | None = None
-    background_class: int | None = 1
-    probabilities: bool = False
-    overlay: bool = False
-    axes: str | None = None
-    tiles: TileConfig = field(default_factory=TileConfig)
-    format: str = "tiff"
-
-    def __post_init__(self) -> None:
-        if self.format not in ("tiff", "zarr"):
-            raise ValueError(f"format must be 'tiff' or 'zarr', got {self.format!r}")
-        if self.snap < 0:
-            raise ValueError(f"snap must be 0 or more pixels, got {self.snap}")
 
 
 @dataclass
@@ -337,9 +289,8 @@ def segment_file(
                                      "float32", axes="C" + axes, fmt=s.format)
             outputs.append(probs_file)
         result = segment_labels(
-            image, model, output=s.output, min_size=s.min_size, snap=s.snap,
-            diameter=s.diameter,
-            tiles=s.tiles, device=device, background_class=s.background_class,
+            image, model, s.replace(axes=None),  # the image was read with s.axes
+            device=device,
             labels_out=labels_file.array if labels_file else None,
             probabilities_out=probs_file.array if probs_file else None,
             progress=progress, should_stop=should_stop,
@@ -509,11 +460,8 @@ def _block_labels(info: _FileInfo, model: PaintsegModel, settings: SegmentSettin
     """Block ``index`` of one file saved to ``part``; returns its largest label."""
     from .blocks import segment_block
 
-    return segment_block(info.image, model, plan, index, part, axes=info.axes,
-                         output=settings.output, min_size=settings.min_size,
-                         snap=settings.snap, tiles=settings.tiles, device=device,
-                         background_class=settings.background_class, progress=progress,
-                         should_stop=should_stop)
+    return segment_block(info.image, model, plan, index, part, settings, axes=info.axes,
+                         device=device, progress=progress, should_stop=should_stop)
 
 
 def _plan_blocks(info: _FileInfo, model: PaintsegModel, settings: SegmentSettings,

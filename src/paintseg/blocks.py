@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import SNAP_PIXELS, TileConfig
+from .config import SegmentSettings, TileConfig
 from .io import ImageData
 from .model import PaintsegModel
 
@@ -173,18 +173,16 @@ def segment_block(
     plan: BlockPlan,
     index: int,
     part: str | os.PathLike[str],
+    settings: SegmentSettings,
     *,
     axes: str,
-    output: str = "auto",
-    min_size: int = 30,
-    snap: int = SNAP_PIXELS,
-    tiles: TileConfig | None = None,
     device: Any = "auto",
-    background_class: int | None = 1,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> int:
-    """Segment block ``index`` of ``plan`` and save it to ``part`` (.npz, renamed into place).
+    """Segment block ``index`` of ``plan`` with ``settings`` and save it to ``part`` (.npz,
+    renamed into place). ``axes`` are the image's own (``image.axes`` without ``C``); volume
+    blocks use the plan's tiling, plane blocks that of ``settings``.
 
     Returns
     -------
@@ -198,17 +196,16 @@ def segment_block(
     arrays: dict[str, np.ndarray] = {}
     if not plan.volume:
         labels = np.asarray(segment_labels(
-            _planes(image, axes, a, b), model, axes=axes + "C", output=output,
-            min_size=min_size, snap=snap, tiles=tiles, device=device,
-            background_class=background_class, intensity_range=plan.intensity_range,
-            progress=progress, should_stop=should_stop,
+            _planes(image, axes, a, b), model, settings.replace(axes=axes + "C"),
+            device=device, intensity_range=plan.intensity_range, progress=progress,
+            should_stop=should_stop,
         ).labels)
         top = int(labels.max(initial=0))
     elif not plan.instances:
         labels = np.asarray(segment(
-            image, model, tiles=plan.tiles, device=device, background_class=background_class,
-            intensity_range=plan.intensity_range, rows=(a, b), progress=progress,
-            should_stop=should_stop,
+            image, model, tiles=plan.tiles, device=device,
+            background_class=settings.background_class, intensity_range=plan.intensity_range,
+            rows=(a, b), progress=progress, should_stop=should_stop,
         ).labels)
         top = int(labels.max(initial=0))
     else:
@@ -218,7 +215,8 @@ def segment_block(
         c0, c1 = max(0, e0 - plan.context), min(plan.ranges[-1][1], e1 + plan.context)
         probs = segment(
             _planes(image, axes, c0, c1), model, axes=axes + "C", tiles=plan.tiles,
-            device=device, background_class=background_class, intensity_range=plan.intensity_range,
+            device=device, background_class=settings.background_class,
+            intensity_range=plan.intensity_range,
             rows=(e0 - c0, e1 - c0), return_probabilities=True, progress=progress,
             should_stop=should_stop,
         ).probabilities

@@ -216,8 +216,8 @@ def _progress_printer(enabled: bool, label: str):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .batch import SegmentSettings, collect_inputs, segment_file, write_report
-    from .config import ModelConfig, TileConfig
+    from .batch import collect_inputs, segment_file, write_report
+    from .config import ModelConfig, SegmentSettings, TileConfig
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
     from .inference import scale_for
@@ -249,8 +249,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
         else:
             model = load_model(args.model)
         scale_for(model, args.diameter)  # a bad --diameter is an error before any file
-        if args.min_size < 0:
-            raise PaintsegError(f"--min-size must be 0 or more, got {args.min_size}")
     except (PaintsegError, ValueError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL

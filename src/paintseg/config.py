@@ -1,7 +1,10 @@
 """Frozen configuration dataclasses with a JSON round trip.
 
-These are the settings a checkpoint stores (:class:`ModelConfig`, :class:`NormConfig`) and the
-settings of tiled inference (:class:`TileConfig`). They are plain data: no torch, no arrays.
+These are the settings a checkpoint stores (:class:`ModelConfig`, :class:`NormConfig`), the
+settings of tiled inference (:class:`TileConfig`), of segmentation (:class:`SegmentSettings`,
+shared by the CLI, the napari widget and a batch) and of training (:class:`TrainConfig`). They
+are plain data (no torch, no arrays), validate themselves when built and raise
+:class:`~paintseg.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "to_json", "from_json",
-           "DEFAULT_BLOCK_BYTES", "SNAP_PIXELS"]
+__all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "SegmentSettings",
+           "to_json", "from_json", "DEFAULT_BLOCK_BYTES", "SNAP_PIXELS", "OUTPUTS", "FORMATS"]
 
 T = TypeVar("T")
 
@@ -27,11 +30,15 @@ ACTIVATIONS = ("relu", "leaky_relu")
 DEFAULT_BLOCK_BYTES = 512 * 2**20
 
 #: How far (pixels) class borders of a 2D model's semantic labels may move to the image's
-#: nearest edge by default (:func:`paintseg.postprocess.snap_to_edges`). Measured on 60-s
-#: stroke models, the same models with and without: their arg-max borders lay 2-5 px inside
-#: the nuclei; snapped, the whole cells3d stack scored 0.828 against 0.786 (better on 8 of 10
-#: draws) (benchmarks/RESULTS.md, "Class borders snapped to image edges").
+#: nearest edge by default (:func:`paintseg.postprocess.snap_to_edges`; why: docs/training.md).
 SNAP_PIXELS = 8
+
+#: What :class:`SegmentSettings` may ask for: the model's own kind of labels, class values,
+#: or numbered objects.
+OUTPUTS = ("auto", "semantic", "instances")
+
+#: Output file formats: TIFF files or OME-Zarr folders.
+FORMATS = ("tiff", "zarr")
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -201,6 +208,88 @@ class TileConfig:
             _check_int("memory_budget", self.memory_budget, 1)
 
 
+@dataclass(frozen=True)
+class SegmentSettings:
+    """What to compute for each image: the one settings object that the CLI, the napari
+    widget, :func:`paintseg.inference.segment_labels`, the stack blocks and a batch share.
+
+    Parameters
+    ----------
+    output : str
+        ``"auto"``, ``"semantic"`` or ``"instances"`` (see
+        :func:`~paintseg.inference.wants_instances`).
+    min_size : int
+        Instances smaller than this many pixels (voxels) are removed.
+    snap : int
+        Semantic labels of 2D models: how far (pixels) class borders may move to the image's
+        nearest edge (0: the arg-max class; see :func:`paintseg.postprocess.snap_to_edges`).
+        Instances are not snapped.
+    diameter : float or None
+        Typical object diameter in the image, in pixels (rescales the image to the object
+        size of a model trained on instances).
+    background_class : int or None
+        Class value written as 0 (``None``: every class value as is).
+    probabilities : bool
+        Batch: also write the class probabilities (float32, classes first).
+    overlay : bool
+        Batch: also write a PNG of the image with the label outlines.
+    axes : str or None
+        Axes of the input (letters of ``TZCYX``) when its metadata is missing or wrong, or
+        when it is a plain array that is not YX / ZYX / TZYX.
+    tiles : TileConfig
+        Tiling (a dict of its fields is accepted, as read from JSON).
+    format : str
+        Batch outputs: ``"tiff"`` or ``"zarr"`` (OME-Zarr folders, which napari opens lazily).
+
+    Raises
+    ------
+    ConfigError
+        A value out of range, naming the setting and the value.
+    """
+
+    output: str = "auto"
+    min_size: int = 30
+    snap: int = SNAP_PIXELS
+    diameter: float | None = None
+    background_class: int | None = 1
+    probabilities: bool = False
+    overlay: bool = False
+    axes: str | None = None
+    tiles: TileConfig = dataclasses.field(default_factory=TileConfig)
+    format: str = "tiff"
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"output must be auto, semantic or instances, got {self.output!r}")
+        _check_int("min_size (the minimum object size)", self.min_size, 0)
+        _check_int("snap (pixels)", self.snap, 0)
+        if self.diameter is not None:
+            if isinstance(self.diameter, bool) or not isinstance(self.diameter, (int, float)) \
+                    or not 0 < self.diameter < float("inf"):
+                raise ConfigError(
+                    f"the object diameter must be a positive number, got {self.diameter!r}")
+        if self.background_class is not None:
+            _check_int("background_class", self.background_class, 0)
+        if self.axes is not None and (
+                not isinstance(self.axes, str) or not self.axes
+                or set(self.axes) - set("TZCYX") or len(set(self.axes)) != len(self.axes)):
+            raise ConfigError(f"axes must be distinct letters of TZCYX, got {self.axes!r}")
+        if isinstance(self.tiles, dict):
+            object.__setattr__(self, "tiles", from_json(TileConfig, self.tiles))
+        elif not isinstance(self.tiles, TileConfig):
+            raise ConfigError(f"tiles must be a TileConfig, got {type(self.tiles).__name__}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"format must be 'tiff' or 'zarr', got {self.format!r}")
+
+    def replace(self, **changes: Any) -> SegmentSettings:
+        """A copy with ``changes`` (validated again; an unknown name is a ConfigError)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"unknown SegmentSettings fields: {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
 def to_json(obj: Any) -> str:
     """Serialise a config dataclass to a JSON string."""
     return json.dumps(dataclasses.asdict(obj), sort_keys=True)
@@ -255,35 +344,29 @@ class TrainConfig:
         ``"flips"`` (default: flips and 90-degree rotations, true invariances of microscopy),
         ``"full"`` (also intensity scale / shift, noise and elastic deformation: for long
         training on dense labels) or ``"none"``. On short budgets the full set slows learning
-        (measured: foreground IoU 0.82 with it, 0.87 without, 60 s on DSB2018 strokes).
+        (docs/training.md, "Why the training defaults").
     intensity_shift : float or None
         Half-width of a random offset added to each training patch's normalised intensities
         (uniform in ``[-intensity_shift, intensity_shift]``, one per patch and channel), whatever
         ``augment`` says; 0 turns it off. ``None`` (default): :data:`STROKES_INTENSITY_SHIFT`
-        when some training pixels are unpainted (strokes), 0 on dense labels (not measured
-        there) and when training continues a model anchored to its predictions (correction
-        rounds: the starting model has decided the gap there, and with the offset the rounds
-        gained less: on 10 draws of cells3d 0.872 to 0.887 with it, 0.863 to 0.902 without;
-        ``benchmarks/RESULTS.md``, "Correction rounds with the offset"). Strokes leave a gap
-        in brightness between the classes; without the offset the border in that gap (the
-        haze of out-of-focus slices, dim objects) falls where the network's start and batch
-        order put it, with it nearer the gap's middle: on 10 draws of cells3d strokes the whole
-        stack's IoU went from 0.837 (worst draw 0.722) to 0.860 (worst 0.829); see
-        ``benchmarks/RESULTS.md``, "A brightness offset per patch".
+        when some training pixels are unpainted (strokes), 0 on dense labels and when
+        training continues a model anchored to its predictions (the starting model has
+        decided the brightness gap there). Strokes leave a gap in brightness between the
+        classes; the offset puts the border in that gap (the haze of out-of-focus slices, dim
+        objects) nearer its middle instead of where the network's start and batch order put
+        it (docs/training.md, "Why the training defaults").
     dice_weight : float
         Weight of the soft Dice term added to the cross-entropy.
     ema : float
         Decay of an exponential moving average of the weights (0: none). The averaged
         weights are validated, kept and returned: smoother than the last step's on short
-        budgets (measured on cells3d strokes, 60 s: held-out IoU 0.83 with 0.98, 0.77 without).
+        budgets.
     anchor : float
         When continuing a trained model (its output layer kept), weight of a cross-entropy
         that pulls its predictions on the *unpainted* pixels of each patch toward those of the
         starting weights: correction strokes then change the result where they must and
-        little elsewhere (0: none). Without it, a round of background strokes on haze also
-        erased the dim nuclei of the stack (see ``benchmarks/RESULTS.md``, "Correction
-        rounds"). Has no effect on a new model, a new output layer, or labels that leave no
-        pixel unpainted (dense instance labels).
+        little elsewhere (0: none). Has no effect on a new model, a new output layer, or
+        labels that leave no pixel unpainted (dense instance labels).
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SNAP_PIXELS, ModelConfig, TileConfig
+from .config import OUTPUTS, SNAP_PIXELS, ModelConfig, SegmentSettings, TileConfig
 from .devices import amp_dtype, flush_denormals, memory_available, resolve_device
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .io import ImageData, guess_axes, label_dtype, label_values
 from .model import PaintsegModel, exact_halo
 from .normalize import channel_scaling, percentile_range
@@ -163,8 +163,8 @@ def output_spec(
 def wants_instances(model: PaintsegModel, output: str = "auto") -> bool:
     """Whether labels should be instances: ``"instances"``, ``"semantic"``, or ``"auto"``
     (instances for models trained on instances, which record ``output: instances``)."""
-    if output not in ("auto", "semantic", "instances"):
-        raise ValueError(f"output must be auto, semantic or instances, got {output!r}")
+    if output not in OUTPUTS:
+        raise ConfigError(f"output must be auto, semantic or instances, got {output!r}")
     want = output == "instances" or (
         output == "auto" and model.provenance.get("output") == "instances"
     )
@@ -347,6 +347,54 @@ def after_oom(
         return cfg, device, f"GPU out of memory: retrying with tiles of {tile} pixels"
     return (requested, torch.device("cpu"),
             "GPU out of memory even with the smallest tiles: using the CPU")
+
+
+class OomRetry:
+    """Runs an inference attempt, and after a CUDA out-of-memory error runs it again with
+    the settings :func:`after_oom` chooses (fewer tiles per batch, smaller tiles, then the
+    CPU), until one succeeds; other errors pass through.
+
+    Parameters
+    ----------
+    tiles : TileConfig
+        The settings the user asked for (the first attempt's).
+    device : torch.device
+        The first attempt's device.
+    align : int
+        The model's pooling grid (tiles are not made smaller than twice it).
+
+    Attributes
+    ----------
+    device : torch.device
+        The device of the last attempt.
+    notes : list of str
+        What was changed after each out-of-memory error, for the user.
+    """
+
+    def __init__(self, tiles: TileConfig, device: torch.device, *, align: int) -> None:
+        self.requested = self.tiles = tiles
+        self.device, self.align = device, align
+        self.used_tile, self.used_batch = 0, 1
+        self.notes: list[str] = []
+
+    def ran_with(self, *, tile: int, batch: int) -> None:
+        """Record the tile edge and batch size an attempt resolved (the next retry halves
+        them)."""
+        self.used_tile, self.used_batch = tile, batch
+
+    def run(self, attempt: Callable[[torch.device, TileConfig], Any]) -> Any:
+        """``attempt(device, tiles)``, retried after out-of-memory errors on a GPU."""
+        while True:
+            try:
+                return attempt(self.device, self.tiles)
+            except Exception as exc:
+                if self.device.type != "cuda" or not _is_oom(exc):
+                    raise
+                torch.cuda.empty_cache()
+                self.tiles, self.device, note = after_oom(
+                    self.tiles, self.requested, used_tile=self.used_tile,
+                    used_batch=self.used_batch, align=self.align, device=self.device)
+                self.notes.append(note)
 
 
 def _segment_rescaled(view: AxesView, model: PaintsegModel, *, scale: float, out_axes: str,
@@ -543,15 +591,14 @@ def segment(
         return semantic_labels(probs, model.class_values, background_class=background_class,
                                image=(x - lo_b) * inv_b, snap=snap).astype(ldtype, copy=False)
 
-    dev = resolve_device(device)
     network = model.network
-    used = {"tile": 0, "batch": 1}  # what the last attempt ran with (for OOM retries)
+    retry = OomRetry(tiles, resolve_device(device), align=cfg.align)
 
     def run_on(dev: torch.device, tile_cfg: TileConfig) -> tuple[TilePlan, int]:
         fixed = resolve_tiles(labels_shape, model, tile_cfg, device=dev)
         plan = _plan(labels_shape, cfg, fixed)
         batch = int(fixed.batch_size or 1)
-        used.update(tile=min(int(fixed.tile or 0), max(spatial)), batch=batch)
+        retry.ran_with(tile=min(int(fixed.tile or 0), max(spatial)), batch=batch)
         net = network.to_device(dev)
         net.eval()
         lut = torch.tensor(lut_values, dtype=torch.int64, device=dev)
@@ -586,18 +633,9 @@ def segment(
         )
         return plan, batch
 
-    tile_cfg = tiles
-    while True:
-        try:
-            plan, batch = run_on(dev, tile_cfg)
-            break
-        except Exception as exc:
-            if dev.type != "cuda" or not _is_oom(exc):
-                raise
-            torch.cuda.empty_cache()
-            tile_cfg, dev, note = after_oom(tile_cfg, tiles, used_tile=used["tile"],
-                                            used_batch=used["batch"], align=cfg.align, device=dev)
-            messages.append(note)
+    plan, batch = retry.run(run_on)
+    messages += retry.notes
+    dev = retry.device
     network.to_device("cpu")
     if snap_later is not None:
         whole = (slice(r0, r1), *(slice(0, n) for n in out_shape[1:]))
@@ -637,60 +675,49 @@ def scale_for(model: PaintsegModel, diameter: float | None) -> float:
 def segment_labels(
     image: ImageData | np.ndarray,
     model: PaintsegModel,
+    settings: SegmentSettings | None = None,
     *,
-    output: str = "auto",
-    min_size: int = 30,
-    diameter: float | None = None,
-    axes: str | None = None,
-    tiles: TileConfig | None = None,
     device: str | torch.device = "auto",
-    background_class: int | None = 1,
     labels_out: Any = None,
     probabilities_out: Any = None,
     return_probabilities: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     intensity_range: tuple[np.ndarray, np.ndarray] | None = None,
-    snap: int = SNAP_PIXELS,
 ) -> SegmentResult:
     """:func:`segment` followed by the postprocessing a user asked for: the one path that the
     CLI, the batch runner and the napari widget share, so their labels are identical.
 
     Parameters
     ----------
-    output : str
-        ``"semantic"`` (class values), ``"instances"`` (numbered objects, for models trained on
-        instances) or ``"auto"`` (what the model was trained for; see :func:`wants_instances`).
-    min_size : int
-        Instances smaller than this many pixels (voxels) are removed.
-    diameter : float, optional
-        Typical object diameter in the image; rescales it to the model's object size.
+    settings : SegmentSettings, optional
+        What to compute (output kind, minimum object size, snap, object diameter, axes of a
+        plain array, tiling, background class); default: ``SegmentSettings()``. Its
+        file-output fields (``probabilities``, ``overlay``, ``format``) are for a batch and
+        are not used here.
     labels_out : array-like, optional
         Preallocated semantic label output; must be None for instance output (the object
         count, and so the label type, is known only at the end).
-    snap : int
-        Semantic labels of 2D models: how far (pixels) class borders may move to the image's
-        nearest edge (0: the arg-max; see :func:`segment`). Instances are not snapped.
 
     Other parameters are those of :func:`segment`.
     """
-    instances = wants_instances(model, output)
+    s = settings or SegmentSettings()
+    instances = wants_instances(model, s.output)
     if instances and labels_out is not None:
         raise ValueError("instance labels are returned in memory; labels_out must be None")
-    if min_size < 0:
-        raise InputError(f"the minimum object size must be 0 or more, got {min_size}")
     result = segment(
-        image, model, axes=axes, tiles=tiles, device=device, background_class=background_class,
-        labels_out=labels_out, probabilities_out=probabilities_out,
+        image, model, axes=s.axes, tiles=s.tiles, device=device,
+        background_class=s.background_class, labels_out=labels_out,
+        probabilities_out=probabilities_out,
         return_probabilities=return_probabilities or instances, progress=progress,
-        should_stop=should_stop, scale=scale_for(model, diameter),
-        intensity_range=intensity_range, snap=0 if instances else snap,
+        should_stop=should_stop, scale=scale_for(model, s.diameter),
+        intensity_range=intensity_range, snap=0 if instances else s.snap,
     )
     if instances:
         from .postprocess import instances_per_image
 
         result.labels = instances_per_image(
-            np.asarray(result.probabilities), dims=model.config.dims, min_size=min_size
+            np.asarray(result.probabilities), dims=model.config.dims, min_size=s.min_size
         )
         if not (return_probabilities or probabilities_out is not None):
             result.probabilities = None

@@ -197,15 +197,8 @@ def preferred_layout(config: ModelConfig, device: torch.device) -> torch.memory_
     """The memory layout a network of ``config`` runs fastest in on ``device``.
 
     Channels-last (``torch.channels_last``, ``channels_last_3d`` in 3D) for a network without
-    normalisation layers on the CPU and on CUDA, the default layout otherwise. Measured:
-
-    - CPU, 2 cores (``benchmarks/train_step.py``, two runs): a training step of 3 U-Nets of
-      base 8 on 16 patches of 64^2 1.16-1.18x faster (the training loop 1.17x), inference on
-      a 256^2 plane 1.47-1.56x, the 3D fast preset's step 1.33-1.51x. With the per-pixel
-      channel norm or group norm, no difference.
-    - H100, 2048^2 image: 2D fast preset 0.060 -> 0.055 s, 3D fast preset on 60x512x512
-      0.270 -> 0.234 s; with the per-pixel channel norm slower (0.101 -> 0.131 s).
-    - Apple MPS: not measured, so the default layout.
+    normalisation layers on the CPU and on CUDA, the default layout otherwise (Apple MPS
+    included). The timings behind it: docs/inference.md, "Memory layout".
     """
     if config.norm != "none" or device.type not in ("cpu", "cuda"):
         return torch.contiguous_format

@@ -29,7 +29,8 @@ import torch
 
 from .errors import StopRequested
 
-__all__ = ["TilePlan", "plan_tiles", "reflect_indices", "read_window", "predict_tiled"]
+__all__ = ["TilePlan", "plan_tiles", "reflect_indices", "read_window", "predict_tiled",
+           "WindowMerger", "ArraySink"]
 
 Sink = Callable[[tuple[slice, ...], torch.Tensor], None]
 
@@ -243,6 +244,125 @@ def _reach(plan: TilePlan, axis: int, i: int) -> tuple[int, int]:
     return max(lo, 0), min(hi, s)
 
 
+class ArraySink:
+    """A sink that writes finished slabs into a float32 array of rows ``r0..r1`` (on the CPU).
+
+    Parameters
+    ----------
+    classes : int
+        Output channels.
+    rows : (int, int)
+        The range of the first spatial axis the array holds.
+    rest : tuple of int
+        The other spatial sizes.
+    """
+
+    def __init__(self, classes: int, rows: tuple[int, int], rest: tuple[int, ...]) -> None:
+        self.r0 = rows[0]
+        self.array = np.zeros((classes, rows[1] - rows[0], *rest), dtype=np.float32)
+
+    def __call__(self, region: tuple[slice, ...], block: torch.Tensor) -> None:
+        local = (slice(region[0].start - self.r0, region[0].stop - self.r0), *region[1:])
+        self.array[(slice(None), *local)] = block.to("cpu").numpy()
+
+
+class WindowMerger:
+    """Blends weighted window predictions into slabs of the first spatial axis and hands each
+    finished slab to a sink (MONAI's ``Merger`` does the same job with ``aggregate`` and
+    ``finalize``, for a whole image in memory).
+
+    Only the rows that windows still being run may reach are held: :meth:`flush` divides the
+    rows before ``upto`` by their summed weights, sends the part inside ``rows`` to the sink
+    and frees them, so memory stays bounded by a slab whatever the image's length.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The tiling the windows come from.
+    classes : int
+        Output channels of the predictions.
+    device : torch.device
+        Where accumulation happens.
+    sink : callable
+        ``sink(region, block)``, as in :func:`predict_tiled`.
+    rows : (int, int)
+        The range of the first spatial axis wanted (the whole axis for a whole image).
+    start : int
+        The first row any wanted window reaches.
+    """
+
+    def __init__(self, plan: TilePlan, *, classes: int, device: torch.device, sink: Sink,
+                 rows: tuple[int, int], start: int) -> None:
+        self.plan, self.classes, self.device, self.sink = plan, classes, device, sink
+        self.r0, self.r1 = rows
+        self.rest = plan.shape[1:]
+        self.lo = start  # first row not yet flushed
+        self.acc: torch.Tensor | None = None  # weighted sums of rows acc_lo..
+        self.wsum: torch.Tensor | None = None  # summed weights of the same rows
+        self.acc_lo = 0
+        self._weights: dict[tuple[tuple[bool, bool], ...], torch.Tensor] = {}
+
+    def _weight(self, index: tuple[int, ...]) -> torch.Tensor:
+        plan = self.plan
+        key = tuple((i == 0, i == len(plan.starts[a]) - 1) for a, i in enumerate(index))
+        if key not in self._weights:
+            self._weights[key] = torch.from_numpy(window_weight(plan, index)).to(self.device)
+        return self._weights[key]
+
+    def _ensure(self, hi: int) -> None:
+        """Hold rows up to ``hi`` (exclusive)."""
+        k, rest = self.classes, self.rest
+        like = {"dtype": torch.float32, "device": self.device}
+        if self.acc is None:
+            self.acc_lo = self.lo
+            self.acc = torch.zeros((k, hi - self.lo, *rest), **like)
+            self.wsum = torch.zeros((hi - self.lo, *rest), **like)
+        elif self.acc_lo + self.acc.shape[1] < hi:
+            assert self.wsum is not None
+            extra = hi - (self.acc_lo + self.acc.shape[1])
+            self.acc = torch.cat([self.acc, torch.zeros((k, extra, *rest), **like)], 1)
+            self.wsum = torch.cat([self.wsum, torch.zeros((extra, *rest), **like)], 0)
+
+    def aggregate(self, pred: torch.Tensor, index: tuple[int, ...]) -> None:
+        """Add the prediction ``(classes, *window)`` of window ``index``, weighted."""
+        plan = self.plan
+        # window coordinates -> image coordinates, clipped to the image and to the part
+        # where the weight can be non-zero
+        src, dst = [], []
+        for a, (i, h) in enumerate(zip(index, plan.halo)):
+            c = plan.starts[a][i]
+            g0, g1 = _reach(plan, a, i)
+            src.append(slice(g0 - (c - h), g1 - (c - h)))
+            dst.append((g0, g1))
+        self._ensure(dst[0][1])
+        assert self.acc is not None and self.wsum is not None
+        w = self._weight(index)[tuple(src)]
+        region = (slice(dst[0][0] - self.acc_lo, dst[0][1] - self.acc_lo),) + tuple(
+            slice(g0, g1) for g0, g1 in dst[1:]
+        )
+        self.acc[(slice(None), *region)] += pred[(slice(None), *src)].float() * w
+        self.wsum[region] += w
+
+    def flush(self, upto: int) -> None:
+        """Finish the rows before ``upto``: no window still to come reaches them."""
+        if upto <= self.lo or self.acc is None:
+            return
+        assert self.wsum is not None
+        n = upto - self.acc_lo
+        e0, e1 = max(self.acc_lo, self.r0), min(upto, self.r1)  # the wanted part of them
+        if e0 < e1:
+            a, b = e0 - self.acc_lo, e1 - self.acc_lo
+            block = self.acc[:, a:b] / self.wsum[a:b].clamp_min(1e-12)
+            self.sink((slice(e0, e1), *(slice(0, s) for s in self.rest)), block)
+        self.acc = self.acc[:, n:].clone() if n < self.acc.shape[1] else None
+        self.wsum = self.wsum[n:].clone() if self.acc is not None else None
+        self.acc_lo = self.lo = upto
+
+    def finalize(self) -> None:
+        """Finish every wanted row."""
+        self.flush(self.r1)
+
+
 def predict_tiled(
     image: Any,
     predictor: Callable[[torch.Tensor], torch.Tensor],
@@ -303,34 +423,15 @@ def predict_tiled(
     r0, r1 = (0, spatial[0]) if rows is None else (int(rows[0]), int(rows[1]))
     if not 0 <= r0 < r1 <= spatial[0]:
         raise ValueError(f"rows {rows} are not a range inside 0..{spatial[0]}")
-    result: np.ndarray | None = None
-    if sink is None:
-        result = np.zeros((classes, r1 - r0, *spatial[1:]), dtype=np.float32)
-
-        def sink(region: tuple[slice, ...], block: torch.Tensor) -> None:
-            local = (slice(region[0].start - r0, region[0].stop - r0), *region[1:])
-            result[(slice(None), *local)] = block.to("cpu").numpy()
-
+    array_sink = ArraySink(classes, (r0, r1), spatial[1:]) if sink is None else None
     window = plan.window
-    weights: dict[tuple[bool, ...], torch.Tensor] = {}
-
-    def weight_for(index: tuple[int, ...]) -> torch.Tensor:
-        key = tuple(
-            (i == 0, i == len(plan.starts[a]) - 1) for a, i in enumerate(index)
-        )
-        if key not in weights:
-            weights[key] = torch.from_numpy(window_weight(plan, index)).to(device)
-        return weights[key]
-
     done = 0
-    rest = spatial[1:]
     use_pinned = device.type == "cuda"
 
     def load(indices: list[tuple[int, ...]]) -> torch.Tensor:
         arrays = []
         for index in indices:
-            core = origin(index)
-            start = tuple(c - h for c, h in zip(core, plan.halo))
+            start = tuple(plan.starts[a][i] - h for a, (i, h) in enumerate(zip(index, plan.halo)))
             win = read_window(image, start, window).astype(np.float32, copy=False)
             if transform is not None:
                 win = transform(win, start)
@@ -358,43 +459,9 @@ def predict_tiled(
             batches.append(chunk)
     total = per_row * len(wanted)
 
-    def origin(index: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(plan.starts[a][i] for a, i in enumerate(index))
-
-    lo = reach[first_row][0]  # first index of axis 0 not yet flushed
-    acc: torch.Tensor | None = None
-    wsum: torch.Tensor | None = None
-    acc_lo = 0
-
-    def ensure(hi: int) -> None:
-        nonlocal acc, wsum, acc_lo
-        if acc is None:
-            acc_lo = lo
-            acc = torch.zeros((classes, hi - lo, *rest), dtype=torch.float32, device=device)
-            wsum = torch.zeros((hi - lo, *rest), dtype=torch.float32, device=device)
-        elif acc_lo + acc.shape[1] < hi:
-            extra = hi - (acc_lo + acc.shape[1])
-            acc = torch.cat(
-                [acc, torch.zeros((classes, extra, *rest), dtype=acc.dtype, device=device)], 1
-            )
-            wsum = torch.cat(
-                [wsum, torch.zeros((extra, *rest), dtype=wsum.dtype, device=device)], 0
-            )
-
-    def flush(upto: int) -> None:
-        nonlocal acc, wsum, acc_lo, lo
-        if upto <= lo or acc is None:
-            return
-        n = upto - acc_lo
-        e0, e1 = max(acc_lo, r0), min(upto, r1)  # the part of the block in these rows
-        if e0 < e1:
-            block = acc[:, e0 - acc_lo : e1 - acc_lo] / wsum[e0 - acc_lo : e1 - acc_lo].clamp_min(
-                1e-12)
-            sink((slice(e0, e1), *(slice(0, s) for s in rest)), block)
-        acc = acc[:, n:].clone() if n < acc.shape[1] else None
-        wsum = wsum[n:].clone() if acc is not None else None
-        acc_lo = upto
-        lo = upto
+    merger = WindowMerger(plan, classes=classes, device=device,
+                          sink=array_sink if sink is None else sink, rows=(r0, r1),
+                          start=reach[first_row][0])
 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paintseg-read")
     try:
@@ -415,24 +482,8 @@ def predict_tiled(
                     f"{(len(indices), classes, *window)}"
                 )
             for index, pred in zip(indices, out):
-                if not first_row <= index[0] <= last_row:
-                    continue  # batched with the block's windows; reaches no row of it
-                # window coordinates -> image coordinates, clipped to the image and to the
-                # part where the weight can be non-zero
-                core = origin(index)
-                src, dst = [], []
-                for a, (c, h) in enumerate(zip(core, plan.halo)):
-                    g0, g1 = _reach(plan, a, index[a])
-                    src.append(slice(g0 - (c - h), g1 - (c - h)))
-                    dst.append((g0, g1))
-                ensure(dst[0][1])
-                assert acc is not None and wsum is not None
-                w = weight_for(index)[tuple(src)]
-                region = (slice(dst[0][0] - acc_lo, dst[0][1] - acc_lo),) + tuple(
-                    slice(g0, g1) for g0, g1 in dst[1:]
-                )
-                acc[(slice(None), *region)] += pred[(slice(None), *src)].float() * w
-                wsum[region] += w
+                if first_row <= index[0] <= last_row:  # else batched with the block's
+                    merger.aggregate(pred, index)  # windows but reaching no row of it
             done_rows = [i for i in indices if first_row <= i[0] <= last_row]
             done += len(done_rows)
             if progress is not None:
@@ -443,9 +494,9 @@ def predict_tiled(
                 row_done = all(i == len(st) - 1 for i, st in zip(last[1:], plan.starts[1:]))
                 r_next = last[0] + int(row_done)  # first row with windows still to run
                 if r_next > last_row:
-                    flush(r1)
+                    merger.finalize()
                 elif r_next > first_row:
-                    flush(min(reach[r_next][0], r1))
+                    merger.flush(min(reach[r_next][0], r1))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
-    return result
+    return array_sink.array if array_sink is not None else None

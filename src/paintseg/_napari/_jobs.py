@@ -4,6 +4,10 @@ A job is a function ``func(report, should_stop)`` (or a generator function yield
 It runs off the GUI thread; ``report(obj)`` and yielded values reach the ``on_progress`` handler
 on the GUI thread (through a queued Qt signal); the return value reaches ``on_done`` and an
 exception ``on_error``, both on the GUI thread. Layers are changed only in those handlers.
+
+What a job reports is typed: :class:`Progress` (work done so far), :class:`Note` (a message
+for the user) and the core's own objects (:class:`~paintseg.training.TrainEvent`,
+:class:`~paintseg.batch.FileResult`); handlers dispatch on the type.
 """
 
 from __future__ import annotations
@@ -11,12 +15,29 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Signal
 
-__all__ = ["JobRunner"]
+__all__ = ["JobRunner", "Progress", "Note"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Work a job has done so far (tiles of an image, files of a batch)."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Note:
+    """A message for the user from a running job; ``warning`` ones stay on the panel."""
+
+    text: str
+    warning: bool = False
 
 
 class _Relay(QObject):

@@ -1,0 +1,227 @@
+"""The Model panel: the bundled models, Open… / Save…, a new U-Net, the device."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+)
+
+from ._session import Session, UserError, message
+
+__all__ = ["ModelPanel", "model_summary"]
+
+
+def model_summary(model: Any, source: str) -> str:
+    """The model in a few HTML lines: network, channels, classes, how it was trained."""
+    c = model.config
+    classes = ", ".join(f"{v} {n}" for v, n in zip(model.class_values, model.class_names))
+    lines = [f"<b>{source}</b>: {c.network_name}, {c.in_channels} channel(s), depth "
+             f"{c.depth}, base {c.base_features}", f"classes: {classes}"]
+    prov = model.provenance
+    if prov.get("output") == "instances":
+        lines.append("output: instances (numbered objects)")
+    runs = prov.get("training", [])
+    if runs:
+        steps = sum(r.get("steps", 0) for r in runs)
+        secs = sum(r.get("seconds", 0) for r in runs)
+        lines.append(f"trained: {len(runs)} run(s), {steps} steps, {secs:.0f} s"
+                     + (f"; last on {runs[-1]['data']}" if runs[-1].get("data") else ""))
+    if prov.get("note"):
+        lines.append(str(prov["note"]))
+    return "<br>".join(lines)
+
+
+class ModelPanel(QGroupBox):
+    """Choose the current model (bundled, a checkpoint, a new U-Net) and the device; save it.
+
+    The new U-Net's settings (2D/3D, classes, names, preset) are also what Train uses when it
+    starts a new U-Net.
+    """
+
+    def __init__(self, session: Session) -> None:
+        super().__init__("Model")
+        self.session = session
+        lay = QVBoxLayout(self)
+        self.info = QLabel("No model loaded.")
+        self.info.setWordWrap(True)
+        self.info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        lay.addWidget(self.info)
+
+        row = QHBoxLayout()
+        self.bundled = QComboBox()
+        self.bundled.setToolTip("Models that ship with paintseg")
+        self.load_btn = QPushButton("Load")
+        self.load_btn.clicked.connect(lambda: self.load_model(self.bundled.currentText()))
+        self.open_btn = QPushButton("Open…")
+        self.open_btn.setToolTip("Open a checkpoint (.pt) saved by paintseg")
+        self.open_btn.clicked.connect(self._open_dialog)
+        self.save_btn = QPushButton("Save…")
+        self.save_btn.clicked.connect(self._save_dialog)
+        for w in (QLabel("Starter:"), self.bundled, self.load_btn, self.open_btn, self.save_btn):
+            row.addWidget(w)
+        lay.addLayout(row)
+
+        row = QHBoxLayout()
+        self.dims = QComboBox()
+        self.dims.addItems(["2D", "3D"])
+        self.classes = QSpinBox()
+        self.classes.setRange(2, 50)
+        self.classes.setValue(2)
+        self.classes.setToolTip("Number of classes of a new U-Net (1 = background)")
+        self.preset = QComboBox()
+        self.preset.addItems(["auto", "fast", "accurate"])
+        self.preset.setToolTip(
+            "auto = fast: small U-Net, best from strokes on any device; accurate: larger, "
+            "for a GPU")
+        self.new_btn = QPushButton("New U-Net")
+        self.new_btn.clicked.connect(self.new_model)
+        for w in (self.dims, QLabel("classes"), self.classes, self.preset, self.new_btn):
+            row.addWidget(w)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        self.names = QLineEdit()
+        self.names.setPlaceholderText("background, class 2, … (optional)")
+        self.names.setToolTip("Names of the classes 1, 2, … of a new U-Net, comma-separated "
+                              "(e.g. rest, membrane, mitochondria); kept in the checkpoint")
+        row.addWidget(QLabel("Class names:"))
+        row.addWidget(self.names, 1)
+        lay.addLayout(row)
+
+        row = QHBoxLayout()
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device.currentTextChanged.connect(self._device_chosen)
+        self.device_info = QLabel("")
+        row.addWidget(QLabel("Device:"))
+        row.addWidget(self.device)
+        row.addWidget(self.device_info, 1)
+        lay.addLayout(row)
+        session.model_changed.connect(self._show_model)
+
+    # ------------------------------------------------------------------ state
+
+    def buttons(self) -> tuple[Any, ...]:
+        """What a running job disables."""
+        return (self.load_btn, self.open_btn, self.new_btn, self.save_btn, self.device)
+
+    def set_bundled(self, names: list[str]) -> None:
+        self.bundled.clear()
+        self.bundled.addItems(names)
+        self.show_device()
+
+    def _device_chosen(self, name: str) -> None:
+        self.session.device = name
+        self.show_device()
+
+    def show_device(self) -> None:
+        from ..devices import describe_device, resolve_device
+
+        try:
+            text = describe_device(resolve_device(self.device.currentText()))
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            text = str(exc)
+        self.device_info.setText(text)
+
+    def _show_model(self) -> None:
+        self.info.setText(model_summary(self.session.model, self.session.source))
+
+    def new_dims(self) -> int:
+        return 3 if self.dims.currentText() == "3D" else 2
+
+    def class_names(self, k: int) -> list[tuple[int, str]]:
+        """Values 1..k of a new U-Net's classes with the names typed (or the defaults)."""
+        from ..model import default_class_names
+
+        typed = [n.strip() for n in self.names.text().split(",")]
+        names = [t or d for t, d in zip(typed + [""] * k, default_class_names(range(1, k + 1)))]
+        return list(zip(range(1, k + 1), names))
+
+    # ------------------------------------------------------------------ actions
+
+    def load_model(self, spec: str | Path) -> None:
+        """Load a checkpoint file or a bundled model name, in the background."""
+        from ..model import bundled_models, load_model, resolve_model
+
+        s = self.session
+        name = Path(spec).name if Path(str(spec)).suffix else str(spec)
+        bundled = resolve_model(spec) in bundled_models().values()
+
+        def job(report, should_stop):
+            return load_model(spec)
+
+        def done(model: Any) -> None:
+            s.set_model(model, name, bundled=bundled)
+            s.say(f"Model {name} loaded.")
+
+        s.say(f"Loading {name}…")
+        s.jobs.start("load", job, on_done=done, on_error=s.failed(f"Loading {name}"))
+
+    def save_model(self, path: str | Path) -> None:
+        """Write the current model to ``path`` (atomically), in the background."""
+        from ..model import save_model
+
+        s = self.session
+        try:
+            model = copy.deepcopy(s.require_model())
+        except UserError as exc:
+            s.notify(str(exc), "warning")
+            return
+        path = Path(path)
+
+        def job(report, should_stop):
+            return save_model(model, path)
+
+        s.jobs.start("save", job, on_done=lambda p: s.notify(f"Model saved to {p}."),
+                     on_error=s.failed(f"Saving {path.name}"))
+
+    def new_model(self) -> None:
+        """A fresh U-Net from the New U-Net settings (untrained: paint, then Train)."""
+        from ..model import new_model
+        from ..training import preset_config
+
+        s = self.session
+        k = self.classes.value()
+        try:
+            cfg = preset_config(self.preset.currentText(), dims=self.new_dims(), in_channels=1,
+                                classes=k)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            s.notify(message(exc), "error")
+            return
+        values, names = zip(*self.class_names(k))
+
+        def job(report, should_stop):
+            return new_model(cfg, class_values=values, class_names=names)
+
+        def done(model: Any) -> None:
+            s.set_model(model, f"new {model.config.network_name}")
+            s.say("New U-Net: paint classes on a labels layer, then Train.")
+
+        s.jobs.start("new", job, on_done=done, on_error=s.failed("Creating a U-Net"))
+
+    def _open_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a paintseg model", "",
+                                              "paintseg model (*.pt);;All files (*)")
+        if path:
+            self.load_model(path)
+
+    def _save_dialog(self) -> None:
+        if self.session.model is None:
+            self.session.notify("There is no model to save yet.", "warning")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Save the model", "model.pt",
+                                              "paintseg model (*.pt)")
+        if path:
+            self.save_model(path if path.endswith(".pt") else path + ".pt")
