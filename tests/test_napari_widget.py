@@ -73,6 +73,50 @@ def _paint_strokes(layer, gt, rng, rows=slice(0, 256), dabs=60):
             layer.paint((ys[i], xs[i]), cls)
 
 
+def test_the_segment_form_is_the_clis_settings(viewer_widget):
+    """The Segment tab's form starts at SegmentSettings' defaults (the CLI's), and the same
+    choices in the form and on the command line give equal settings objects; tooltips come
+    from the settings' docstring where the form has none of its own."""
+    from paintseg.cli import build_parser, segment_settings
+
+    viewer, w = viewer_widget
+    tab = w.segment_tab
+    base = ["segment", "x.tif", "--out", "o", "--model", "m.pt"]
+    cli = segment_settings(build_parser().parse_args(base))
+    assert tab.settings() == cli.replace(probabilities=False)
+    form = tab.form
+    form["output"].value = "semantic"
+    form["min_size"].value = 12
+    form["snap"].value = 0
+    form["diameter"].value = 25.5
+    form["tiles"].value = 256
+    cli = segment_settings(build_parser().parse_args(
+        [*base, "--output", "semantic", "--min-size", "12", "--snap", "0", "--diameter", "25.5",
+         "--tile", "256"]))
+    assert tab.settings() == cli
+    assert tab.settings().snap == 0 and isinstance(tab.settings().snap, int)
+    assert form["snap"].native.text() == "off" and form["tiles"].native.suffix() == ""
+    form["diameter"].value = 0  # shown as "as trained": no rescaling
+    assert tab.settings().diameter is None
+    assert "Instances smaller than this" in form["min_size"].tooltip
+
+
+def test_layer_choices_follow_the_layer_list(viewer_widget):
+    viewer, w = viewer_widget
+    seg, train = w.segment_tab, w.train_tab
+    viewer.add_image(np.zeros((8, 8)), name="other")
+    assert [seg.image.itemText(i) for i in range(seg.image.count())] == ["nuclei2d", "other"]
+    viewer.layers["other"].name = "renamed"
+    assert train.image.findText("renamed") >= 0 and train.image.findText("other") < 0
+    lab = viewer.add_labels(np.zeros((8, 8), np.uint8), name="paint")
+    assert train.labels.currentText() == "paint" and seg.image.findText("paint") < 0
+    viewer.layers.remove(lab)
+    assert train.labels.count() == 0
+    seg.image.setCurrentText("renamed")
+    viewer.layers.remove("nuclei2d")
+    assert seg.image.currentText() == "renamed"  # the choice stays while its layer exists
+
+
 def test_segment_with_starter_model_updates_one_layer(viewer_widget):
     viewer, w = viewer_widget
     assert w.model_source == "nuclei" and "2D U-Net" in w.model_panel.info.text()

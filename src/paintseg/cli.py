@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DEFAULT_BLOCK_BYTES, SNAP_PIXELS, STROKES_INTENSITY_SHIFT, TrainConfig
+from .config import (
+    DEFAULT_BLOCK_BYTES,
+    SNAP_PIXELS,
+    STROKES_INTENSITY_SHIFT,
+    SegmentSettings,
+    TrainConfig,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -215,9 +221,24 @@ def _progress_printer(enabled: bool, label: str):
     return report
 
 
+def segment_settings(args: argparse.Namespace) -> SegmentSettings:
+    """The :class:`~paintseg.config.SegmentSettings` that ``paintseg segment``'s options ask
+    for (the napari Segment tab builds the same object from its form)."""
+    from .config import TileConfig
+
+    tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
+                       batch_size=args.batch_size)
+    return SegmentSettings(
+        output=args.output, min_size=args.min_size, snap=args.snap, diameter=args.diameter,
+        background_class=None if args.background_class < 0 else args.background_class,
+        probabilities=args.probabilities, overlay=args.overlay, axes=args.axes, tiles=tiles,
+        format=args.format,
+    )
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .batch import collect_inputs, segment_file, write_report
-    from .config import ModelConfig, SegmentSettings, TileConfig
+    from .config import ModelConfig
     from .devices import describe_device, resolve_device
     from .errors import PaintsegError
     from .inference import scale_for
@@ -227,15 +248,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     try:
         device = resolve_device(args.device)
-        tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
-                           batch_size=args.batch_size)
-        settings = SegmentSettings(
-            output=args.output, min_size=args.min_size, snap=args.snap,
-            diameter=args.diameter,
-            background_class=None if args.background_class < 0 else args.background_class,
-            probabilities=args.probabilities, overlay=args.overlay, axes=args.axes, tiles=tiles,
-            format=args.format,
-        )
+        settings = segment_settings(args)
         jobs = collect_inputs(args.inputs, pattern=args.pattern)
         out_dir = check_output_folder(args.out)
         if args.model == "new":

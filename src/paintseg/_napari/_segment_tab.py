@@ -40,6 +40,15 @@ SEGMENT_FIELDS = (
 )
 
 
+def _summary(labels: Any, instances: bool) -> str:
+    """What a result holds, in words: its number of objects, or the class values in it."""
+    labels = np.asarray(labels)
+    top = int(labels.max(initial=0))
+    if instances:
+        return f"{top} objects"
+    return "classes " + ", ".join(str(v) for v in range(1, top + 1) if (labels == v).any())
+
+
 def is_image(layer: Any) -> bool:
     """An image layer a user may segment or train on (not a probability paintseg made)."""
     from napari.layers import Image
@@ -119,14 +128,15 @@ class SegmentTab(QWidget):
 
         def job(report, should_stop):
             part = data if whole else np.asarray(data[index])
-            return segment_labels(
+            result = segment_labels(
                 part, net, settings, device=device,
                 return_probabilities=settings.probabilities,
                 progress=lambda d, t: report(Progress(d, t)), should_stop=should_stop,
             )
+            return result, _summary(result.labels, instances)  # here, not on the GUI thread
 
-        def done(result) -> None:
-            self._show_result(source, result, region, lshape, instances, net, layer)
+        def done(out) -> None:
+            self._show_result(source, *out, region, lshape, instances, net, layer)
 
         self.bar.setValue(0)
         s.say(f"Segmenting {source} ({scope})…")
@@ -169,7 +179,7 @@ class SegmentTab(QWidget):
             sel.update(ly for ly in selected if ly in layers)
             sel.active = active
 
-    def _show_result(self, source: str, result: Any, region: tuple[slice, ...],
+    def _show_result(self, source: str, result: Any, what: str, region: tuple[slice, ...],
                      lshape: tuple[int, ...], instances: bool, model: Any, image: Any) -> None:
         from napari.layers import Labels
 
@@ -190,8 +200,6 @@ class SegmentTab(QWidget):
         if result.probabilities is not None:
             self._show_probabilities(source, np.asarray(result.probabilities), region, lshape,
                                      model, scale, translate)
-        what = (f"{int(np.asarray(result.labels).max())} objects" if instances
-                else "classes " + ", ".join(str(v) for v in np.unique(result.labels) if v))
         for msg in result.messages:
             s.notify(msg, "info")
         s.say(f"Segmented {source} in {result.seconds:.1f} s on {result.device}: "
