@@ -77,7 +77,7 @@ from scipy import ndimage as ndi
 
 from paintseg.config import ModelConfig, NormConfig, TrainConfig
 from paintseg.devices import describe_device, resolve_device
-from paintseg.inference import segment
+from paintseg.inference import default_snap, segment
 from paintseg.metrics import semantic_scores
 from paintseg.model import PaintsegModel, load_model, new_model
 from paintseg.normalize import percentile_range
@@ -477,8 +477,9 @@ def paintseg_run(train, test, *, seed: int, budget: float, device, preset: str,
 
     def labels_of(img: np.ndarray) -> np.ndarray:
         if id(img) not in cache:
-            cache[id(img)] = class_map(segment(img, model, axes=axes_of(img),
-                                               device=device).labels, len(names))
+            # the snap a user gets by default (default_snap: none after dense labels)
+            cache[id(img)] = class_map(segment(img, model, axes=axes_of(img), device=device,
+                                               snap=default_snap(model)).labels, len(names))
         return cache[id(img)]
 
     labels = [labels_of(img) for img, _, _ in test]

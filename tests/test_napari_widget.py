@@ -95,7 +95,9 @@ def test_the_segment_form_is_the_clis_settings(viewer_widget):
          "--tile", "256"]))
     assert tab.settings() == cli
     assert tab.settings().snap == 0 and isinstance(tab.settings().snap, int)
-    assert form["snap"].native.text() == "off" and form["tiles"].native.suffix() == ""
+    assert form["snap"].native.text() == "0 px" and form["tiles"].native.suffix() == ""
+    form["snap"].value = -1  # shown as "auto": the model's own (none after dense labels)
+    assert form["snap"].native.text() == "auto" and tab.settings().snap is None
     form["diameter"].value = 0  # shown as "as trained": no rescaling
     assert tab.settings().diameter is None
     assert "Instances smaller than this" in form["min_size"].tooltip

@@ -130,6 +130,29 @@ def test_snap_setting_is_checked():
         SegmentSettings(snap=-2)
 
 
+def test_a_model_trained_on_dense_labels_is_not_snapped_by_default(nuclei2d, small_model):
+    """The snap's default follows the model's last training run: 8 px after strokes (or with
+    no record, as the starter), none after dense labels; a snap the user sets is kept."""
+    import copy
+
+    from paintseg.config import SNAP_PIXELS
+    from paintseg.inference import default_snap
+
+    img = nuclei2d[:128, :128]
+    dense = copy.deepcopy(small_model)
+    dense.provenance["training"] = [{"painted_share": 0.2}, {"painted_share": 1.0}]
+    strokes = copy.deepcopy(small_model)
+    strokes.provenance["training"] = [{"painted_share": 0.013}]
+    assert default_snap(dense) == 0 and default_snap(strokes) == SNAP_PIXELS
+    auto = SegmentSettings(output="semantic")
+    np.testing.assert_array_equal(segment_labels(img, dense, auto).labels,
+                                  segment(img, dense, snap=0).labels)
+    np.testing.assert_array_equal(segment_labels(img, strokes, auto).labels,
+                                  segment(img, strokes, snap=SNAP_PIXELS).labels)
+    np.testing.assert_array_equal(segment_labels(img, dense, auto.replace(snap=4)).labels,
+                                  segment(img, dense, snap=4).labels)
+
+
 def test_segment_labels_passes_snap(nuclei2d, small_model):
     img = nuclei2d[:128, :128]
     a = segment_labels(img, small_model, SegmentSettings(output="semantic", snap=0)).labels

@@ -716,6 +716,24 @@ def test_fast_preset_damps_derivatives_for_strokes_only():
         preset_config("fast", dims=2, in_channels=1, classes=2, labels_kind="dense")
 
 
+def test_a_run_records_how_densely_it_was_painted(real_pair):
+    """Strokes cover a few percent of the painted planes, dense labels all of them; a stack
+    painted densely on 2 of its slices counts as dense (only planes with paint count)."""
+    from paintseg.training import painted_share
+
+    img, gt = real_pair
+    dense_lab = np.where(gt > 0, 2, 1).astype(np.uint8)
+    data = prepare_data([(img, dense_lab)], dims=2, seed=0)
+    assert painted_share(data) == 1.0
+    assert painted_share(prepare_data([(img, strokes(gt))], dims=2, seed=0)) < 0.2
+    stack, lab = np.stack([img] * 4), np.zeros((4, *img.shape), np.uint8)
+    lab[1], lab[3] = dense_lab, dense_lab
+    assert painted_share(prepare_data([(stack, lab)], dims=2, seed=0)) == 1.0
+    model = tiny(class_values=data.class_values)
+    list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
+    assert model.provenance["training"][-1]["painted_share"] == 1.0
+
+
 def test_intensity_shift_offsets_each_patch_and_channel():
     from paintseg.training.augment import _shift_intensity
 

@@ -125,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "record it: paintseg info MODEL prints it). Loads the image into memory")
     seg.add_argument("--min-size", type=int, default=30,
                      help="instances smaller than this many pixels are removed (default 30)")
-    seg.add_argument("--snap", type=int, default=SNAP_PIXELS, metavar="PIXELS",
+    seg.add_argument("--snap", type=int, default=None, metavar="PIXELS",
                      help="semantic labels of 2D models: class borders may move by up to this "
                      f"many pixels to the image's nearest edge where the model is not sure "
-                     f"(default {SNAP_PIXELS}; 0: the model's arg-max)")
+                     f"(default: {SNAP_PIXELS} for a model trained on strokes, 0 for one "
+                     "trained on dense labels; 0: the model's arg-max)")
     seg.add_argument("--overlay", action="store_true",
                      help="also write OUT/<name>_overlay.png (image with label outlines; the "
                      "middle slice of a stack)")

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "SegmentSettings",
-           "to_json", "from_json", "DEFAULT_BLOCK_BYTES", "SNAP_PIXELS", "OUTPUTS", "FORMATS"]
+           "to_json", "from_json", "DEFAULT_BLOCK_BYTES", "SNAP_PIXELS", "DENSE_SHARE", "OUTPUTS",
+           "FORMATS"]
 
 T = TypeVar("T")
 
@@ -30,8 +31,15 @@ ACTIVATIONS = ("relu", "leaky_relu")
 DEFAULT_BLOCK_BYTES = 512 * 2**20
 
 #: How far (pixels) class borders of a 2D model's semantic labels may move to the image's
-#: nearest edge by default (:func:`paintseg.postprocess.snap_to_edges`; why: docs/training.md).
+#: nearest edge by default (:func:`paintseg.postprocess.snap_to_edges`; why: docs/training.md),
+#: for a model trained on strokes; a model trained on dense labels is not snapped
+#: (:func:`paintseg.inference.default_snap`).
 SNAP_PIXELS = 8
+
+#: A training run counts as dense labels when the planes (2D models) or images (3D models)
+#: that hold paint have at least this share of their pixels painted
+#: (:func:`paintseg.training.painted_share`).
+DENSE_SHARE = 0.9
 
 #: What :class:`SegmentSettings` may ask for: the model's own kind of labels, class values,
 #: or numbered objects.
@@ -220,10 +228,12 @@ class SegmentSettings:
         :func:`~paintseg.inference.wants_instances`).
     min_size : int
         Instances smaller than this many pixels (voxels) are removed.
-    snap : int
+    snap : int or None
         Semantic labels of 2D models: how far (pixels) class borders may move to the image's
         nearest edge (0: the arg-max class; see :func:`paintseg.postprocess.snap_to_edges`).
-        Instances are not snapped.
+        ``None`` (default): the model's own (:func:`~paintseg.inference.default_snap`:
+        :data:`SNAP_PIXELS` for a model trained on strokes, 0 for one trained on dense
+        labels). Instances are not snapped.
     diameter : float or None
         Typical object diameter in the image, in pixels (rescales the image to the object
         size of a model trained on instances).
@@ -249,7 +259,7 @@ class SegmentSettings:
 
     output: str = "auto"
     min_size: int = 30
-    snap: int = SNAP_PIXELS
+    snap: int | None = None
     diameter: float | None = None
     background_class: int | None = 1
     probabilities: bool = False
@@ -262,7 +272,8 @@ class SegmentSettings:
         if self.output not in OUTPUTS:
             raise ConfigError(f"output must be auto, semantic or instances, got {self.output!r}")
         _check_int("min_size (the minimum object size)", self.min_size, 0)
-        _check_int("snap (pixels)", self.snap, 0)
+        if self.snap is not None:
+            _check_int("snap (pixels)", self.snap, 0)
         if self.diameter is not None:
             if isinstance(self.diameter, bool) or not isinstance(self.diameter, (int, float)) \
                     or not 0 < self.diameter < float("inf"):

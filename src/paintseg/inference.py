@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import OUTPUTS, SNAP_PIXELS, ModelConfig, SegmentSettings, TileConfig
+from .config import DENSE_SHARE, OUTPUTS, SNAP_PIXELS, ModelConfig, SegmentSettings, TileConfig
 from .devices import amp_dtype, flush_denormals, memory_available, resolve_device
 from .errors import ConfigError, InputError
 from .io import ImageData, guess_axes, label_dtype, label_values
@@ -40,6 +40,7 @@ __all__ = [
     "output_axes",
     "output_spec",
     "wants_instances",
+    "default_snap",
 ]
 
 _MAX_BATCH = 32
@@ -672,6 +673,18 @@ def scale_for(model: PaintsegModel, diameter: float | None) -> float:
     return float(trained) / float(diameter)
 
 
+def default_snap(model: PaintsegModel) -> int:
+    """The snap distance a model's semantic labels get unless the user sets one:
+    :data:`~paintseg.config.SNAP_PIXELS` for a model whose last training run was on strokes
+    (their borders are undecided between the strokes), 0 for one trained on dense labels
+    (every pixel of the painted planes labelled, :data:`~paintseg.config.DENSE_SHARE`), whose
+    borders were learned. Models without a record of their training (the starter) count as
+    trained on strokes."""
+    runs = model.provenance.get("training") or [{}]
+    share = runs[-1].get("painted_share", 0.0)
+    return 0 if share is not None and share >= DENSE_SHARE else SNAP_PIXELS
+
+
 def segment_labels(
     image: ImageData | np.ndarray,
     model: PaintsegModel,
@@ -711,7 +724,8 @@ def segment_labels(
         probabilities_out=probabilities_out,
         return_probabilities=return_probabilities or instances, progress=progress,
         should_stop=should_stop, scale=scale_for(model, s.diameter),
-        intensity_range=intensity_range, snap=0 if instances else s.snap,
+        intensity_range=intensity_range,
+        snap=0 if instances else (default_snap(model) if s.snap is None else s.snap),
     )
     if instances:
         from .postprocess import instances_per_image

@@ -29,9 +29,12 @@ SEGMENT_FIELDS = (
           tooltip="instances: numbered objects (models trained on instances); semantic: "
                   "class values; auto follows the model"),
     Field("min_size", "Min. object size", suffix="px"),
-    Field("snap", "Snap borders to edges", high=64, special="off", suffix="px",
+    Field("snap", "Snap borders to edges", low=-1, high=64, special="auto", none_at_low=True,
+          suffix="px",
           tooltip="Class labels of 2D models: borders may move by up to this many pixels to "
-                  "the image's nearest edge where the model is not sure (the CLI's --snap)"),
+                  "the image's nearest edge where the model is not sure (the CLI's --snap; "
+                  "0 = off; auto: 8 px for a model trained on strokes, off for one trained "
+                  "on dense labels)"),
     Field("diameter", "Object diameter", kind="float", high=10000, special="as trained",
           none_at_low=True, suffix="px",
           tooltip="Typical object diameter in this image (models trained on instances "

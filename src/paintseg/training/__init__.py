@@ -31,7 +31,7 @@ Everything a caller needs is imported here; the modules' other names are interna
 
 from __future__ import annotations
 
-from .data import TrainingData, check_channels, median_diameter, prepare_data
+from .data import TrainingData, check_channels, median_diameter, painted_share, prepare_data
 from .events import EventKind, TrainEvent
 from .loop import MIN_HELD_OUT, iter_train
 from .losses import (
@@ -93,6 +93,7 @@ __all__ = [
     "brightness_separability",
     "prepare_training",
     "median_diameter",
+    "painted_share",
     "kept_weights_text",
     "continue_by_default",
     "check_channels",

@@ -284,6 +284,20 @@ def _sample_batch(data: TrainingData, batch: int, size: tuple[int, ...],
         ys.append(y)
     return np.stack(xs), np.stack(ys)
 
+def painted_share(data: TrainingData) -> float:
+    """The share of pixels painted in the planes (2D models) or images (3D models) that hold
+    any painted pixel: near 1 for dense labels, a few percent for strokes (0 when nothing is
+    painted)."""
+    painted = total = 0
+    for item in data.items:
+        t = item.targets != IGNORE
+        planes = t.reshape(-1, int(np.prod(t.shape[-data.dims:])))
+        used = planes.any(axis=1)
+        painted += int(planes[used].sum())
+        total += int(used.sum()) * planes.shape[1]
+    return painted / total if total else 0.0
+
+
 def check_channels(model: PaintsegModel, channels: int, *, model_name: str = "the model",
                    images: str = "the images") -> None:
     """Refuse to continue ``model`` on images of another channel count, before any work.

@@ -18,7 +18,15 @@ from ..devices import flush_denormals, resolve_device
 from ..errors import InputError
 from ..model import PaintsegModel
 from .augment import _augment, _shift_intensity
-from .data import TrainingData, _crop_pair, _in_plane, _sample_batch, _window, check_channels
+from .data import (
+    TrainingData,
+    _crop_pair,
+    _in_plane,
+    _sample_batch,
+    _window,
+    check_channels,
+    painted_share,
+)
 from .events import EventKind, TrainEvent
 from .losses import (
     _NEW_OUTPUT_LAYER,
@@ -332,6 +340,7 @@ def _train(
         "batch": batch,
         "device": str(dev),
         "painted_pixels": [int(c) for c in data.counts],
+        "painted_share": round(painted_share(data), 4),
         "anchor": cfg.anchor if teacher is not None else 0.0,
         "intensity_shift": shift,
         "validation_iou": round(history[best_step][0], 4) if best_step in history else None,
