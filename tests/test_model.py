@@ -112,6 +112,8 @@ def test_segment_settings_round_trip_and_replace():
     s = SegmentSettings(output="instances", diameter=20.0, tiles=TileConfig(tile=64))
     assert from_json(SegmentSettings, to_json(s)) == s  # tiles come back as a TileConfig
     assert s.replace(snap=0).snap == 0 and s.replace(snap=0).tiles == s.tiles
+    assert SegmentSettings(axes="zyx").axes == "zyx"  # read as io.parse_axes reads it
+    assert SegmentSettings(axes="YXS").axes == "YXS"
     with pytest.raises(ConfigError, match="unknown SegmentSettings fields: snapp"):
         s.replace(snapp=0)
     with pytest.raises(ConfigError, match="snap"):

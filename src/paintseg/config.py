@@ -281,10 +281,12 @@ class SegmentSettings:
                     f"the object diameter must be a positive number, got {self.diameter!r}")
         if self.background_class is not None:
             _check_int("background_class", self.background_class, 0)
-        if self.axes is not None and (
-                not isinstance(self.axes, str) or not self.axes
-                or set(self.axes) - set("TZCYX") or len(set(self.axes)) != len(self.axes)):
-            raise ConfigError(f"axes must be distinct letters of TZCYX, got {self.axes!r}")
+        if self.axes is not None:
+            # the letter rule of io.parse_axes (which also checks them against each file's
+            # dimensions): case-insensitive, S (samples) read as C
+            letters = self.axes.upper().replace("S", "C") if isinstance(self.axes, str) else ""
+            if not letters or set(letters) - set("TZCYX") or len(set(letters)) != len(letters):
+                raise ConfigError(f"axes must be distinct letters of TZCYX, got {self.axes!r}")
         if isinstance(self.tiles, dict):
             object.__setattr__(self, "tiles", from_json(TileConfig, self.tiles))
         elif not isinstance(self.tiles, TileConfig):

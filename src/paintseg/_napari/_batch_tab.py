@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 
 from ._jobs import Progress
 from ._segment_tab import SegmentTab
-from ._session import Session, UserError
+from ._session import Session, UserError, run_stop_row
 
 __all__ = ["BatchTab"]
 
@@ -48,13 +48,8 @@ class BatchTab(QWidget):
         self.overwrite = QCheckBox("Redo files that are already done")
         form.addRow(self.overwrite)
         form.addRow(QLabel("Uses the Segment tab's tile size, output and sizes."))
-        row = QHBoxLayout()
-        self.batch_btn = QPushButton("Run batch")
-        self.batch_btn.clicked.connect(lambda: self.run_batch())
-        self.stop_btn = QPushButton("Stop")
-        self.stop_btn.clicked.connect(session.jobs.stop)
-        row.addWidget(self.batch_btn)
-        row.addWidget(self.stop_btn)
+        self.batch_btn, self.stop_btn, row = run_stop_row(session.jobs, "Run batch",
+                                                          self.run_batch)
         form.addRow(row)
         self.files_bar = QProgressBar()
         self.files_bar.setFormat("files %v/%m")

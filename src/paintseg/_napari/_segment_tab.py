@@ -6,14 +6,14 @@ import copy
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QProgressBar, QPushButton, QWidget
+from qtpy.QtWidgets import QFormLayout, QProgressBar, QWidget
 
 from ..config import OUTPUTS, SegmentSettings, TileConfig
 from ._choices import LayerChoice
 from ._forms import Field, build_form
 from ._jobs import Progress
 from ._layers import SCOPES, layer_axes, merge_region, scope_region, spatial_shape
-from ._session import EDITED, ROLE, SOURCE, Session, UserError
+from ._session import EDITED, ROLE, SOURCE, Session, UserError, run_stop_row
 
 __all__ = ["SegmentTab", "image_input", "is_image"]
 
@@ -79,13 +79,8 @@ class SegmentTab(QWidget):
         lay.addRow("Image", self.image)
         self.form = build_form(SegmentSettings, SEGMENT_FIELDS)
         self.form.add_rows(lay)
-        row = QHBoxLayout()
-        self.segment_btn = QPushButton("Segment")
-        self.segment_btn.clicked.connect(lambda: self.segment())
-        self.stop_btn = QPushButton("Stop")
-        self.stop_btn.clicked.connect(session.jobs.stop)
-        row.addWidget(self.segment_btn)
-        row.addWidget(self.stop_btn)
+        self.segment_btn, self.stop_btn, row = run_stop_row(session.jobs, "Segment",
+                                                            self.segment)
         lay.addRow(row)
         self.bar = QProgressBar()
         lay.addRow(self.bar)

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QLabel
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton
 
 from ..errors import PaintsegError
 from ._jobs import JobRunner
 
-__all__ = ["ROLE", "SOURCE", "EDITED", "UserError", "message", "Session"]
+__all__ = ["ROLE", "SOURCE", "EDITED", "UserError", "message", "Session", "run_stop_row"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,18 @@ def message(exc: BaseException) -> str:
     if isinstance(exc, (ValueError, OSError)):
         return str(exc)
     return f"Unexpected error ({type(exc).__name__}: {exc}); details are in the log."
+
+
+def run_stop_row(jobs: JobRunner, run_text: str, run: Callable[[], Any],
+                 stop_text: str = "Stop") -> tuple[QPushButton, QPushButton, QHBoxLayout]:
+    """A panel's action button beside a Stop button that stops the running job."""
+    run_btn, stop_btn = QPushButton(run_text), QPushButton(stop_text)
+    run_btn.clicked.connect(lambda: run())
+    stop_btn.clicked.connect(jobs.stop)
+    row = QHBoxLayout()
+    row.addWidget(run_btn)
+    row.addWidget(stop_btn)
+    return run_btn, stop_btn, row
 
 
 class Session(QObject):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from ._layers import training_pair
 from ._model_panel import ModelPanel
 from ._plot import LossPlot
 from ._segment_tab import SegmentTab, image_input, is_image
-from ._session import EDITED, ROLE, SOURCE, Session, UserError, message
+from ._session import EDITED, ROLE, SOURCE, Session, UserError, message, run_stop_row
 
 __all__ = ["TrainTab"]
 
@@ -59,7 +58,6 @@ class TrainTab(QWidget):
                  ) -> None:
         super().__init__()
         self.session, self.model_panel, self.segment_tab = session, model_panel, segment_tab
-        self._t_train = 0.0
         self._warning: str | None = None  # shown again when the run ends
         lay = QFormLayout(self)
         self.image = LayerChoice(session.viewer, is_image)
@@ -78,13 +76,8 @@ class TrainTab(QWidget):
         lay.addRow(self.legend)
         self.form = build_form(TrainConfig, TRAIN_FIELDS)
         self.form.add_rows(lay)
-        row = QHBoxLayout()
-        self.train_btn = QPushButton("Train")
-        self.train_btn.clicked.connect(lambda: self.train())
-        self.stop_btn = QPushButton("Stop (keep best)")
-        self.stop_btn.clicked.connect(session.jobs.stop)
-        row.addWidget(self.train_btn)
-        row.addWidget(self.stop_btn)
+        self.train_btn, self.stop_btn, row = run_stop_row(session.jobs, "Train", self.train,
+                                                          "Stop (keep best)")
         lay.addRow(row)
         self.bar = QProgressBar()
         lay.addRow(self.bar)
@@ -251,7 +244,6 @@ class TrainTab(QWidget):
         self.plot.clear()
         self.bar.setMaximum(1000)
         self.bar.setValue(0)
-        self._t_train = time.perf_counter()
         self._warning = None
         self.info.setText("Preparing the painted pixels…")
         s.say(f"Training on '{labels_name}' over '{source}'…")
