@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -325,6 +326,51 @@ def test_continuing_a_model_of_other_channels_is_refused_at_once(open_widget, nu
     assert w.jobs.wait(120_000)
     assert w.model_source == "new U-Net (trained)" and w.model.config.in_channels == 3
     np.testing.assert_array_equal(lab.data, painted)
+
+
+def test_every_job_runs_on_one_thread_of_its_own(viewer_widget, qtbot):
+    """torch keeps a team of helper threads per computing thread (see _jobs.py): the widget's
+    jobs share one thread, not napari's pool, where they would land on whichever thread is
+    free, e.g. one another plugin's worker has just used."""
+    import threading
+
+    from napari.qt.threading import create_worker
+
+    _viewer, w = viewer_widget
+    other = create_worker(threading.get_ident)  # napari's shared pool, as other plugins use it
+    with qtbot.waitSignal(other.returned, timeout=10_000) as napari_thread:
+        other.start()
+    seen = []
+
+    def job(report, should_stop):
+        seen.append(threading.get_ident())
+
+    for _ in range(3):
+        assert w.jobs.start("probe", job)
+        assert not w.jobs.start("probe", job)  # one at a time
+        assert w.jobs.wait(10_000)
+    assert len(seen) == 3 and len(set(seen)) == 1
+    assert seen[0] not in (threading.get_ident(), napari_thread.args[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_no_torch_work_on_the_gui_thread(viewer_widget, tmp_path):
+    """Torch on the GUI thread (copying a model for a job, say) starts a team of helper
+    threads for it, named after it, beside the job thread's team (see _jobs.py)."""
+
+    def threads_named_as_this_one() -> int:
+        me = Path("/proc/thread-self/comm").read_text()
+        return sum((t / "comm").read_text() == me for t in Path("/proc/self/task").iterdir())
+
+    _viewer, w = viewer_widget
+    before = threads_named_as_this_one()
+    w.segment_tab.segment_btn.click()  # the starter model, copied for the job
+    assert w.jobs.wait(120_000)
+    w.model_panel.save_model(tmp_path / "m.pt")
+    assert w.jobs.wait(60_000) and (tmp_path / "m.pt").exists()
+    w.model_panel.new_btn.click()
+    assert w.jobs.wait(60_000)
+    assert threads_named_as_this_one() == before
 
 
 def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp_path):

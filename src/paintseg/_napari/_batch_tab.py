@@ -100,7 +100,6 @@ class BatchTab(QWidget):
         except Exception as exc:  # noqa: BLE001 - shown to the user
             s.refuse(exc)
             return False
-        net = copy.deepcopy(model)
         device, overwrite = s.device, self.overwrite.isChecked()
         self.table.setRowCount(0)
         self.files_bar.setMaximum(len(jobs))
@@ -108,6 +107,7 @@ class BatchTab(QWidget):
         self.tiles_bar.setValue(0)
 
         def job(report, should_stop):
+            net = copy.deepcopy(model)  # here: no torch on the GUI thread (see _jobs.py)
             results = []
             for r in iter_batch(jobs, net, out_dir=out_dir, settings=settings, device=device,
                                 overwrite=overwrite, should_stop=should_stop,

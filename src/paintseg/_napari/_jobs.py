@@ -5,6 +5,12 @@ It runs off the GUI thread; ``report(obj)`` and yielded values reach the ``on_pr
 on the GUI thread (through a queued Qt signal); the return value reaches ``on_done`` and an
 exception ``on_error``, both on the GUI thread. Layers are changed only in those handlers.
 
+Every job runs on one thread kept for paintseg's jobs, never on napari's shared pool:
+torch's CPU parallelism (OpenMP) keeps a team of helper threads for each thread that has
+computed with it; while two such threads are alive on a machine with few cores, the helpers
+stop waiting for work and are woken for every operation, and training in the second thread
+slows down markedly (docs/architecture.md). One thread for all jobs keeps one team.
+
 What a job reports is typed: :class:`Progress` (work done so far), :class:`Note` (a message
 for the user) and the core's own objects (:class:`~paintseg.training.TrainEvent`,
 :class:`~paintseg.batch.FileResult`); handlers dispatch on the type.
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from napari.qt.threading import create_worker
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QThreadPool, Signal
 
 __all__ = ["JobRunner", "Progress", "Note"]
 
@@ -38,6 +44,22 @@ class Note:
 
     text: str
     warning: bool = False
+
+
+_POOL: QThreadPool | None = None
+
+
+def _job_pool() -> QThreadPool:
+    """The process's one thread for paintseg's jobs (see the module's docstring).
+
+    It belongs to no widget: a pool deleted with its widget would make napari's closing wait
+    for a running job to end.
+    """
+    global _POOL
+    if _POOL is None:
+        _POOL = QThreadPool()
+        _POOL.setMaxThreadCount(1)
+    return _POOL
 
 
 class _Relay(QObject):
@@ -60,6 +82,7 @@ class JobRunner(QObject):
         self.worker: Any = None
         self.name: str | None = None
         self._after: list[Callable[[], None]] = []
+        self.pool = _job_pool()
 
     @property
     def busy(self) -> bool:
@@ -107,7 +130,7 @@ class JobRunner(QObject):
         worker.finished.connect(self._finished)
         self.worker, self.name = worker, name
         self.busy_changed.emit(True)
-        worker.start()
+        self.pool.start(worker)  # (worker.start() would use napari's shared pool)
         return True
 
     def after(self, fn: Callable[[], None]) -> None:

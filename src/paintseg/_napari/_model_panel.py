@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -175,14 +174,14 @@ class ModelPanel(QGroupBox):
 
         s = self.session
         try:
-            model = copy.deepcopy(s.require_model())
+            model = s.require_model()
         except UserError as exc:
             s.notify(str(exc), "warning")
             return
         path = Path(path)
 
         def job(report, should_stop):
-            return save_model(model, path)
+            return save_model(model, path)  # it writes the model without changing it
 
         s.jobs.start("save", job, on_done=lambda p: s.notify(f"Model saved to {p}."),
                      on_error=s.failed(f"Saving {path.name}"))

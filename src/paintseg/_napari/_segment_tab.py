@@ -122,9 +122,10 @@ class SegmentTab(QWidget):
         index = region + ((slice(None),) if layer.rgb else ())
         whole = scope == "whole image"
         device, source = s.device, layer.name
-        net = copy.deepcopy(model)  # the model may be replaced while this runs
 
         def job(report, should_stop):
+            net = copy.deepcopy(model)  # inference moves it to the device; a copy (here:
+            # torch on the GUI thread would start a second team of helper threads, see _jobs.py)
             part = data if whole else np.asarray(data[index])
             result = segment_labels(
                 part, net, settings, device=device,
@@ -134,7 +135,7 @@ class SegmentTab(QWidget):
             return result, _summary(result.labels, instances)  # here, not on the GUI thread
 
         def done(out) -> None:
-            self._show_result(source, *out, region, lshape, instances, net, layer)
+            self._show_result(source, *out, region, lshape, instances, model, layer)
 
         self.bar.setValue(0)
         s.say(f"Segmenting {source} ({scope})…")

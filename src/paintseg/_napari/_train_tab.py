@@ -215,9 +215,11 @@ class TrainTab(QWidget):
         # the trained model is named by what it was trained from, whatever is loaded or ticked
         # by the time it ends
         base_name = (s.source or None) if base is not None else None
-        base_copy = copy.deepcopy(base) if base is not None else None
 
         def job(report, should_stop):
+            # training changes the model it is given: a copy, made here (no torch on the GUI
+            # thread, see _jobs.py)
+            base_copy = copy.deepcopy(base) if base is not None else None
             td, model = prepare_training([(img, lab)], base=base_copy, dims=dims,
                                          class_names=names,
                                          in_channels=img.shape[-1], labels_kind=kind,
