@@ -931,15 +931,20 @@ def test_validation_patches_cover_every_painted_class(real_pair):
     assert np.bincount(y[y >= 0], minlength=2)[1] >= held[1] > 0
 
 
-def outline_strokes(gt: np.ndarray, *, n: int, seed: int = 0) -> np.ndarray:
-    """Strokes of three classes on the real nuclei: 1 background, 2 nucleus, 3 its outline
-    (the nucleus's pixels within 2 px of its edge: a thin class), ``n`` short strokes each,
-    painted only where the stroke lies on its class."""
+def dense_outlines(gt: np.ndarray) -> np.ndarray:
+    """Every pixel of the real nuclei in one of three classes: 1 background, 2 nucleus, 3 its
+    outline (the nucleus's pixels within 2 px of its edge: a thin class)."""
     from skimage.segmentation import find_boundaries
 
     outline = find_boundaries(gt, mode="inner")
     outline = ndi_dilate(outline) & (gt > 0)
-    sem = np.where(outline, 3, np.where(gt > 0, 2, 1))
+    return np.where(outline, 3, np.where(gt > 0, 2, 1)).astype(np.uint8)
+
+
+def outline_strokes(gt: np.ndarray, *, n: int, seed: int = 0) -> np.ndarray:
+    """Strokes of the three classes of :func:`dense_outlines`, ``n`` short strokes each,
+    painted only where the stroke lies on its class."""
+    sem = dense_outlines(gt)
     rng = np.random.default_rng(seed)
     lab = np.zeros(gt.shape, np.uint8)
     for value in (1, 2, 3):
@@ -997,10 +1002,11 @@ def test_cli_names_a_missed_class(tmp_path, nuclei2d_path, real_pair, capsys):
 def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes(real_pair):
     """Nuclei strokes: brightness alone tells them from the background, the derivative
     channels are damped x0.1. Outline strokes (a thin class between bright nuclei and dark
-    background): brightness does not, x0.3. Dense instance labels keep the preset's gain."""
+    background): brightness does not, x0.3, and with every pixel painted x1."""
     from paintseg.training import (
         BRIGHTNESS_SEPARATES,
         brightness_separability,
+        painted_share,
         prepare_training,
     )
 
@@ -1014,3 +1020,11 @@ def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes
     _, dense = prepare_training([(img, gt)], base=None, dims=2, in_channels=1,
                                 labels_kind="instances", seed=0)
     assert dense.config.derivative_gain == 1.0
+    # every pixel painted as scribbles: nuclei (brightness separates them) stay damped x0.1;
+    # outlines, the thin class between nuclei and background, at full strength
+    for name, lab, gain in (("nuclei", np.where(gt > 0, 2, 1), 0.1),
+                            ("outlines", dense_outlines(gt), 1.0)):
+        data, scribbled = prepare_training([(img, lab.astype(np.uint8))], base=None, dims=2,
+                                           in_channels=1, seed=0)
+        assert painted_share(data) == 1.0 and scribbled.config.members == 3
+        assert scribbled.config.derivative_gain == gain, name

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelConfig, TrainConfig
+from ..config import DENSE_SHARE, ModelConfig, TrainConfig
 from ..model import PaintsegModel, default_class_names, new_model
-from .data import TrainingData, check_channels, prepare_data
+from .data import TrainingData, check_channels, painted_share, prepare_data
 from .events import EventKind, TrainEvent
 from .loop import iter_train
 from .losses import _NEW_OUTPUT_LAYER
@@ -111,7 +111,9 @@ def model_for_training(
     A new 2D fast U-Net for strokes damps its derivative channels by x0.1 where brightness
     alone separates the painted classes (:func:`brightness_separability` at least
     :data:`BRIGHTNESS_SEPARATES`: nuclei), and by x0.3 elsewhere (cells in phase contrast,
-    membranes, boundaries)."""
+    membranes, boundaries), or not at all (x1) where such scribbles cover their planes (dense
+    labels: :func:`painted_share` at least :data:`~paintseg.config.DENSE_SHARE`): shape and
+    texture then have pixels enough to be learned from."""
     if base is not None:
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
     else:
@@ -119,7 +121,10 @@ def model_for_training(
                             classes=len(data.class_values), labels_kind=labels_kind)
         if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
             damped, shaped = STROKES_DERIVATIVE_GAIN
-            gain = damped if brightness_separability(data) >= BRIGHTNESS_SEPARATES else shaped
+            if brightness_separability(data) >= BRIGHTNESS_SEPARATES:
+                gain = damped
+            else:
+                gain = 1.0 if painted_share(data) >= DENSE_SHARE else shaped
             cfg = dataclasses.replace(cfg, derivative_gain=gain)
         model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
                           seed=seed)
