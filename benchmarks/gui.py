@@ -150,10 +150,12 @@ def main() -> None:
             pass  # the last event is returned
         return done
 
-    finished = []
-    w.jobs.start("headless", headless, on_done=finished.append)
+    finished: list = []
+    w.jobs.start("headless", headless, on_done=finished.append, on_error=finished.append)
     w.jobs.wait(30 * 60_000)
     done = finished[0]
+    if isinstance(done, BaseException):
+        raise done
     viewer.close()
     print(f"\ntraining steps in {args.seconds:.0f} s: in the viewer {gui_steps}, headless "
           f"{done.step}; viewer / headless {gui_steps / max(done.step, 1):.2f}x")
