@@ -20,6 +20,7 @@ from .config import (
     SNAP_PIXELS,
     STROKES_INTENSITY_SHIFT,
     SegmentSettings,
+    TileConfig,
     TrainConfig,
 )
 
@@ -225,8 +226,6 @@ def _progress_printer(enabled: bool, label: str):
 def segment_settings(args: argparse.Namespace) -> SegmentSettings:
     """The :class:`~paintseg.config.SegmentSettings` that ``paintseg segment``'s options ask
     for (the napari Segment tab builds the same object from its form)."""
-    from .config import TileConfig
-
     tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
                        batch_size=args.batch_size)
     return SegmentSettings(

@@ -41,6 +41,21 @@ SNAP_PIXELS = 8
 #: (:func:`paintseg.training.painted_share`).
 DENSE_SHARE = 0.9
 
+#: The axes letters paintseg knows: time, depth, channels, rows, columns.
+AXES = "TZCYX"
+
+
+def axes_letters(axes: str) -> str:
+    """A user's axes string as paintseg reads it: upper case, S (samples) read as C."""
+    return axes.upper().replace("S", "C")
+
+
+def distinct_axes(letters: str) -> bool:
+    """Whether ``letters`` (as :func:`axes_letters` gives them) are letters of :data:`AXES`,
+    each at most once."""
+    return bool(letters) and not set(letters) - set(AXES) and len(set(letters)) == len(letters)
+
+
 #: What :class:`SegmentSettings` may ask for: the model's own kind of labels, class values,
 #: or numbered objects.
 OUTPUTS = ("auto", "semantic", "instances")
@@ -282,10 +297,8 @@ class SegmentSettings:
         if self.background_class is not None:
             _check_int("background_class", self.background_class, 0)
         if self.axes is not None:
-            # the letter rule of io.parse_axes (which also checks them against each file's
-            # dimensions): case-insensitive, S (samples) read as C
-            letters = self.axes.upper().replace("S", "C") if isinstance(self.axes, str) else ""
-            if not letters or set(letters) - set("TZCYX") or len(set(letters)) != len(letters):
+            # io.parse_axes checks them again against each file's dimensions
+            if not isinstance(self.axes, str) or not distinct_axes(axes_letters(self.axes)):
                 raise ConfigError(f"axes must be distinct letters of TZCYX, got {self.axes!r}")
         if isinstance(self.tiles, dict):
             object.__setattr__(self, "tiles", from_json(TileConfig, self.tiles))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from .config import axes_letters, distinct_axes
 from .errors import InputError, OutputError
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "atomic_path",
 ]
 
-AXES = "TZCYX"
 _IN_MEMORY_LIMIT = 1 << 30  # compressed files above this are read lazily through zarr
 _BIGTIFF_LIMIT = 2**32 - 2**25
 
@@ -216,10 +216,10 @@ class ImageData:
 
 def parse_axes(axes: str, ndim: int, *, where: str = "image") -> str:
     """Check a user-given axes string (letters of ``TZCYX``, each once, ending with ``YX``)."""
-    axes = axes.upper().replace("S", "C")
+    axes = axes_letters(axes)
     if len(axes) != ndim:
         raise InputError(f"{where}: axes {axes!r} have {len(axes)} letters for {ndim} dimensions")
-    if set(axes) - set(AXES) or len(set(axes)) != len(axes):
+    if not distinct_axes(axes):
         raise InputError(f"{where}: axes {axes!r} must use each of T, Z, C, Y, X at most once")
     if "Y" not in axes or "X" not in axes:
         if ndim < 2:

@@ -55,16 +55,17 @@ _HEAP_FROZEN = False
 
 
 def _freeze_heap() -> None:
-    """Leave the objects alive now (napari, torch and paintseg's modules, classes and
-    functions: hundreds of thousands) out of Python's future garbage collections.
+    """Collect once, then leave the objects alive now (napari, torch and paintseg's modules,
+    classes and functions: hundreds of thousands) out of Python's future garbage collections.
 
     A full collection walks every tracked object while holding the interpreter lock, so with
     napari and torch loaded each one stalls the GUI thread, and any worker, at moments
     nobody chose. After the freeze, collections walk only what was made since. Done once per
-    process, after a collection, so that only live objects are frozen.
+    process, in the start-up worker (the freeze is process-wide, whichever thread calls it).
     """
     global _HEAP_FROZEN
     if not _HEAP_FROZEN:
+        gc.collect()
         gc.freeze()
         _HEAP_FROZEN = True
 
@@ -162,13 +163,11 @@ class PaintsegWidget(QWidget):
             names = list(bundled_models())
             model = load_model("nuclei") if load_starter and "nuclei" in names else None
             _first_use_of_torch()
-            if not _HEAP_FROZEN:
-                gc.collect()  # here, in the worker, while the widget says it is loading
+            _freeze_heap()  # here, while the widget says it is loading
             return names, model
 
         def ready(result) -> None:
             names, model = result
-            _freeze_heap()
             self.model_panel.set_bundled(names)
             if model is not None:
                 s.set_model(model, "nuclei", bundled=True)

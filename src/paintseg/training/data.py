@@ -284,6 +284,7 @@ def _sample_batch(data: TrainingData, batch: int, size: tuple[int, ...],
         ys.append(y)
     return np.stack(xs), np.stack(ys)
 
+
 def painted_share(data: TrainingData) -> float:
     """The share of pixels painted in the planes (2D models) or images (3D models) that hold
     any painted pixel: near 1 for dense labels, a few percent for strokes (0 when nothing is
