@@ -125,10 +125,14 @@ def simulate_strokes(truth: np.ndarray, *, fraction: float, rng: np.random.Gener
     return out
 
 
-def random_forest(train, test, *, max_pixels: int = 200_000):
+def random_forest(train, test, *, max_pixels: int = 200_000, uncertainty: bool = False):
     """ilastik-style pixel classifier: 2D features per slice, the image (or the whole stack)
     normalised by its 1st / 99.8th percentiles, as paintseg normalises it; fitted on at most
-    ``max_pixels`` painted pixels (a random subset of dense labels)."""
+    ``max_pixels`` painted pixels (a random subset of dense labels).
+
+    Returns the class maps of ``test``, the fit's seconds and the whole run's; with
+    ``uncertainty``, also each map's uncertainty (1 - the margin between the two most likely
+    classes' probabilities)."""
     from skimage.feature import multiscale_basic_features
     from sklearn.ensemble import RandomForestClassifier
 
@@ -157,19 +161,27 @@ def random_forest(train, test, *, max_pixels: int = 200_000):
     clf = RandomForestClassifier(n_estimators=100, n_jobs=2, max_depth=None, random_state=0)
     clf.fit(xs, ys)
     train_s = time.perf_counter() - t
-    preds = []
+    preds, margins = [], []
     for img, _, planes in test:
         x = norm(img)
         out = np.zeros(x.shape, np.uint8)
+        unsure = np.zeros(x.shape, np.float32)
         for z in ([None] if x.ndim == 2 else planes):
             plane = x if z is None else x[z]
             f = feats(plane)
-            p = clf.predict(f.reshape(-1, f.shape[-1])).reshape(plane.shape)
+            prob = clf.predict_proba(f.reshape(-1, f.shape[-1]))
+            p = clf.classes_[prob.argmax(1)].reshape(plane.shape).astype(np.uint8)
+            top = np.sort(prob, axis=1)
+            u = (1 - (top[:, -1] - (top[:, -2] if prob.shape[1] > 1 else 0))).reshape(
+                plane.shape)
             if z is None:
-                out = p
+                out, unsure = p, u.astype(np.float32)
             else:
-                out[z] = p
+                out[z], unsure[z] = p, u
         preds.append(out)
+        margins.append(unsure)
+    if uncertainty:
+        return preds, margins, train_s, time.perf_counter() - t
     return preds, train_s, time.perf_counter() - t
 
 
@@ -313,7 +325,8 @@ def per_class_text(preds, test, names) -> str:
 
 def run_one(name: str, seed: int, budget: float, device, presets: list[str],
             rounds: int = 1, score_slices: str = "middle", argmax_too: bool = False,
-            dense: bool = False) -> list[dict[str, tuple[float, ...]]]:
+            dense: bool = False, corrections: str = "errors"
+            ) -> list[dict[str, tuple[float, ...]]]:
     """Forest IoU and paintseg's IoU per preset for one task and one seed (strokes drawn by
     ``seed``), per round, by scoring (:func:`scorings`); ``score_slices`` picks the stack's
     scored slices (see :func:`dataset`); ``dense`` labels every pixel of the painted images.
@@ -385,21 +398,48 @@ def run_one(name: str, seed: int, budget: float, device, presets: list[str],
         for m, pred in fixes.items():
             plane = labels[m][k] if fz is None else labels[m][k][fz]
             added[m] = int(add_corrections(plane, pred, fix_gt, painted=painted, rng=rng,
-                                           min_share=task.min_share).sum())
+                                           min_share=task.min_share,
+                                           where=corrections).sum())
     return rows
 
 
 def add_corrections(plane: np.ndarray, pred: np.ndarray, truth: np.ndarray, *, painted: int,
-                    rng: np.random.Generator, min_share: float = 0.0) -> np.ndarray:
+                    rng: np.random.Generator, min_share: float = 0.0,
+                    where: str = "errors") -> np.ndarray:
     """Correction strokes in the errors of ``pred`` (a class map 1..K) on one plane, half as
     many pixels as ``painted``: each class's strokes in the pixels of that class that ``pred``
     gets wrong (for two classes: background strokes in the false positives, object strokes in
     the misses), added to ``plane`` in place where nothing is painted yet, as a user adds
-    them. Returns the mask of the pixels added."""
+    them. Returns the mask of the pixels added.
+
+    ``where="errors"`` paints anywhere in the errors, their one-pixel fringes along borders
+    included; ``"largest"`` paints only in the largest error regions of each class (their
+    inner parts, one pixel in from the region's edge unless that leaves under a fifth of it),
+    the regions taken largest first until they hold three times the class's share of strokes,
+    as a user paints where the result is visibly wrong. ``"random"`` is the control: as many
+    strokes anywhere in the plane's unpainted pixels, right or wrong."""
     k = int(truth.max())
-    corr = simulate_strokes(truth, fraction=0.5 * painted / truth.size, rng=rng,
-                            regions=[(truth == v) & (pred != v) for v in range(1, k + 1)],
-                            erode=1, min_share=min_share)
+    fraction = 0.5 * painted / truth.size
+    regions = [(truth == v) & (pred != v) for v in range(1, k + 1)]
+    if where == "largest":
+        share = 3 * fraction * truth.size / k
+        for i, err in enumerate(regions):
+            core = ndi.binary_erosion(err)
+            core = core if core.sum() >= 0.2 * err.sum() else err
+            comp, n = ndi.label(core)
+            if not n:
+                continue
+            sizes = np.bincount(comp.ravel())[1:]
+            order = np.argsort(sizes)[::-1]
+            keep = order[:int(np.searchsorted(np.cumsum(sizes[order]), share)) + 1]
+            regions[i] = np.isin(comp, keep + 1)
+    elif where == "random":
+        regions = [(truth == v) & (plane == 0) for v in range(1, k + 1)]
+    elif where != "errors":
+        raise ValueError(f"where: 'errors', 'largest' or 'random', not {where!r}")
+    corr = simulate_strokes(truth, fraction=fraction, rng=rng, regions=regions,
+                            erode={"largest": 0, "errors": 1, "random": 3}[where],
+                            min_share=min_share)
     new = (corr > 0) & (plane == 0)
     plane[new] = corr[new]
     return new
@@ -561,6 +601,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of painting: after each, correction strokes in each "
                              "method's errors (the cells3d slice %d is then not scored)" % FIX_Z)
+    parser.add_argument("--corrections", choices=["errors", "largest", "random"],
+                        default="errors",
+                        help="where the correction strokes go: anywhere in each method's "
+                             "errors, in its largest error regions only, or (a control) "
+                             "anywhere unpainted, right or wrong")
     parser.add_argument("--argmax-too", action="store_true",
                         help="also score each trained model's arg-max labels (snap 0), paired")
     parser.add_argument("--planes", choices=["middle", "all", "both"], default="middle",
@@ -581,7 +626,8 @@ def main() -> None:
         for dense in kinds:
             summary[name + (" (dense)" if dense else "")] = [
                 run_one(name, seed, args.budget, device, args.presets, args.rounds, args.planes,
-                        args.argmax_too, dense=dense) for seed in args.seeds]
+                        args.argmax_too, dense=dense, corrections=args.corrections)
+                for seed in args.seeds]
     columns = [c for p in args.presets for c in ([p, f"{p} arg-max"] if args.argmax_too
                                                  else [p])]
     summarise(summary, columns, args.seeds, args.rounds)
