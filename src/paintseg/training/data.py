@@ -64,6 +64,13 @@ class TrainingData:
 
 def _normalised(image: np.ndarray, channel_axis: int | None, norm: NormConfig,
                 name: str) -> np.ndarray:
+    return _normalised_range(image, channel_axis, norm, name)[0]
+
+
+def _normalised_range(image: np.ndarray, channel_axis: int | None, norm: NormConfig, name: str
+                      ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The image as normalised ``(C, *spatial)`` float32, and the per-channel ``(low, high)``
+    intensities it was normalised with."""
     img = np.asarray(image)
     if img.dtype.kind not in "buif":
         raise InputError(f"{name}: unsupported pixel type {img.dtype}")
@@ -74,7 +81,7 @@ def _normalised(image: np.ndarray, channel_axis: int | None, norm: NormConfig,
     lo, hi = percentile_range(img, norm, name=name)
     scale = np.where(hi - lo > 1e-12, hi - lo, 1.0)
     shape = (-1,) + (1,) * (img.ndim - 1)
-    return (img - lo.reshape(shape)) / scale.reshape(shape)
+    return (img - lo.reshape(shape)) / scale.reshape(shape), (lo, hi)
 
 
 def _split_blocks(
@@ -146,7 +153,6 @@ def prepare_data(
     norm = normalization or NormConfig()
     rng = np.random.default_rng(seed)
     names = list(names) if names else [f"image {i + 1}" for i in range(len(pairs))]
-    items: list[_Item] = []
     painted_values: set[int] = set()
     raw: list[tuple[np.ndarray, np.ndarray, str]] = []
     for (image, labels), name in zip(pairs, names):
@@ -186,9 +192,32 @@ def prepare_data(
         if len(cnames) != len(cvals):
             raise InputError(f"{len(cnames)} class names {list(cnames)} for {len(cvals)} "
                              f"classes {list(cvals)}")
+    return _assemble([(img, tgt) for img, tgt, _ in raw], labels_kind=labels_kind,
+                     class_values=cvals, class_names=cnames, dims=dims, rng=rng,
+                     validation_fraction=validation_fraction,
+                     validation_block=validation_block, object_diameter=diameter)
+
+
+def _assemble(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    labels_kind: str,
+    class_values: Sequence[int],
+    class_names: Sequence[str],
+    dims: int,
+    rng: np.random.Generator,
+    validation_fraction: float,
+    validation_block: int,
+    object_diameter: float | None = None,
+) -> TrainingData:
+    """Training data from normalised ``(C, *spatial)`` images and checked labels (painted
+    values, or instance targets for ``labels_kind="instances"``): targets, held-out blocks,
+    the coordinates sampled from."""
+    cvals, cnames, diameter = tuple(class_values), tuple(class_names), object_diameter
+    items: list[_Item] = []
     counts = np.zeros(len(cvals), dtype=np.int64)
     val_counts = np.zeros(len(cvals), dtype=np.int64)
-    for img, tgt, _name in raw:
+    for img, tgt in pairs:
         targets = scribble_targets(tgt, cvals) if labels_kind == "scribbles" else tgt
         val = _split_blocks(targets, validation_fraction, rng, validation_block, dims)
         train_t = np.where(val, HELD_OUT, targets)

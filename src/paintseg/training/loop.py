@@ -170,6 +170,206 @@ def iter_train(
                           step_every=step_every)
 
 
+class TrainingRun:
+    """One training run's state: the network, its optimiser and averaged (EMA) weights, the
+    data it samples from, and the validation that decides which weights are kept.
+
+    :func:`iter_train` drives it with a budget and a cosine schedule; a live session
+    (:class:`~paintseg.training.live.LiveSession`) drives it step by step while the user
+    paints, swapping its data in between (:meth:`use_data`). All of its torch work must run
+    on one thread.
+
+    Parameters
+    ----------
+    model : PaintsegModel
+        Trained in place; its classes must match ``data.class_values``.
+    data : TrainingData
+        What to sample from (replaceable with :meth:`use_data`).
+    config : TrainConfig
+        Batch, patch size, learning rate, EMA, anchor, seed (its budget is the caller's).
+    device : torch.device
+        Where to train.
+
+    Raises
+    ------
+    InputError
+        The model's classes, dimensionality or channels do not fit ``data``.
+    """
+
+    def __init__(self, model: PaintsegModel, data: TrainingData, config: TrainConfig, *,
+                 device: torch.device) -> None:
+        cfg = self.config = config
+        self.model = model
+        self.device = dev = device
+        self._check(data)
+        self.data = data
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(int(self.rng.integers(2**31)))
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        psize = cfg.patch_size or (64 if data.dims == 2 else 32)
+        self.batch = cfg.batch_size or (16 if data.dims == 2 else 4)
+        align = model.config.align
+        self.patch = max(align, int(math.ceil(psize / align) * align))
+        self.size = (self.patch,) * data.dims
+        self.net = net = model.network.to_device(dev)
+        net.train()
+        self.weights = self._class_weights(data)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate,
+                                     weight_decay=cfg.weight_decay)
+        self.val, held = _val_batches(data, self.size, np.random.default_rng(
+            0 if cfg.seed is None else cfg.seed)) if data.has_validation else ([], np.zeros(0))
+        # the keep-best rule decides only on enough held-out pixels of every painted class; a
+        # model that was never trained (a new U-Net, or one with a new output layer) never
+        # returns its starting weights
+        self.decides = bool(self.val) and bool(np.all(held[data.counts > 0] >= MIN_HELD_OUT))
+        self.fresh = not continues_training(model)
+        self.best_state = copy.deepcopy({kk: v.detach().cpu()
+                                         for kk, v in net.state_dict().items()})
+        self.ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
+        # continuing a trained model: its own predictions on the unpainted pixels are a soft
+        # target, so that new strokes change the result where they must and little elsewhere;
+        # with every pixel painted there is nothing to hold, and its forward pass is skipped
+        self.teacher = copy.deepcopy(net).eval() if holds_to_predictions(
+            model, data, anchor=cfg.anchor) else None
+        self.shift = intensity_shift(cfg, data, anchored=self.teacher is not None)
+        self.eval_net = self.ema_net if self.ema_net is not None else net
+        self.best_step = 0
+        # step -> (mean IoU, loss) of its validation
+        self.history: dict[int, tuple[float, float]] = {}
+        self.step = 0
+        # the last losses, left on the device and read only when reported: reading each
+        # step's would make the host wait for the GPU every step
+        self.recent: collections.deque[torch.Tensor] = collections.deque(maxlen=10)
+
+    def _check(self, data: TrainingData) -> None:
+        model = self.model
+        if tuple(model.class_values) != tuple(data.class_values):
+            raise InputError(
+                f"the model's classes {list(model.class_values)} differ from the painted "
+                f"classes {list(data.class_values)}; adapt the model first"
+            )
+        if model.config.dims != data.dims:
+            raise InputError(f"a {model.config.dims}D model cannot train on {data.dims}D "
+                             "patches")
+        check_channels(model, data.items[0].image.shape[0])
+
+    def _class_weights(self, data: TrainingData) -> torch.Tensor:
+        freq = data.counts.astype(np.float64) + 1.0
+        w = 1.0 / np.sqrt(freq)
+        return torch.tensor(w / w.mean(), dtype=torch.float32, device=self.device)
+
+    def use_data(self, data: TrainingData) -> None:
+        """Sample from ``data`` from the next step on (same classes, dimensionality and
+        channels; the optimiser, the averaged weights and the validation patches stay)."""
+        self._check(data)
+        self.data = data
+        self.weights = self._class_weights(data)
+
+    def recent_loss(self) -> float:
+        """Mean training loss of the last few steps (0 before the first)."""
+        return float(torch.stack(tuple(self.recent)).mean()) if self.recent else 0.0
+
+    def train_step(self, lr: float) -> None:
+        """One optimisation step at learning rate ``lr`` on a batch sampled from the data,
+        then the averaged weights' update."""
+        cfg, net, gen = self.config, self.net, self.gen
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        xb_np, yb_np = _sample_batch(self.data, self.batch, self.size, self.rng)
+        xb = torch.from_numpy(xb_np).to(self.device)
+        yb = torch.from_numpy(yb_np).to(self.device)
+        if cfg.augment != "none":
+            xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
+        # the network sees the patch with a brightness offset; the anchor's starting model
+        # the patch as it is, so the anchor keeps what the start predicts on the image
+        shown = _shift_intensity(xb, gen, self.shift) if self.shift > 0 else xb
+        # each member of the network fits the targets on its own (one member: the U-Net)
+        members = net.member_logits(shown)
+        painted_loss = sum(masked_loss(logits, yb, class_weights=self.weights,
+                                       dice_weight=cfg.dice_weight)
+                           for logits in members) / len(members)
+        loss = painted_loss
+        if self.teacher is not None:
+            with torch.no_grad():
+                start_probs = torch.softmax(self.teacher(xb), 1)
+            loss = loss + cfg.anchor * sum(anchor_loss(logits, start_probs, yb)
+                                           for logits in members) / len(members)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema_net is not None:
+            with torch.no_grad():
+                decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
+                for pe, pn in zip(self.ema_net.parameters(), net.parameters()):
+                    pe.lerp_(pn, 1 - decay)
+                # buffers (batch-norm statistics) are not averaged but follow the network;
+                # only the training network runs in train mode and updates them
+                for be, bn in zip(self.ema_net.buffers(), net.buffers()):
+                    be.copy_(bn)
+        self.step += 1
+        self.recent.append(painted_loss.detach())  # reported: comparable across runs
+
+    def validate(self) -> dict[str, Any]:
+        """Score the averaged weights on the held-out patches and apply the keep-best rule
+        (the latest weights are kept unless an earlier validation was clearly better)."""
+        data = self.data
+        result = _validate(self.eval_net, self.val, self.device, len(data.class_values),
+                           data.class_values, self.weights)
+        earlier = self.history.values() if self.decides else ()
+        if not _clearly_beaten(result["mean_iou"], result["loss"], earlier):
+            self.best_step = self.step
+            if self.step > 0:  # step 0: best_state already holds the starting weights
+                self.best_state = {kk: v.detach().cpu().clone()
+                                   for kk, v in self.eval_net.state_dict().items()}
+        if self.step > 0 or not self.fresh:  # a new U-Net's start is never a candidate
+            self.history[self.step] = (result["mean_iou"], result["loss"])
+        return result
+
+    def current_network(self) -> torch.nn.Module:
+        """A copy of the averaged weights' network as it is now, on the CPU, in eval mode."""
+        return copy.deepcopy(self.eval_net).to_device("cpu").eval()
+
+    def record(self, *, stopped: bool, seconds: float) -> dict[str, Any]:
+        """This run's entry in the model's training record (``provenance["training"]``)."""
+        return {
+            "steps": self.step,
+            "seconds": round(seconds, 1),
+            "best_step": self.best_step if self.val else self.step,
+            "stopped": stopped,
+            "patch": self.patch,
+            "batch": self.batch,
+            "device": str(self.device),
+            "painted_pixels": [int(c) for c in self.data.counts],
+            "painted_share": round(painted_share(self.data), 4),
+            "anchor": self.config.anchor if self.teacher is not None else 0.0,
+            "intensity_shift": self.shift,
+            "validation_iou": (round(self.history[self.best_step][0], 4)
+                               if self.best_step in self.history else None),
+        }
+
+    def finish(self, *, stopped: bool, seconds: float) -> None:
+        """Put the kept weights into the model (on the CPU, eval mode) and add this run to
+        its training record."""
+        net, data, step = self.net, self.data, self.step
+        net.train(False)
+        if self.val:
+            net.load_state_dict(self.best_state)
+        elif self.ema_net is not None and step > 0:
+            net.load_state_dict(self.ema_net.state_dict())
+        elif stopped and step == 0:
+            net.load_state_dict(self.best_state)
+        net.eval()
+        net.to_device("cpu")
+        model = self.model
+        model.provenance.setdefault("training", []).append(
+            self.record(stopped=stopped, seconds=seconds))
+        if step > 0:
+            model.provenance.pop(_NEW_OUTPUT_LAYER, None)  # trained now
+        if data.object_diameter is not None:
+            model.provenance["object_diameter"] = round(data.object_diameter, 2)
+
+
 def _train(
     model: PaintsegModel,
     data: TrainingData,
@@ -179,176 +379,58 @@ def _train(
     should_stop: Callable[[], bool] | None,
     step_every: float,
 ) -> Iterator[TrainEvent]:
-    """The body of :func:`iter_train`."""
+    """The body of :func:`iter_train`: a :class:`TrainingRun` driven over the budget, with a
+    warm-up and a cosine decay of the learning rate."""
     cfg = config or TrainConfig()
     seconds, steps = cfg.budget
-    dev = resolve_device(device)
-    if tuple(model.class_values) != tuple(data.class_values):
-        raise InputError(
-            f"the model's classes {list(model.class_values)} differ from the painted classes "
-            f"{list(data.class_values)}; adapt the model first"
-        )
-    if model.config.dims != data.dims:
-        raise InputError(f"a {model.config.dims}D model cannot train on {data.dims}D patches")
-    check_channels(model, data.items[0].image.shape[0])
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    psize = cfg.patch_size or (64 if data.dims == 2 else 32)
-    batch = cfg.batch_size or (16 if data.dims == 2 else 4)
-    align = model.config.align
-    psize = max(align, int(math.ceil(psize / align) * align))
-    size = (psize,) * data.dims
-    net = model.network.to_device(dev)
-    net.train()
-    k = len(data.class_values)
-    freq = data.counts.astype(np.float64) + 1.0
-    weights_np = (1.0 / np.sqrt(freq))
-    weights_np = weights_np / weights_np.mean()
-    weights = torch.tensor(weights_np, dtype=torch.float32, device=dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    val, held = _val_batches(data, size, np.random.default_rng(
-        0 if cfg.seed is None else cfg.seed)) if data.has_validation else ([], np.zeros(0))
-    # the keep-best rule decides only on enough held-out pixels of every painted class; a
-    # model that was never trained (a new U-Net, or one with a new output layer) never
-    # returns its starting weights
-    decides = bool(val) and bool(np.all(held[data.counts > 0] >= MIN_HELD_OUT))
-    fresh = not continues_training(model)
-    best_state = copy.deepcopy({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
-    ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
-    # continuing a trained model: its own predictions on the unpainted pixels are a soft
-    # target, so that new strokes change the result where they must and little elsewhere;
-    # with every pixel painted there is nothing to hold, and its forward pass is skipped
-    teacher = copy.deepcopy(net).eval() if holds_to_predictions(model, data, anchor=cfg.anchor) \
-        else None
-    shift = intensity_shift(cfg, data, anchored=teacher is not None)
-    eval_net = ema_net if ema_net is not None else net
-    best_step = 0
-    history: dict[int, tuple[float, float]] = {}  # step -> (mean IoU, loss) of its validation
+    run = TrainingRun(model, data, cfg, device=resolve_device(device))
+    val = bool(run.val)
     t0 = time.perf_counter()
     last_report = last_val = t0
-    step = 0
-    # the last losses, left on the device and read only when reported: reading each step's
-    # would make the host wait for the GPU every step
-    recent: collections.deque[torch.Tensor] = collections.deque(maxlen=10)
     stopped = False
     warmup = 10
-
-    def recent_loss() -> float:
-        return float(torch.stack(tuple(recent)).mean()) if recent else 0.0
 
     def fraction() -> float:
         parts = []
         if seconds is not None:
             parts.append((time.perf_counter() - t0) / seconds)
         if steps is not None:
-            parts.append(step / steps)
+            parts.append(run.step / steps)
         return min(1.0, max(parts))
 
-    def eta() -> float | None:
+    def event(kind: EventKind, result: dict[str, Any] | None = None) -> TrainEvent:
         f = fraction()
         el = time.perf_counter() - t0
-        return el / f - el if f > 0 else None
-
-    def validate_now() -> TrainEvent:
-        nonlocal best_step, best_state
-        result = _validate(eval_net, val, dev, k, data.class_values, weights)
-        earlier = history.values() if decides else ()
-        if not _clearly_beaten(result["mean_iou"], result["loss"], earlier):
-            best_step = step
-            if step > 0:  # step 0: best_state already holds the starting weights
-                best_state = {kk: v.detach().cpu().clone()
-                              for kk, v in eval_net.state_dict().items()}
-        if step > 0 or not fresh:  # a new U-Net's starting weights are never a candidate
-            history[step] = (result["mean_iou"], result["loss"])
-        return TrainEvent(EventKind.VALIDATION, step, recent_loss(),
-                          time.perf_counter() - t0, eta(), fraction(), result, best_step)
+        loss = float(run.recent[-1]) if kind is EventKind.STEP else run.recent_loss()
+        return TrainEvent(kind, run.step, loss, el, el / f - el if f > 0 else None, f, result,
+                          run.best_step if val or kind is not EventKind.STEP else None)
 
     if val:  # score the starting weights: a retrain must beat them
-        yield validate_now()
+        yield event(EventKind.VALIDATION, run.validate())
     try:
         while fraction() < 1.0:
             if should_stop is not None and should_stop():
                 stopped = True
                 break
-            f = fraction()
-            lr = (cfg.learning_rate * min(1.0, (step + 1) / warmup)
-                  * 0.5 * (1 + math.cos(math.pi * f)))
-            for group in opt.param_groups:
-                group["lr"] = max(lr, cfg.learning_rate * 0.02)
-            xb_np, yb_np = _sample_batch(data, batch, size, rng)
-            xb = torch.from_numpy(xb_np).to(dev)
-            yb = torch.from_numpy(yb_np).to(dev)
-            if cfg.augment != "none":
-                xb, yb = _augment(xb, yb, gen, full=cfg.augment == "full")
-            # the network sees the patch with a brightness offset; the anchor's starting model
-            # the patch as it is, so the anchor keeps what the start predicts on the image
-            shown = _shift_intensity(xb, gen, shift) if shift > 0 else xb
-            # each member of the network fits the targets on its own (one member: the U-Net)
-            members = net.member_logits(shown)
-            painted_loss = sum(masked_loss(logits, yb, class_weights=weights,
-                                           dice_weight=cfg.dice_weight)
-                               for logits in members) / len(members)
-            loss = painted_loss
-            if teacher is not None:
-                with torch.no_grad():
-                    start_probs = torch.softmax(teacher(xb), 1)
-                loss = loss + cfg.anchor * sum(anchor_loss(logits, start_probs, yb)
-                                               for logits in members) / len(members)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema_net is not None:
-                with torch.no_grad():
-                    decay = min(cfg.ema, (1 + step) / (10 + step))
-                    for pe, pn in zip(ema_net.parameters(), net.parameters()):
-                        pe.lerp_(pn, 1 - decay)
-                    # buffers (batch-norm statistics) are not averaged but follow the network;
-                    # only the training network runs in train mode and updates them
-                    for be, bn in zip(ema_net.buffers(), net.buffers()):
-                        be.copy_(bn)
-            step += 1
-            recent.append(painted_loss.detach())  # reported: comparable across runs
+            lr = (cfg.learning_rate * min(1.0, (run.step + 1) / warmup)
+                  * 0.5 * (1 + math.cos(math.pi * fraction())))
+            run.train_step(max(lr, cfg.learning_rate * 0.02))
             now = time.perf_counter()
             if now - last_report >= step_every:
                 last_report = now
-                yield TrainEvent(EventKind.STEP, step, float(recent[-1]), now - t0, eta(),
-                                 fraction(), best_step=best_step if val else None)
+                yield event(EventKind.STEP)
             if val and now - last_val >= cfg.validate_every:
                 last_val = now
-                yield validate_now()
+                yield event(EventKind.VALIDATION, run.validate())
     finally:
-        net.train(False)
-    if val and step not in history and (not stopped or (fresh and best_step == 0 and step > 0)):
-        yield validate_now()  # the last weights, unless just scored (or stopped, where a new
-        # U-Net has nothing better kept)
-    if val:
-        net.load_state_dict(best_state)
-    elif ema_net is not None and step > 0:
-        net.load_state_dict(ema_net.state_dict())
-    elif stopped and step == 0:
-        net.load_state_dict(best_state)
-    net.eval()
-    net.to_device("cpu")
-    model.provenance.setdefault("training", []).append({
-        "steps": step,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "best_step": best_step if val else step,
-        "stopped": stopped,
-        "patch": psize,
-        "batch": batch,
-        "device": str(dev),
-        "painted_pixels": [int(c) for c in data.counts],
-        "painted_share": round(painted_share(data), 4),
-        "anchor": cfg.anchor if teacher is not None else 0.0,
-        "intensity_shift": shift,
-        "validation_iou": round(history[best_step][0], 4) if best_step in history else None,
-    })
-    if step > 0:
-        model.provenance.pop(_NEW_OUTPUT_LAYER, None)  # trained now
-    if data.object_diameter is not None:
-        model.provenance["object_diameter"] = round(data.object_diameter, 2)
-    yield TrainEvent(EventKind.DONE, step, recent_loss(),
+        run.net.train(False)
+    step = run.step
+    if val and step not in run.history and (
+            not stopped or (run.fresh and run.best_step == 0 and step > 0)):
+        # the last weights, unless just scored (or stopped, where a new U-Net has nothing
+        # better kept)
+        yield event(EventKind.VALIDATION, run.validate())
+    run.finish(stopped=stopped, seconds=time.perf_counter() - t0)
+    yield TrainEvent(EventKind.DONE, step, run.recent_loss(),
                      time.perf_counter() - t0, 0.0, 1.0, None,
-                     best_step if val else step, stopped)
+                     run.best_step if val else step, stopped)
