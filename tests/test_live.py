@@ -1,0 +1,180 @@
+"""The live session: training while the user paints (core, no Qt)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import paintseg.inference
+from paintseg.config import TrainConfig
+from paintseg.errors import InputError
+from paintseg.inference import segment
+from paintseg.model import load_model
+from paintseg.training import IGNORE
+from paintseg.training.live import LiveSession
+
+SAMPLES = Path(__file__).parents[1] / "src" / "paintseg" / "sample_data"
+
+
+@pytest.fixture(scope="module")
+def crop():
+    """A 256 x 256 crop of the DSB2018 sample, its truth (1 background, 2 nucleus)."""
+    img = tifffile.imread(SAMPLES / "nuclei2d.tif")[:256, :256]
+    gt = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")[:256, :256]
+    return img[..., None], np.where(gt > 0, 2, 1).astype(np.uint8)
+
+
+def strokes(sem: np.ndarray, rows: slice, n: int = 30, seed: int = 0) -> np.ndarray:
+    """Short strokes (3 x 12 px) with the true class, within ``rows``."""
+    lab = np.zeros(sem.shape, np.uint8)
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        y = int(rng.integers(rows.start, rows.stop - 3))
+        x = int(rng.integers(0, sem.shape[1] - 12))
+        lab[y : y + 3, x : x + 12] = sem[y : y + 3, x : x + 12]
+    return lab
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def sampled(session: LiveSession) -> np.ndarray:
+    """The painted pixels the session's training samples from now (a mask)."""
+    item = session._run.data.items[0]
+    return item.train_targets >= 0
+
+
+def test_strokes_painted_while_it_runs_enter_the_sampling_and_erased_ones_leave(crop):
+    img, sem = crop
+    top = strokes(sem, slice(0, 128))
+    s = LiveSession(img, top, config=TrainConfig(seed=0), device="cpu")
+    s.start()
+    try:
+        wait_for(lambda: s.step >= 3)
+        np.testing.assert_array_equal(sampled(s), top > 0)
+        both = top | strokes(sem, slice(128, 256), seed=1)
+        s.update_labels(both)
+        n = s.step
+        wait_for(lambda: s.step >= n + 2)  # one step to take them in, one with them
+        np.testing.assert_array_equal(sampled(s), both > 0)
+        erased = both.copy()
+        erased[128:] = 0
+        s.update_labels(erased)
+        n = s.step
+        wait_for(lambda: s.step >= n + 2)
+        assert not sampled(s)[128:].any()
+        assert (s._run.data.items[0].targets[128:] == IGNORE).all()
+    finally:
+        s.stop()
+    assert not s.running
+
+
+def test_strokes_steer_the_live_prediction(crop):
+    """Background painted as 'nucleus' in a box: the live prediction follows the user there,
+    and predicting from another thread runs the network on the loop's thread."""
+    img, sem = crop
+    lab = strokes(sem, slice(0, 256))
+    box = (slice(0, 40), slice(0, 40))
+    assert (sem[box] == 1).mean() > 0.9  # background there
+    s = LiveSession(img, lab, config=TrainConfig(seed=0), device="cpu")
+    s.start()
+    try:
+        wait_for(lambda: s.step >= 40)
+        before = s.predict(box).labels
+        assert (before == 2).mean() < 0.5
+        painted = lab.copy()
+        painted[box] = 2
+        s.update_labels(painted)
+        n = s.step
+        wait_for(lambda: s.step >= n + 120)
+        threads = []
+        original = paintseg.inference.segment
+
+        def watched(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        paintseg.inference.segment = watched
+        try:
+            after = s.predict(box)
+        finally:
+            paintseg.inference.segment = original
+        assert threads == ["paintseg-live"]
+        assert after.step >= n + 120
+        assert (after.labels == 2).mean() > 0.8
+        assert after.uncertainty.shape == after.labels.shape == (40, 40)
+        assert 0.0 <= after.uncertainty.min() and after.uncertainty.max() <= 1.0
+    finally:
+        s.stop()
+
+
+def test_stop_resume_and_save_give_a_normal_checkpoint(crop, tmp_path):
+    img, sem = crop
+    lab = strokes(sem, slice(0, 256))
+    given = lab.copy()
+    s = LiveSession(img, lab, config=TrainConfig(seed=0), device="cpu", name="crop")
+    lab[:] = 0  # the caller's array changes: the session trains on its own copy
+    s.start()
+    wait_for(lambda: s.step >= 10)
+    s.stop()
+    assert not s.running
+    k = s.step
+    time.sleep(0.3)
+    assert s.step == k  # stopped means stopped
+    np.testing.assert_array_equal(s.labels, given)
+    s.start()
+    wait_for(lambda: s.step >= k + 10)
+    s.stop()
+    path = s.save(tmp_path / "live.pt")
+    model = load_model(path)
+    assert model.class_values == (1, 2)
+    record = model.provenance["training"][-1]
+    assert record["live"] is True and record["steps"] == s.step
+    assert record["painted_pixels"] == [int((given == 1).sum()), int((given == 2).sum())]
+    # the checkpoint segments as the session predicts
+    whole = s.predict()
+    np.testing.assert_array_equal(segment(img[..., 0], model, axes="YX", snap=0,
+                                          device="cpu").labels, whole.labels)
+
+
+def test_it_waits_for_two_classes_and_grows_with_a_new_one(crop):
+    img, sem = crop
+    lab = strokes(sem, slice(0, 256))
+    only_bg = np.where(lab == 1, 1, 0).astype(np.uint8)
+    s = LiveSession(img, only_bg, config=TrainConfig(seed=0), device="cpu", name="crop")
+    with pytest.raises(InputError, match="crop: nothing trained yet: paint at least two"):
+        s.predict()
+    s.start()
+    try:
+        time.sleep(0.5)
+        assert s.step == 0
+        assert s.update_labels(lab)
+        wait_for(lambda: s.step >= 5)
+        third = lab.copy()
+        third[100:110, 100:140] = 3
+        s.update_labels(third)
+        n = s.step
+        wait_for(lambda: s.step >= n + 5)
+        model = s.model()
+        assert model.class_values == (1, 2, 3)
+        assert s.predict((slice(0, 64), slice(0, 64))).labels.max() <= 3
+    finally:
+        s.stop()
+
+
+def test_bad_input_names_the_image(crop):
+    img, sem = crop
+    with pytest.raises(InputError, match="crop: labels have shape"):
+        LiveSession(img, sem[:10], name="crop")
+    s = LiveSession(img, strokes(sem, slice(0, 256)), name="crop", device="cpu")
+    with pytest.raises(InputError, match="crop: region"):
+        s.predict((slice(10, 10), slice(0, 5)))
