@@ -8,12 +8,17 @@ an array the size of the result: the cost of any new layer, which the first segm
 pays. It also prints the training speed in the viewer as a ratio to
 the same training run without the widget in this process.
 
+Live mode is measured too: *Live* turned on with the same strokes, a few brush dabs painted
+on the displayed plane every 2 s, turned off after the training budget. Printed: the GUI gaps,
+the seconds from the toggle to the first prediction on screen, the seconds between the
+refreshes, and live training steps against the headless run's.
+
 ``--stack sample`` (default): training on the 2D sample, the 60x256x256 sample stack, a batch
 of 4 files of 512x512. ``--stack em``: a 32x768x1024 EM stack built from
 ``../shared/datasets/vnc-sstem`` (its 20 sections, then the same mirrored), membrane strokes on
 two of its slices, the whole stack segmented, a batch of 2 files of 16x768x1024.
 
-    DISPLAY=:99 python benchmarks/gui.py [--seconds 20] [--stack sample|em]
+    DISPLAY=:99 python benchmarks/gui.py [--seconds 20] [--stack sample|em] [--live-only]
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="training budget")
     parser.add_argument("--stack", choices=("sample", "em"), default="sample",
                         help="the data (see the docstring)")
+    parser.add_argument("--live-only", action="store_true",
+                        help="only the idle, training and live phases")
     args = parser.parse_args()
 
     import napari
@@ -57,6 +64,7 @@ def main() -> None:
             strokes[z][~truth[z] & (pick < 0.003)] = 1
             strokes[z][truth[z] & (pick < 0.01)] = 2
         train_pair = (stack[..., None], strokes)
+        sem = np.where(truth, 2, 1).astype(np.uint8)
         stack_name, stack_what = "em", "the 32x768x1024 EM stack"
         files = [stack[:16], stack[16:]]
         files_what = "batch of 2 files of 16x768x1024"
@@ -71,6 +79,7 @@ def main() -> None:
         strokes[top & gt & (rng.random(gt.shape) < 0.02)] = 2
         train_image, train_name = img2d, "nuclei2d"
         train_pair = (img2d[..., None], strokes)
+        sem = np.where(gt, 2, 1).astype(np.uint8)
         stack_name, stack_what = "nuclei3d", "the 60x256x256 stack"
         files = [np.roll(img2d, 50 * k, axis=0) for k in range(4)]
         files_what = "batch of 4 files of 512x512"
@@ -122,6 +131,59 @@ def main() -> None:
     measure(f"training a new U-Net, {args.seconds:.0f} s budget", w.train_tab.train_btn.click)
     gui_steps = w.model.provenance["training"][-1]["steps"]
 
+    # live mode: on with the same strokes, dabs painted every 2 s, off after the budget
+    live = w.train_tab.live
+    shown: list[float] = []
+    show = live._show
+    live._show = lambda pred, region: (shown.append(time.perf_counter()), show(pred, region))
+    lab.brush_size = 5
+
+    def dab() -> None:
+        z = (int(viewer.dims.current_step[0]),) if sem.ndim == 3 else ()
+        plane = sem[z] if z else sem
+        for _ in range(10):
+            y, x = (int(rng.integers(n)) for n in plane.shape)
+            lab.paint((*z, y, x), int(plane[y, x]))
+
+    painter = QTimer()
+    painter.setInterval(2000)
+    painter.timeout.connect(dab)
+    t_on: list[float] = []
+
+    def live_on() -> None:
+        t_on.append(time.perf_counter())
+        live.toggle.click()
+        painter.start()
+        QTimer.singleShot(int(args.seconds * 1000),
+                          lambda: (painter.stop(), live.toggle.click()))
+
+    sessions: list = []
+    started = live._progress
+
+    def progress(item) -> None:
+        if live.live is None and hasattr(item, "live"):
+            sessions.append(item.live)
+        started(item)
+
+    live._progress = progress
+    measure(f"live mode, {args.seconds:.0f} s, dabs every 2 s", live_on)
+    live_run = w.model.provenance["training"][-1]
+    live_steps = live_run["steps"]
+    refresh = np.diff(shown)
+    live_text = (f"live mode: first prediction on screen {shown[0] - t_on[0]:.1f} s after "
+                 f"the toggle; refreshes every {np.median(refresh):.1f} s (median, longest "
+                 f"{refresh.max():.1f} s); {live_steps} steps in {live_run['seconds']:.0f} s"
+                 if len(shown) > 1 else "live mode: fewer than two refreshes")
+    if sessions:
+        spent = sessions[0].spent
+        live_text += " (the loop's seconds: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in spent.items()) + ")"
+
+    if args.live_only:
+        viewer.close()
+        print(f"\ntraining steps in {args.seconds:.0f} s: in the viewer {gui_steps}; "
+              f"{live_text}; live / viewer's training {live_steps / max(gui_steps, 1):.2f}x")
+        return
     w.segment_tab.image.setCurrentText(stack_name)
     w.segment_tab.form["output"].value = "semantic"
     measure(f"segmenting {stack_what}", w.segment_tab.segment_btn.click)
@@ -159,6 +221,7 @@ def main() -> None:
     viewer.close()
     print(f"\ntraining steps in {args.seconds:.0f} s: in the viewer {gui_steps}, headless "
           f"{done.step}; viewer / headless {gui_steps / max(done.step, 1):.2f}x")
+    print(f"{live_text}; live / headless {live_steps / max(done.step, 1):.2f}x")
 
 
 if __name__ == "__main__":

@@ -542,3 +542,53 @@ def test_rgb_three_named_classes_and_a_missed_class_is_named(open_widget, tmp_pa
     agree = (np.where(seg == 0, 1, seg)[held] == truth[held]).mean()
     assert agree > 0.7, agree
     viewer.screenshot(str(tmp_path / "ihc.png"), canvas_only=False)
+
+
+def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
+    """Live on, then paint: each stroke reaches the session, the live layer (under the
+    strokes) shows the prediction of the view, uncertainty and 'where to paint next' appear;
+    Live off makes the trained model the current one. The strokes are never touched."""
+    viewer, w = viewer_widget
+    w.tabs.setCurrentIndex(1)
+    lab = w.new_labels_layer()
+    live = w.train_tab.live
+    live.toggle.click()  # on before anything is painted: it waits for two classes
+    assert w.jobs.name == "live" and live.toggle.isEnabled()
+    assert not w.segment_tab.segment_btn.isEnabled() and not w.train_tab.train_btn.isEnabled()
+    qtbot.waitUntil(lambda: live.live is not None, timeout=30_000)
+    assert live.live.step == 0
+    _paint_strokes(lab, gt2d, np.random.default_rng(0))  # the brush's paint events
+    painted = lab.data.copy()
+    qtbot.waitUntil(lambda: live.live.step >= 150, timeout=120_000)
+    step = live.live.step
+    qtbot.waitUntil(lambda: "nuclei2d live" in viewer.layers
+                    and live._layer("live") is not None and not live._inflight
+                    and w.train_tab.info.text().startswith("Live: step")
+                    and int(w.train_tab.info.text().split()[2].rstrip(",")) >= step,
+                    timeout=60_000)
+    names = [ly.name for ly in viewer.layers]
+    assert names.index("nuclei2d live") < names.index("nuclei2d paint")  # under the strokes
+    assert viewer.layers.selection.active is lab  # still painting on the same layer
+    region = live._visible_region()
+    shown = viewer.layers["nuclei2d live"].data[region] == 2
+    truth = gt2d[region]
+    assert (shown & truth).sum() / (shown | truth).sum() > 0.5
+    live.uncertain.setChecked(True)
+    qtbot.waitUntil(lambda: "nuclei2d uncertainty" in viewer.layers, timeout=30_000)
+    unc = viewer.layers["nuclei2d uncertainty"].data
+    assert 0 <= unc.min() and unc.max() <= 1 and unc.max() > 0
+    live.next_btn.click()
+    qtbot.waitUntil(lambda: "nuclei2d paint next" in viewer.layers, timeout=30_000)
+    assert len(viewer.layers["nuclei2d paint next"].data) == 1
+    live.toggle.click()  # off: the model is kept
+    assert w.jobs.wait(60_000)
+    assert w.model_source == "live U-Net (trained)" and not live.toggle.isChecked()
+    assert w.model.provenance["training"][-1]["live"] is True
+    assert w.segment_tab.segment_btn.isEnabled()
+    np.testing.assert_array_equal(lab.data, painted)  # the strokes are untouched
+    assert w.segment()
+    assert w.jobs.wait(60_000)
+    seg = viewer.layers["nuclei2d segmentation"].data
+    held = slice(256, 512)
+    iou = ((seg[held] == 2) & gt2d[held]).sum() / ((seg[held] == 2) | gt2d[held]).sum()
+    assert iou > 0.5, iou

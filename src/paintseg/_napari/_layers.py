@@ -21,6 +21,7 @@ __all__ = [
     "scope_region",
     "merge_region",
     "training_pair",
+    "most_uncertain_box",
 ]
 
 SCOPES = ("whole image", "current slice", "field of view")
@@ -144,3 +145,32 @@ def training_pair(image: Any, labels: Any, *, rgb: bool) -> tuple[np.ndarray, np
             "labels layer made for this image (use 'New labels layer')"
         )
     return (img if rgb else img[..., None]), lab
+
+
+def most_uncertain_box(uncertainty: np.ndarray, *, size: int = 64) -> tuple[slice, ...]:
+    """The ``size`` x ``size`` box (over the last two axes; the others' full extent) whose
+    mean uncertainty is highest: where a stroke would teach the model most.
+
+    Parameters
+    ----------
+    uncertainty : numpy.ndarray
+        2D, or more axes whose last two are the plane.
+    size : int
+        Edge of the box, in pixels (smaller where the image is smaller).
+    """
+    from scipy import ndimage as ndi
+
+    u = np.asarray(uncertainty, dtype=np.float32)
+    if u.ndim < 2 or u.size == 0:
+        raise ValueError(f"an uncertainty map of 2 or more axes is needed, got shape {u.shape}")
+    plane = u.reshape(-1, *u.shape[-2:]).mean(axis=0)
+    edge = [min(size, n) for n in plane.shape]
+    mean = ndi.uniform_filter(plane, size=edge, mode="nearest")
+    # a box centred at (y, x) must lie inside the image
+    lo = [e // 2 for e in edge]
+    hi = [n - (e - e // 2) + 1 for n, e in zip(plane.shape, edge)]
+    inner = mean[lo[0]:hi[0], lo[1]:hi[1]]
+    y, x = np.unravel_index(int(np.argmax(inner)), inner.shape)
+    y0, x0 = int(y), int(x)  # box start = centre - edge // 2 = index in ``inner``
+    full = tuple(slice(0, n) for n in u.shape[:-2])
+    return full + (slice(y0, y0 + edge[0]), slice(x0, x0 + edge[1]))

@@ -13,6 +13,7 @@ from ._choices import LayerChoice
 from ._forms import Field, build_form
 from ._jobs import Note
 from ._layers import training_pair
+from ._live import LiveControl
 from ._model_panel import ModelPanel
 from ._plot import LossPlot
 from ._segment_tab import SegmentTab, image_input, is_image
@@ -79,6 +80,8 @@ class TrainTab(QWidget):
         self.train_btn, self.stop_btn, row = run_stop_row(session.jobs, "Train", self.train,
                                                           "Stop (keep best)")
         lay.addRow(row)
+        self.live = LiveControl(session, self)
+        lay.addRow(self.live)
         self.bar = QProgressBar()
         lay.addRow(self.bar)
         self.plot = LossPlot()

@@ -188,6 +188,8 @@ class PaintsegWidget(QWidget):
             b.setEnabled(not busy)
         for b in (self.segment_tab.stop_btn, self.train_tab.stop_btn, self.batch_tab.stop_btn):
             b.setEnabled(busy)
+        # Live is turned off by its own toggle; it cannot start beside another job
+        self.train_tab.live.toggle.setEnabled(not busy or self.jobs.name == "live")
 
     def _watch_layer(self, event_or_layer: Any) -> None:
         layer = getattr(event_or_layer, "value", event_or_layer)

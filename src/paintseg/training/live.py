@@ -147,12 +147,17 @@ class LiveSession:
         self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = \
             queue.SimpleQueue()
         self._pending: TrainingData | None = None
+        self._offered: np.ndarray | None = None  # the newest labels handed over
+        self.error = ""  # why the newest labels handed over were refused
         self._run: TrainingRun | None = None
         self._run_steps = 0  # steps of the current run at its start (for the warm-up)
         self._running = False
         self._thread: threading.Thread | None = None  # started by start()
         self._loop_thread: threading.Thread | None = None  # running the loop now
-        self._seconds = 0.0  # training seconds over all runs of the loop
+        self._seconds = 0.0  # seconds the loop ran, over all its runs
+        #: Seconds the loop spent training, taking in labels and doing what was asked
+        #: (predictions, snapshots), over all its runs.
+        self.spent = {"training": 0.0, "labels": 0.0, "requests": 0.0}
         self._trains = False  # the current data has two painted classes or more
         self.waiting_for = "paint at least two classes"
         self.update_labels(labels)
@@ -181,8 +186,17 @@ class LiveSession:
         InputError
             ``labels`` do not have the image's spatial shape, or are not whole numbers >= 0.
         """
-        lab = np.array(_check_labels(labels, self._spatial, self.name), copy=True)
-        painted = _painted_values(lab)
+        return self._update(np.array(_check_labels(labels, self._spatial, self.name),
+                                     copy=True))
+
+    def _update(self, lab: np.ndarray) -> bool:
+        """:meth:`update_labels` with checked labels that are the session's own."""
+        planes = None
+        if self.dims == 2 and lab.ndim == 3:
+            # a 2D model samples only the planes that hold paint: the targets of those alone
+            # (a stack's whole would cost seconds for each stroke)
+            planes = np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1))
+        painted = _painted_values(lab if planes is None else lab[planes])
         with self._lock:
             known = self._classes
         run = self._run
@@ -202,7 +216,10 @@ class LiveSession:
                 self._trains = False
             self.waiting_for = "paint at least two classes"
             return False
-        data = _assemble([(self._norm, lab)],
+        image, painted_lab = self._norm, lab
+        if planes is not None:
+            image, painted_lab = self._norm[:, planes], lab[planes]
+        data = _assemble([(image, painted_lab)],
                          labels_kind="scribbles", class_values=values, class_names=names,
                          dims=self.dims, rng=np.random.default_rng(0),
                          validation_fraction=0.0, validation_block=64)
@@ -213,6 +230,29 @@ class LiveSession:
         self.waiting_for = ""
         self._wake.set()
         return True
+
+    def offer_labels(self, labels: np.ndarray) -> None:
+        """Hand over the newest labels without waiting (a GUI's way): the loop takes them in
+        before its next step (:meth:`update_labels` there); labels offered earlier and not yet
+        taken in are dropped. ``labels`` must be the caller's own copy. A refusal is kept in
+        :attr:`error` (empty when the newest labels were taken in)."""
+        with self._lock:
+            self._offered = labels
+            running = self._running
+        self._wake.set()
+        if not running:
+            self._take_offered()
+
+    def _take_offered(self) -> None:
+        with self._lock:
+            labels, self._offered = self._offered, None
+        if labels is None:
+            return
+        try:
+            self._update(_check_labels(labels, self._spatial, self.name))
+            self.error = ""
+        except InputError as exc:
+            self.error = str(exc)
 
     # ------------------------------------------------------------------ the loop
 
@@ -285,9 +325,16 @@ class LiveSession:
         done = self._seconds
         try:
             with flush_denormals():
+                spent = self.spent
                 while not (self._stop.is_set() or (should_stop is not None and should_stop())):
+                    t = time.perf_counter()
+                    self._take_offered()
                     self._take_pending()
+                    t1 = time.perf_counter()
                     self._serve()
+                    t2 = time.perf_counter()
+                    spent["labels"] += t1 - t
+                    spent["requests"] += t2 - t1
                     if self._run is None or not self._trains:
                         self._wake.wait(0.05)
                         self._wake.clear()
@@ -296,6 +343,7 @@ class LiveSession:
                     lr = self._config.learning_rate * min(
                         1.0, (run.step - self._run_steps + 1) / _WARMUP)
                     run.train_step(lr)
+                    spent["training"] += time.perf_counter() - t2
                     self._seconds = done + time.perf_counter() - t0
                     if on_step is not None:
                         on_step(self)

@@ -35,7 +35,7 @@ def _check_labels(labels: np.ndarray, shape: tuple[int, ...], name: str) -> np.n
             raise InputError(f"{name}: labels must be whole numbers (got {labels.dtype} values)")
     elif labels.dtype.kind not in "biu":
         raise InputError(f"{name}: labels must be integers, got {labels.dtype}")
-    if labels.size and labels.min() < 0:
+    if labels.size and labels.dtype.kind != "u" and labels.min() < 0:
         raise InputError(f"{name}: labels must be >= 0 (0 = not painted), found {labels.min()}")
     return labels
 
