@@ -1,0 +1,193 @@
+"""Live mode with a simulated user, beside an ilastik-style forest's live update.
+
+Per task and draw: the user starts with a few strokes on one plane (0.1 % of its pixels,
+split over the classes) and turns Live on. Every ``--every`` seconds of training the user
+looks at the current prediction of that plane and adds strokes (0.1 % of the plane each time)
+where it is most wrong (``--where errors``: each class's largest error regions, as
+:func:`interactive.add_corrections` with ``where="largest"``) or where the model is least
+sure (``--where uncertain``: the most uncertain tenth of the plane, each stroke with its true
+class), for ``--seconds`` in all. The forest gets the same protocol with its own predictions
+and uncertainty, refitted after each round of strokes (ilastik's live update; its fitting
+time is not counted). Both are scored at each tick by the mean IoU of the object classes on
+the task's held-out images (:func:`interactive.dataset`), paintseg by a snapshot of its
+averaged weights segmented as ``paintseg segment`` does; the session is paused meanwhile,
+so the time axis is training time.
+
+Also measured, on the same session: the latency from the start (strokes of two classes
+painted) to the first prediction of the plane, each later prediction's seconds while the
+session trains, and live training steps per second against a headless
+:func:`~paintseg.training.iter_train` of the same model for ``--headless`` seconds in the same
+process.
+
+Needs scikit-learn for the forest: ``pip install torch==2.13.0 -e ".[bench]"``.
+
+Usage::
+
+    python benchmarks/live.py [--datasets dsb2018 nuclei3d usiigaci] [--seeds 0]
+        [--seconds 120] [--every 10] [--where errors uncertain] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+from interactive import (
+    FIX_Z,
+    add_corrections,
+    axes_of,
+    class_map,
+    dataset,
+    object_iou,
+    random_forest,
+    simulate_strokes,
+)
+
+from paintseg.config import TrainConfig
+from paintseg.devices import describe_device, resolve_device
+from paintseg.inference import default_snap, segment
+from paintseg.training import iter_train
+from paintseg.training.live import LiveSession
+
+FIRST = 0.001  # the first strokes: this share of the plane's pixels
+EACH = 0.001  # each round of strokes
+
+
+def uncertain_strokes(plane: np.ndarray, unsure: np.ndarray, truth: np.ndarray, *,
+                      rng: np.random.Generator, amount: int) -> None:
+    """Strokes with the true class in the most uncertain tenth of ``plane`` (in place)."""
+    hot = unsure >= np.quantile(unsure, 0.9)
+    k = int(truth.max())
+    strokes = simulate_strokes(truth, fraction=amount / truth.size, rng=rng, erode=0,
+                               regions=[hot & (truth == v) for v in range(1, k + 1)])
+    new = (strokes > 0) & (plane == 0)
+    plane[new] = strokes[new]
+
+
+def run(name: str, seed: int, *, seconds: float, every: float, where: str, device,
+        headless: float) -> dict:
+    rng = np.random.default_rng(seed)
+    task = dataset(name, rng, corrections=True)
+    k, fz, truth = task.fix
+    img = task.train[k][0]
+    classes = len(task.names)
+    amount = int(EACH * truth.size)
+
+    def plane_of(labels: np.ndarray) -> np.ndarray:
+        return labels if fz is None else labels[fz]
+
+    start = np.zeros(img.shape, np.uint8)
+    plane_of(start)[:] = simulate_strokes(truth, fraction=FIRST, rng=rng,
+                                          min_share=task.min_share)
+    region = tuple(slice(0, n) for n in img.shape)
+    if fz is not None:
+        region = (slice(fz, fz + 1), *region[1:])
+    ours, theirs = start.copy(), start.copy()
+    session = LiveSession(img[..., None], ours, config=TrainConfig(seed=seed), device=device,
+                          name=name)
+    t0 = time.perf_counter()
+    session.start()
+    while session.step < 1:  # the first prediction from trained weights
+        time.sleep(0.005)
+    session.predict(region, background_class=None)
+    latency = time.perf_counter() - t0
+    curve = []
+    predict_s = []
+    tick = every
+    while True:
+        while session.seconds < tick:
+            time.sleep(0.05)
+        t = time.perf_counter()
+        pred = session.predict(region, background_class=None)  # while it trains
+        predict_s.append(time.perf_counter() - t)
+        session.stop()
+        model = session.model()
+        maps = [class_map(segment(x, model, axes=axes_of(x), device=device,
+                                  snap=default_snap(model)).labels, classes)
+                for x, _, _ in task.test]
+        ours_iou = object_iou(maps, task.test)
+        fix_entry = (img, None, None if fz is None else [fz])
+        fpreds, funsure, _, _ = random_forest([(img, theirs)], [*task.test, fix_entry],
+                                              uncertainty=True)
+        forest_iou = object_iou(fpreds[:-1], task.test)
+        curve.append((round(session.seconds, 1), session.step, ours_iou, forest_iou))
+        print(f"  {session.seconds:6.1f} s, step {session.step:4d}: paintseg {ours_iou:.3f}, "
+              f"forest {forest_iou:.3f}  (strokes {int((ours > 0).sum())} / "
+              f"{int((theirs > 0).sum())} px)", flush=True)
+        if tick >= seconds:
+            break
+        mine = pred.labels.reshape(truth.shape)
+        theirs_pred = plane_of(fpreds[-1])
+        if where == "errors":
+            add_corrections(plane_of(ours), mine, truth, painted=2 * amount, rng=rng,
+                            min_share=task.min_share, where="largest")
+            add_corrections(plane_of(theirs), theirs_pred, truth, painted=2 * amount,
+                            rng=rng, min_share=task.min_share, where="largest")
+        else:
+            uncertain_strokes(plane_of(ours), pred.uncertainty.reshape(truth.shape), truth,
+                              rng=rng, amount=amount)
+            uncertain_strokes(plane_of(theirs), plane_of(funsure[-1]), truth, rng=rng,
+                              amount=amount)
+        session.update_labels(ours)
+        session.start()
+        tick += every
+    live_rate = session.step / session.seconds
+    # headless throughput of the same model and strokes, same process
+    model = copy.deepcopy(session._run.model)
+    steps = 0
+    for ev in iter_train(model, session._run.data, TrainConfig(time_budget=headless, seed=seed,
+                                                               validation_fraction=0),
+                         device=device):
+        steps = ev.step
+    headless_rate = steps / headless
+    print(f"  first prediction {latency:.1f} s after the start; predictions while training "
+          f"{np.median(predict_s):.2f} s (median of {len(predict_s)}); steps/s live "
+          f"{live_rate:.1f}, headless {headless_rate:.1f} ({live_rate / headless_rate:.2f}x)")
+    return {"curve": curve, "latency": latency, "predict_s": float(np.median(predict_s)),
+            "live_per_headless": live_rate / headless_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="live mode with a simulated user, beside a "
+                                                 "forest's live update (needs scikit-learn)")
+    parser.add_argument("--datasets", nargs="+", default=["dsb2018", "nuclei3d", "usiigaci"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--every", type=float, default=10.0)
+    parser.add_argument("--where", nargs="+", choices=["errors", "uncertain"],
+                        default=["errors", "uncertain"])
+    parser.add_argument("--headless", type=float, default=20.0,
+                        help="seconds of the headless throughput reference")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        parser.exit(1, 'live.py: the forest needs scikit-learn: '
+                       'pip install torch==2.13.0 -e ".[bench]"\n')
+    device = resolve_device(args.device)
+    print(f"device: {describe_device(device)}; cells3d strokes on slice {FIX_Z}")
+    results = {}
+    for name in args.datasets:
+        for where in args.where:
+            for seed in args.seeds:
+                print(f"\n{name}, strokes where {where}, seed {seed}:", flush=True)
+                results[name, where, seed] = run(name, seed, seconds=args.seconds,
+                                                 every=args.every, where=where,
+                                                 device=device, headless=args.headless)
+    print("\nsummary (IoU at the last tick, paintseg / forest; first tick where paintseg "
+          "leads from then on)")
+    for (name, where, seed), r in results.items():
+        curve = r["curve"]
+        lead = next((t for i, (t, _, _, _) in enumerate(curve)
+                     if all(a > b for _, _, a, b in curve[i:])), None)
+        print(f"  {name:10s} {where:9s} seed {seed}: {curve[-1][2]:.3f} / {curve[-1][3]:.3f}, "
+              f"ahead from {lead if lead is not None else '-'} s; first prediction "
+              f"{r['latency']:.1f} s, refresh {r['predict_s']:.2f} s, live/headless "
+              f"{r['live_per_headless']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
