@@ -16,7 +16,6 @@ through a queued Qt signal.
 
 from __future__ import annotations
 
-import copy
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -172,9 +171,10 @@ class LiveControl(QWidget):
         labels_name = labels_layer.name
 
         def job(report, should_stop):
-            live = LiveSession(img, lab, base=copy.deepcopy(base) if base is not None else None,
-                               dims=dims, preset=preset, device=device, class_names=names,
-                               name=f"'{labels_name}'")
+            # the session trains a copy of the base model, made here (no torch on the GUI
+            # thread, see _jobs.py)
+            live = LiveSession(img, lab, base=base, dims=dims, preset=preset, device=device,
+                               class_names=names, name=f"'{labels_name}'")
             report(_Started(live))
             last = [0.0]
 

@@ -21,7 +21,9 @@ The package's modules follow the steps of a run:
 - :mod:`.data`: normalised images, held-out blocks, patch sampling;
 - :mod:`.augment`: flips, rotations, intensity, noise, deformation;
 - :mod:`.losses`: the loss on painted pixels and the anchor of a continued model;
-- :mod:`.loop`: :func:`iter_train` and the rule for the weights kept;
+- :mod:`.loop`: :class:`TrainingRun` (one run's steps, averaged weights and validation),
+  :func:`iter_train` and the rule for the weights kept;
+- :mod:`.live`: :class:`LiveSession`, training while the user paints;
 - :mod:`.events`: :class:`TrainEvent`, what the loop yields;
 - :mod:`.messages`: what the CLI and napari tell the user about a run;
 - :mod:`.prepare`: from painted images to a model ready to train, and :func:`train`.
@@ -33,7 +35,8 @@ from __future__ import annotations
 
 from .data import TrainingData, check_channels, median_diameter, painted_share, prepare_data
 from .events import EventKind, TrainEvent
-from .loop import MIN_HELD_OUT, iter_train
+from .live import LivePrediction, LiveSession
+from .loop import MIN_HELD_OUT, TrainingRun, iter_train
 from .losses import (
     anchor_loss,
     continues_training,
@@ -80,6 +83,9 @@ __all__ = [
     "continues_training",
     "intensity_shift",
     "iter_train",
+    "TrainingRun",
+    "LiveSession",
+    "LivePrediction",
     "train",
     "PRESETS",
     "PRESETS_3D",
