@@ -24,6 +24,7 @@ import numpy as np
 from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QWidget
 
+from ._jobs import Note
 from ._layers import most_uncertain_box, scope_region, training_pair
 from ._segment_tab import image_input
 from ._session import ROLE, SOURCE, Session, UserError
@@ -137,7 +138,7 @@ class LiveControl(QWidget):
     def start(self) -> bool:
         """Start training live on the Train tab's image and labels; True if started."""
         from ..devices import resolve_device
-        from ..training import EventKind, TrainEvent, check_channels
+        from ..training import EventKind, TrainEvent, check_channels, collapse_text
         from ..training.live import LiveSession
 
         s, tab, mp = self.session, self.tab, self.tab.model_panel
@@ -191,6 +192,10 @@ class LiveControl(QWidget):
             model = live.model()
             runs = model.provenance.get("training") or [{}]
             runs[-1]["data"] = f"labels '{labels_name}' on image '{image.name}' (napari, live)"
+            # as after a normal run: a painted class the model misses is named
+            missed = collapse_text(model, live.training_data, device=device)
+            if missed:
+                report(Note(f"{missed[0].upper()}{missed[1:]}.", warning=True))
             return model, live
 
         started = s.jobs.start("live", job, on_progress=self._progress, on_done=self._ended,
@@ -207,6 +212,7 @@ class LiveControl(QWidget):
         camera.events.zoom.connect(self._view_moved)
         viewer.dims.events.current_step.connect(self._view_moved)
         tab.plot.clear()
+        tab._warning = None
         # no busy (indeterminate) bar: its animation repaints the panel all the time, which
         # cost live training half its steps under a software-rendered display
         tab.bar.setMaximum(1000)
@@ -229,6 +235,9 @@ class LiveControl(QWidget):
         viewer.dims.events.current_step.disconnect(self._view_moved)
 
     def _progress(self, item: Any) -> None:
+        if isinstance(item, Note):
+            self.tab._progress(item)  # kept on the Train tab, as after Train
+            return
         if isinstance(item, _Started):
             self.live = item.live
             self.next_btn.setEnabled(True)
@@ -265,8 +274,9 @@ class LiveControl(QWidget):
         msg = (f"Live training done: {live.step} steps in {live.seconds:.0f} s. The model is "
                "the current one: Segment the whole image, or Save it.")
         self.tab.bar.setValue(1000)
-        self.tab.info.setText(msg)
-        s.notify(msg)
+        warning = self.tab._warning
+        self.tab.info.setText(f"{msg}\n{warning}" if warning else msg)
+        s.notify(f"{msg} {warning}" if warning else msg, "warning" if warning else "info")
 
     def _failed(self, exc: BaseException) -> None:
         self._finish()

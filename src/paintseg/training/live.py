@@ -44,6 +44,12 @@ T = TypeVar("T")
 _WARMUP = 10
 
 
+def live_learning_rate(peak: float, step: int, run_step: int) -> float:
+    """The learning rate of a live session's ``step`` (``run_step``: steps since the run
+    began, for the warm-up)."""
+    return peak * min(1.0, (run_step + 1) / _WARMUP)
+
+
 @dataclass(frozen=True)
 class LivePrediction:
     """What :meth:`LiveSession.predict` returns for a region.
@@ -274,6 +280,12 @@ class LiveSession:
         return 0.0 if run is None else run.recent_loss()
 
     @property
+    def training_data(self) -> TrainingData | None:
+        """What the loop samples from now (None before two classes were painted)."""
+        run = self._run
+        return None if run is None else run.data
+
+    @property
     def seconds(self) -> float:
         """Seconds the loop has run, over all its runs."""
         return self._seconds
@@ -340,9 +352,8 @@ class LiveSession:
                         self._wake.clear()
                         continue
                     run = self._run
-                    lr = self._config.learning_rate * min(
-                        1.0, (run.step - self._run_steps + 1) / _WARMUP)
-                    run.train_step(lr)
+                    run.train_step(live_learning_rate(self._config.learning_rate, run.step,
+                                                      run.step - self._run_steps))
                     spent["training"] += time.perf_counter() - t2
                     self._seconds = done + time.perf_counter() - t0
                     if on_step is not None:
