@@ -1,11 +1,18 @@
-"""The widget's pure helpers: axes of layer data, the region a user asked for, merging."""
+"""The widget's pure helpers: axes of layer data, the region a user asked for, merging, the
+most uncertain box."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from paintseg._napari._layers import layer_axes, merge_region, scope_region, training_pair
+from paintseg._napari._layers import (
+    layer_axes,
+    merge_region,
+    most_uncertain_box,
+    scope_region,
+    training_pair,
+)
 from paintseg.errors import InputError
 
 
@@ -61,3 +68,17 @@ def test_training_pair_copies_and_checks_shapes():
     assert x.shape == (8, 9, 3)
     with pytest.raises(InputError, match=r"\(8, 9\).*\(8, 10\)"):
         training_pair(np.zeros((8, 10)), lab, rgb=False)
+
+
+def test_most_uncertain_box_finds_the_unsure_region():
+    u = np.zeros((200, 300), np.float32)
+    u[150:190, 20:60] = 1.0
+    assert most_uncertain_box(u, size=40) == (slice(150, 190), slice(20, 60))
+    # near an edge the box stays inside the image; a stack plane keeps its leading axis
+    u = np.zeros((1, 100, 100), np.float32)
+    u[0, :10, 90:] = 1.0
+    assert most_uncertain_box(u, size=20) == (slice(0, 1), slice(0, 20), slice(80, 100))
+    # an image smaller than the box: the whole image
+    assert most_uncertain_box(np.zeros((30, 20)), size=64) == (slice(0, 30), slice(0, 20))
+    with pytest.raises(ValueError, match="2 or more axes"):
+        most_uncertain_box(np.zeros(5))

@@ -17,12 +17,14 @@ own team of OpenMP helper threads; see docs/architecture.md).
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,9 +46,9 @@ T = TypeVar("T")
 _WARMUP = 10
 
 
-def live_learning_rate(peak: float, step: int, run_step: int) -> float:
-    """The learning rate of a live session's ``step`` (``run_step``: steps since the run
-    began, for the warm-up)."""
+def live_learning_rate(peak: float, run_step: int) -> float:
+    """The learning rate of a live session's step ``run_step`` of its current run: the
+    warm-up of :func:`~.loop.iter_train`, then ``peak`` for as long as the session trains."""
     return peak * min(1.0, (run_step + 1) / _WARMUP)
 
 
@@ -352,7 +354,7 @@ class LiveSession:
                         self._wake.clear()
                         continue
                     run = self._run
-                    run.train_step(live_learning_rate(self._config.learning_rate, run.step,
+                    run.train_step(live_learning_rate(self._config.learning_rate,
                                                       run.step - self._run_steps))
                     spent["training"] += time.perf_counter() - t2
                     self._seconds = done + time.perf_counter() - t0
@@ -451,7 +453,7 @@ class LiveSession:
         """
         return self._call(self._snapshot, timeout)
 
-    def save(self, path: str, *, timeout: float | None = None) -> Any:
+    def save(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> Path:
         """Save :meth:`model` as a checkpoint (atomically); returns its path."""
         return save_model(self.model(timeout=timeout), path)
 
