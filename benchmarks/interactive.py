@@ -125,6 +125,15 @@ def simulate_strokes(truth: np.ndarray, *, fraction: float, rng: np.random.Gener
     return out
 
 
+def require_sklearn(parser: argparse.ArgumentParser) -> None:
+    """Exit with the install command when scikit-learn (the forest) is missing."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        parser.exit(1, f'{parser.prog}: the forest needs scikit-learn: '
+                       'pip install torch==2.13.0 -e ".[bench]"\n')
+
+
 def random_forest(train, test, *, max_pixels: int = 200_000, uncertainty: bool = False):
     """ilastik-style pixel classifier: 2D features per slice, the image (or the whole stack)
     normalised by its 1st / 99.8th percentiles, as paintseg normalises it; fitted on at most
@@ -613,11 +622,7 @@ def main() -> None:
                              "unpainted slice, the out-of-focus ends included; both = each "
                              "method scored both ways")
     args = parser.parse_args()
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        parser.exit(1, 'interactive.py: the forest needs scikit-learn: '
-                       'pip install torch==2.13.0 -e ".[bench]"\n')
+    require_sklearn(parser)
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; paintseg budget {args.budget:.0f} s")
     summary = {}

@@ -43,6 +43,7 @@ from interactive import (
     dataset,
     object_iou,
     random_forest,
+    require_sklearn,
     simulate_strokes,
 )
 
@@ -164,11 +165,7 @@ def main() -> None:
                         help="seconds of the headless throughput reference")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        parser.exit(1, 'live.py: the forest needs scikit-learn: '
-                       'pip install torch==2.13.0 -e ".[bench]"\n')
+    require_sklearn(parser)
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; cells3d strokes on slice {FIX_Z}")
     results = {}

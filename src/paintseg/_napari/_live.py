@@ -25,8 +25,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QWidget
 
 from ._jobs import Note
-from ._layers import most_uncertain_box, scope_region, training_pair
-from ._segment_tab import image_input
+from ._layers import most_uncertain_box, scope_region
 from ._session import ROLE, SOURCE, Session, UserError
 
 __all__ = ["LiveControl", "REFRESH_S"]
@@ -138,31 +137,18 @@ class LiveControl(QWidget):
     def start(self) -> bool:
         """Start training live on the Train tab's image and labels; True if started."""
         from ..devices import resolve_device
-        from ..training import EventKind, TrainEvent, check_channels, collapse_text
+        from ..training import EventKind, TrainEvent, collapse_text
         from ..training.live import LiveSession
 
         s, tab, mp = self.session, self.tab, self.tab.model_panel
         try:
             if s.jobs.busy:
                 raise UserError("Wait for the running job to end (or stop it) first.")
-            image = s.layer(tab.image.currentText(), "an image layer")
-            labels_layer = s.layer(tab.labels.currentText(), "a labels layer to paint on")
-            data, axes, lshape = image_input(image)
-            form = tab.form.values()
+            image, labels_layer, img, lab, base, dims, form = tab.painted_input()
             if form["labels_kind"] != "scribbles":
                 raise UserError("Live mode learns from strokes: set 'Labels are' to "
                                 "scribbles.")
-            base = s.require_model() if form["continue_model"] else None
-            dims = base.config.dims if base is not None else mp.new_dims()
-            if "T" in axes:
-                raise UserError("Live mode does not take time series: paint on a single "
-                                "time point (duplicate it as its own layer).")
-            if dims == 3 and "Z" not in axes:
-                raise UserError("A 3D model trains on 3D stacks; this image is 2D.")
-            img, lab = training_pair(data, labels_layer.data, rgb=bool(image.rgb))
-            if base is not None:
-                check_channels(base, img.shape[-1], model_name=f"'{s.source}'",
-                               images=f"'{image.name}'")
+            lshape = lab.shape
             device = resolve_device(s.device)
             preset = mp.preset.currentText()
         except Exception as exc:  # noqa: BLE001 - shown to the user

@@ -166,13 +166,47 @@ class TrainTab(QWidget):
         self._update_legend()
         return layer
 
+    def painted_input(self) -> tuple[Any, Any, np.ndarray, np.ndarray, Any, int, dict]:
+        """What *Train* and *Live* start from, checked before any work: the image and labels
+        layers, copies of their data (:func:`training_pair`), the model to continue (None: a
+        new U-Net), its dimensionality and the form's values.
+
+        Raises
+        ------
+        UserError, InputError
+            A layer is missing, the image is a time series, a 3D model on a 2D image, the
+            labels do not fit the image, or the model to continue takes other channels.
+        """
+        from ..errors import InputError
+        from ..training import check_channels
+
+        s = self.session
+        image = s.layer(self.image.currentText(), "an image layer")
+        labels_layer = s.layer(self.labels.currentText(), "a labels layer you painted on")
+        data, axes, _lshape = image_input(image)
+        form = self.form.values()
+        base = s.require_model() if form["continue_model"] else None
+        dims = base.config.dims if base is not None else self.model_panel.new_dims()
+        if "T" in axes:
+            raise UserError("Training on time series is not supported yet: paint on a "
+                            "single time point (duplicate it as its own layer).")
+        if dims == 3 and "Z" not in axes:
+            raise UserError("A 3D model trains on 3D stacks; this image is 2D.")
+        img, lab = training_pair(data, labels_layer.data, rgb=bool(image.rgb))
+        if base is not None:  # said here, before any work, not by the training job
+            try:
+                check_channels(base, img.shape[-1], model_name=f"'{s.source}'",
+                               images=f"'{image.name}'")
+            except InputError as exc:
+                raise UserError(f"{exc}: untick 'Continue from the current model' to "
+                                "train a new U-Net on it.") from None
+        return image, labels_layer, img, lab, base, dims, form
+
     def train(self) -> bool:
         """Fine-tune on the painted labels in the background; True if started."""
         from ..devices import resolve_device
-        from ..errors import InputError
         from ..training import (
             EventKind,
-            check_channels,
             collapse_text,
             disagreement_text,
             iter_train,
@@ -181,25 +215,7 @@ class TrainTab(QWidget):
 
         s, mp = self.session, self.model_panel
         try:
-            image = s.layer(self.image.currentText(), "an image layer")
-            labels_layer = s.layer(self.labels.currentText(), "a labels layer you painted on")
-            data, axes, _lshape = image_input(image)
-            form = self.form.values()
-            base = s.require_model() if form["continue_model"] else None
-            dims = base.config.dims if base is not None else mp.new_dims()
-            if "T" in axes:
-                raise UserError("Training on time series is not supported yet: paint on a "
-                                "single time point (duplicate it as its own layer).")
-            if dims == 3 and "Z" not in axes:
-                raise UserError("A 3D model trains on 3D stacks; this image is 2D.")
-            img, lab = training_pair(data, labels_layer.data, rgb=bool(image.rgb))
-            if base is not None:  # said here, before any work, not by the training job
-                try:
-                    check_channels(base, img.shape[-1], model_name=f"'{s.source}'",
-                                   images=f"'{image.name}'")
-                except InputError as exc:
-                    raise UserError(f"{exc}: untick 'Continue from the current model' to "
-                                    "train a new U-Net on it.") from None
+            image, labels_layer, img, lab, base, dims, form = self.painted_input()
             if form["time_budget"] is None and form["steps"] is None:
                 raise UserError("Set a time budget or a number of steps.")
             config = TrainConfig(time_budget=form["time_budget"], steps=form["steps"])

@@ -501,7 +501,6 @@ class LiveSession:
 
     def _predict(self, region: tuple[slice, ...], background_class: int | None
                  ) -> LivePrediction:
-        from ..config import TileConfig
         from ..inference import default_halo, segment
 
         model = self._snapshot()
@@ -517,7 +516,7 @@ class LiveSession:
         axes = ("ZYX" if spatial == 3 else "YX") + "C"
         result = segment(crop, model, axes=axes, device=self._device,
                          background_class=None, return_probabilities=True,
-                         intensity_range=self._range, snap=0, tiles=TileConfig())
+                         intensity_range=self._range, snap=0)
         inner = tuple(slice(sl.start - c.start, sl.stop - c.start)
                       for sl, c in zip(region, context))
         probs = np.asarray(result.probabilities)[(slice(None), *inner)]
