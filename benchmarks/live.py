@@ -20,19 +20,27 @@ seconds, and live training steps per second against a headless
 :func:`~paintseg.training.iter_train` of the same model for ``--headless`` seconds in the same
 process.
 
-Needs scikit-learn for the forest: ``pip install torch==2.13.0 -e ".[bench]"``.
+``--json`` writes the curves after each run (so a stopped run keeps what it measured);
+``--plot`` draws them, one panel per task and kind of strokes (needs matplotlib);
+``--replot JSON`` draws a saved file again without running anything.
+
+Needs scikit-learn for the forest and matplotlib for the plot:
+``pip install torch==2.13.0 -e ".[bench]"``.
 
 Usage::
 
     python benchmarks/live.py [--datasets dsb2018 nuclei3d usiigaci] [--seeds 0]
         [--seconds 120] [--every 10] [--where errors uncertain] [--device auto]
+        [--json live.json] [--plot docs/images/live_curves.png] [--replot live.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 from interactive import (
@@ -152,6 +160,46 @@ def run(name: str, seed: int, *, seconds: float, every: float, where: str, devic
             "live_per_headless": live_rate / headless_rate}
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """One panel per task and kind of strokes: object IoU on the held-out images against
+    training time, paintseg (as *Segment* gives it, and the live layer's arg-max) beside the
+    forest; one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["task"], r["where"]) for r in results},
+                    key=lambda p: ([r["task"] for r in results].index(p[0]), p[1]))
+    tasks = list(dict.fromkeys(t for t, _ in panels))
+    kinds = list(dict.fromkeys(w for _, w in panels))
+    fig, axes = plt.subplots(len(kinds), len(tasks), figsize=(3.6 * len(tasks),
+                             3.0 * len(kinds)), squeeze=False, sharey=True)
+    for r in results:
+        ax = axes[kinds.index(r["where"])][tasks.index(r["task"])]
+        t = [c[0] for c in r["curve"]]
+        first = r["seed"] == min(x["seed"] for x in results
+                                 if (x["task"], x["where"]) == (r["task"], r["where"]))
+        ax.plot(t, [c[2] for c in r["curve"]], "-o", color="C0", ms=3,
+                label="paintseg (Segment)" if first else None)
+        ax.plot(t, [c[4] for c in r["curve"]], ":", color="C0",
+                label="paintseg live layer (arg-max)" if first else None)
+        ax.plot(t, [c[3] for c in r["curve"]], "-s", color="C1", ms=3,
+                label="forest, live update" if first else None)
+        ax.set_title(f"{r['task']}: strokes where {r['where']}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("training time (s)")
+    for row in axes:
+        row[0].set_ylabel("object IoU, held-out images")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="live mode with a simulated user, beside a "
                                                  "forest's live update (needs scikit-learn)")
@@ -164,8 +212,22 @@ def main() -> None:
     parser.add_argument("--headless", type=float, default=20.0,
                         help="seconds of the headless throughput reference")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="write the curves here after each run")
+    parser.add_argument("--plot", type=Path, help="draw the curves into this PNG")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only draw the curves of a saved --json file (into --plot)")
     args = parser.parse_args()
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PNG")
+        plot(json.loads(args.replot.read_text()), args.plot)
+        return
     require_sklearn(parser)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error('--plot needs matplotlib: pip install -e ".[bench]"')
     device = resolve_device(args.device)
     print(f"device: {describe_device(device)}; cells3d strokes on slice {FIX_Z}")
     results = {}
@@ -176,6 +238,10 @@ def main() -> None:
                 results[name, where, seed] = run(name, seed, seconds=args.seconds,
                                                  every=args.every, where=where,
                                                  device=device, headless=args.headless)
+                saved = [{"task": n, "where": w, "seed": s, **r}
+                         for (n, w, s), r in results.items()]
+                if args.json:
+                    args.json.write_text(json.dumps(saved, indent=1))
     print("\nsummary (IoU at the last tick, paintseg / forest; first tick where paintseg "
           "leads from then on)")
     for (name, where, seed), r in results.items():
@@ -187,6 +253,8 @@ def main() -> None:
               f"ahead from {lead if lead is not None else '-'} s; first prediction "
               f"{r['latency']:.1f} s, refresh {r['predict_s']:.2f} s, live/headless "
               f"{r['live_per_headless']:.2f}x")
+    if args.plot:
+        plot(saved, args.plot)
 
 
 if __name__ == "__main__":
