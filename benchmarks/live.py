@@ -8,11 +8,11 @@ where it is most wrong (``--where errors``: each class's largest error regions, 
 sure (``--where uncertain``: the most uncertain tenth of the plane, each stroke with its true
 class), for ``--seconds`` in all. The forest gets the same protocol with its own predictions
 and uncertainty, refitted after each round of strokes (ilastik's live update; its fitting
-time is not counted). Both are scored at each tick by the mean IoU of the object classes on
-the task's held-out images (:func:`interactive.dataset`), paintseg by a snapshot of its
-averaged weights segmented as ``paintseg segment`` does (with the default snap) and by its
-arg-max (what the live layer shows); the session is paused meanwhile, so the time axis is
-training time.
+time is not counted). Both are scored at each tick (or every ``--score-every`` ticks) by the
+mean IoU of the object classes on the task's held-out images (:func:`interactive.dataset`),
+paintseg by a snapshot of its averaged weights segmented as ``paintseg segment`` does (with
+the default snap) and by its arg-max (what the live layer shows); the session is paused
+meanwhile, so the time axis is training time.
 
 Also measured, on the same session: the latency from the start (strokes of two classes
 painted) to the first prediction of the plane from trained weights, each later prediction's
@@ -30,8 +30,8 @@ Needs scikit-learn for the forest and matplotlib for the plot:
 Usage::
 
     python benchmarks/live.py [--datasets dsb2018 nuclei3d usiigaci] [--seeds 0]
-        [--seconds 120] [--every 10] [--where errors uncertain] [--device auto]
-        [--json live.json] [--plot docs/images/live_curves.png] [--replot live.json]
+        [--seconds 120] [--every 10] [--score-every 1] [--where errors uncertain]
+        [--device auto] [--json live.json] [--plot docs/images/live_curves.png] [--replot live.json]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def uncertain_strokes(plane: np.ndarray, unsure: np.ndarray, truth: np.ndarray, 
 
 
 def run(name: str, seed: int, *, seconds: float, every: float, where: str, device,
-        headless: float) -> dict:
+        headless: float, score_every: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     task = dataset(name, rng, corrections=True)
     k, fz, truth = task.fix
@@ -106,28 +106,36 @@ def run(name: str, seed: int, *, seconds: float, every: float, where: str, devic
     curve = []
     predict_s = []
     tick = every
+    rounds = 0
     while True:
         session.run(should_stop=lambda: session.seconds >= tick)  # noqa: B023 - used here
+        rounds += 1
         t = time.perf_counter()
         pred = session.predict(region, background_class=None)
         predict_s.append(time.perf_counter() - t)
-        model = session.model()
-        maps = [class_map(segment(x, model, axes=axes_of(x), device=device,
-                                  snap=default_snap(model)).labels, classes)
-                for x, _, _ in task.test]
-        ours_iou = object_iou(maps, task.test)
-        argmax_iou = object_iou([class_map(segment(x, model, axes=axes_of(x), device=device,
-                                                   snap=0).labels, classes)
-                                 for x, _, _ in task.test], task.test)
+        scored = rounds % score_every == 0 or tick >= seconds
         fix_entry = (img, None, None if fz is None else [fz])
-        fpreds, funsure, _, _ = random_forest([(img, theirs)], [*task.test, fix_entry],
+        # the forest refits on its strokes every round (ilastik's live update); the held-out
+        # images are predicted (and paintseg segmented) only on the rounds that are scored
+        fpreds, funsure, _, _ = random_forest([(img, theirs)],
+                                              [*(task.test if scored else []), fix_entry],
                                               uncertainty=True)
-        forest_iou = object_iou(fpreds[:-1], task.test)
-        curve.append((round(session.seconds, 1), session.step, ours_iou, forest_iou,
-                      argmax_iou))
-        print(f"  {session.seconds:6.1f} s, step {session.step:4d}: paintseg {ours_iou:.3f} "
-              f"(arg-max {argmax_iou:.3f}), forest {forest_iou:.3f}  (strokes "
-              f"{int((ours > 0).sum())} / {int((theirs > 0).sum())} px)", flush=True)
+        if scored:
+            model = session.model()
+            maps = [class_map(segment(x, model, axes=axes_of(x), device=device,
+                                      snap=default_snap(model)).labels, classes)
+                    for x, _, _ in task.test]
+            ours_iou = object_iou(maps, task.test)
+            argmax_iou = object_iou([class_map(segment(x, model, axes=axes_of(x),
+                                                       device=device, snap=0).labels, classes)
+                                     for x, _, _ in task.test], task.test)
+            forest_iou = object_iou(fpreds[:-1], task.test)
+            curve.append((round(session.seconds, 1), session.step, ours_iou, forest_iou,
+                          argmax_iou))
+            print(f"  {session.seconds:6.1f} s, step {session.step:4d}: paintseg "
+                  f"{ours_iou:.3f} (arg-max {argmax_iou:.3f}), forest {forest_iou:.3f}  "
+                  f"(strokes {int((ours > 0).sum())} / {int((theirs > 0).sum())} px)",
+                  flush=True)
         if tick >= seconds:
             break
         mine = pred.labels.reshape(truth.shape)
@@ -209,6 +217,9 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=10.0)
     parser.add_argument("--where", nargs="+", choices=["errors", "uncertain"],
                         default=["errors", "uncertain"])
+    parser.add_argument("--score-every", type=int, default=1, metavar="N",
+                        help="score the held-out images every N rounds of strokes (and at "
+                             "the end); the strokes still come every --every seconds")
     parser.add_argument("--headless", type=float, default=20.0,
                         help="seconds of the headless throughput reference")
     parser.add_argument("--device", default="auto")
@@ -237,7 +248,8 @@ def main() -> None:
                 print(f"\n{name}, strokes where {where}, seed {seed}:", flush=True)
                 results[name, where, seed] = run(name, seed, seconds=args.seconds,
                                                  every=args.every, where=where,
-                                                 device=device, headless=args.headless)
+                                                 device=device, headless=args.headless,
+                                                 score_every=args.score_every)
                 saved = [{"task": n, "where": w, "seed": s, **r}
                          for (n, w, s), r in results.items()]
                 if args.json:
