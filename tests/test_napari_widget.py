@@ -580,6 +580,11 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     live.next_btn.click()
     qtbot.waitUntil(lambda: "nuclei2d paint next" in viewer.layers, timeout=30_000)
     assert len(viewer.layers["nuclei2d paint next"].data) == 1
+    lab.name = "my strokes"  # renamed while live: its strokes still reach the session
+    y, x = np.argwhere(~gt2d & (lab.data == 0))[0]
+    lab.paint((y, x), 1)
+    qtbot.waitUntil(lambda: live.live.labels[y, x] == 1, timeout=30_000)
+    painted = lab.data.copy()
     live.toggle.click()  # off: the model is kept
     assert w.jobs.wait(60_000)
     assert w.model_source == "live U-Net (trained)" and not live.toggle.isChecked()

@@ -75,7 +75,8 @@ class LiveControl(QWidget):
         super().__init__()
         self.session, self.tab = session, train_tab
         self.live: Any = None  # the LiveSession while Live is on
-        self._image_name = self._labels_name = ""
+        self._image_name = ""
+        self._labels: Any = None  # the labels layer Live listens to (renaming it is fine)
         self._lshape: tuple[int, ...] = ()
         self._dims = 2
         self._inflight = False  # one prediction at a time
@@ -188,7 +189,7 @@ class LiveControl(QWidget):
                                on_error=self._failed)
         if not started:
             return False
-        self._image_name, self._labels_name = image.name, labels_name
+        self._image_name, self._labels = image.name, labels_layer
         self._lshape, self._dims = tuple(lshape), dims
         labels_layer.events.paint.connect(self._labels_changed)
         labels_layer.events.data.connect(self._labels_changed)
@@ -209,12 +210,17 @@ class LiveControl(QWidget):
               f"'{image.name} live'.")
         return True
 
+    def _painting_on(self) -> Any:
+        """The labels layer Live listens to, or None once it left the viewer."""
+        layer = self._labels
+        return layer if layer is not None and layer in self.session.viewer.layers else None
+
     def _disconnect(self) -> None:
         viewer = self.session.viewer
-        if self._labels_name in viewer.layers:
-            layer = viewer.layers[self._labels_name]
-            layer.events.paint.disconnect(self._labels_changed)
-            layer.events.data.disconnect(self._labels_changed)
+        if self._labels is not None:  # connected to the layer object, whatever its name
+            self._labels.events.paint.disconnect(self._labels_changed)
+            self._labels.events.data.disconnect(self._labels_changed)
+            self._labels = None
         camera = _camera(viewer)
         camera.events.center.disconnect(self._view_moved)
         camera.events.zoom.disconnect(self._view_moved)
@@ -280,10 +286,10 @@ class LiveControl(QWidget):
     def _offer(self) -> None:
         """Hand the labels as they are now to the session (it takes in the newest before its
         next step), and show what they change soon after."""
-        live, layers = self.live, self.session.viewer.layers
-        if live is None or self._labels_name not in layers:
+        live, layer = self.live, self._painting_on()
+        if live is None or layer is None:
             return
-        live.offer_labels(np.array(layers[self._labels_name].data, copy=True))  # a copy:
+        live.offer_labels(np.array(layer.data, copy=True))  # a copy:
         # the user's layer stays theirs; the next refresh shows what the strokes change
 
     def _view_moved(self, *_: Any) -> None:
@@ -292,7 +298,7 @@ class LiveControl(QWidget):
 
     def _visible_region(self) -> tuple[slice, ...]:
         viewer = self.session.viewer
-        layer = viewer.layers[self._labels_name]
+        layer = self._labels
         n = len(self._lshape)
         current = np.asarray(layer.world_to_data(viewer.dims.point))[:n]
         view = np.asarray(layer.corner_pixels, dtype=float)[:, :n]
@@ -308,7 +314,11 @@ class LiveControl(QWidget):
         """Predict the visible region with the current weights (while a prediction is on its
         way, the next one starts when it arrives)."""
         live = self.live
-        if live is None or self._labels_name not in self.session.viewer.layers:
+        if live is None:
+            return
+        if self._painting_on() is None:
+            self.tab.info.setText("Live: the labels layer it learns from was removed; turn "
+                                  "Live off to keep the model.")
             return
         if self._inflight:
             self._again = True
@@ -324,14 +334,13 @@ class LiveControl(QWidget):
 
     def paint_next(self) -> None:
         """Outline the most uncertain box of the current plane and centre the view on it."""
-        live = self.live
-        if live is None:
+        live, layer = self.live, self._painting_on()
+        if live is None or layer is None:
             return
         if live.waiting_for:
             self.session.notify(f"Live: {live.waiting_for} first.", "warning")
             return
         viewer = self.session.viewer
-        layer = viewer.layers[self._labels_name]
         n = len(self._lshape)
         current = np.asarray(layer.world_to_data(viewer.dims.point))[:n]
         region = scope_region(self._lshape, scope="current slice", model_dims=self._dims,
