@@ -94,6 +94,9 @@ def test_strokes_steer_the_live_prediction(crop):
         painted = lab.copy()
         painted[box] = 2
         s.update_labels(painted)
+        # the prediction says which painted class it misses where it was asked for
+        missed = s.predict(box)
+        assert missed.agreement[2] < 0.5 and set(missed.agreement) <= {1, 2}
         n = s.step
         wait_for(lambda: s.step >= n + 120)
         threads = []
@@ -111,6 +114,7 @@ def test_strokes_steer_the_live_prediction(crop):
         assert threads == ["paintseg-live"]
         assert after.step >= n + 120
         assert (after.labels == 2).mean() > 0.8
+        assert after.agreement[2] > 0.8  # the box, painted as nucleus, is predicted so
         assert after.uncertainty.shape == after.labels.shape == (40, 40)
         assert 0.0 <= after.uncertainty.min() and after.uncertainty.max() <= 1.0
     finally:

@@ -580,6 +580,15 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     live.next_btn.click()
     qtbot.waitUntil(lambda: "nuclei2d paint next" in viewer.layers, timeout=30_000)
     assert len(viewer.layers["nuclei2d paint next"].data) == 1
+    # a prediction that misses a painted class in view is named under the status line
+    from paintseg.training.live import LivePrediction
+
+    shape = tuple(sl.stop - sl.start for sl in region)
+    missing = LivePrediction(np.zeros(shape, np.uint8), np.zeros(shape, np.float32), region,
+                             live.live.step, {1: 0.9, 2: 0.1})
+    live._show(missing, region)
+    assert "The live model predicts" in w.train_tab.info.text()
+    assert "(value 2) on only 10% of its painted pixels in view" in w.train_tab.info.text()
     lab.name = "my strokes"  # renamed while live: its strokes still reach the session
     y, x = np.argwhere(~gt2d & (lab.data == 0))[0]
     lab.paint((y, x), 1)

@@ -988,6 +988,32 @@ def test_a_thin_class_with_few_strokes_is_learnt_and_a_miss_is_named(real_pair):
         assert f"'{names[c]}' (value {c}) on only {agree0[c]:.0%} of its painted" in text, text
 
 
+def test_agreement_of_a_prediction_with_the_strokes():
+    """agreement_in: per painted class, the share of its pixels predicted as it (classes with
+    too few pixels left out, unpainted pixels ignored); missed_text names those under half."""
+    from paintseg.training import agreement_in, missed_text
+
+    painted = np.zeros((10, 10), np.uint8)
+    painted[0, :10] = 1  # 10 px of class 1, 7 of them predicted right
+    painted[5, :4] = 2  # 4 px of class 2, 1 right
+    painted[9, :3] = 3  # 3 px of class 3, too few below
+    predicted = np.full((10, 10), 2, np.uint8)  # everything else (unpainted) is class 2
+    predicted[0, :7] = 1
+    predicted[5, 1:4] = 1
+    predicted[9, :3] = 3
+    assert agreement_in(predicted, painted) == {1: 0.7, 2: 0.25, 3: 1.0}
+    assert agreement_in(predicted, painted, min_pixels=4) == {1: 0.7, 2: 0.25}
+    assert agreement_in(predicted, np.zeros_like(painted)) == {}
+    text = missed_text({1: 0.7, 2: 0.25}, {1: "background", 2: "cell"},
+                       subject="the live model", where=" in view")
+    assert text == ("the live model predicts 'cell' (value 2) on only 25% of its painted "
+                    "pixels in view: the result will miss it; paint more of it, where it is "
+                    "missed, or train longer")
+    assert missed_text({1: 0.7, 2: 0.5}, {}) is None
+    with pytest.raises(InputError, match=r"\(10, 10\).*\(10, 9\)"):
+        agreement_in(predicted, painted[:, :9])
+
+
 def test_cli_names_a_missed_class(tmp_path, nuclei2d_path, real_pair, capsys):
     lab_path, out = tmp_path / "outlines.tif", tmp_path / "m.pt"
     tifffile.imwrite(lab_path, outline_strokes(real_pair[1], n=25))

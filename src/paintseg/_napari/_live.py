@@ -83,6 +83,7 @@ class LiveControl(QWidget):
         self._again = False  # the view changed while one was in flight
         self._asked = 0.0  # when the prediction on its way was asked for
         self._took = 0.0  # seconds the last prediction took, asked to shown
+        self._missing = False  # the last prediction missed a painted class in view
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
         self.toggle = QPushButton("Live")
@@ -246,7 +247,7 @@ class LiveControl(QWidget):
         self._painted.stop()
         self._disconnect()
         self.live = None
-        self._inflight = False
+        self._inflight = self._missing = False
         self.next_btn.setEnabled(False)
         self.tab.bar.setFormat("%p%")
         self.toggle.blockSignals(True)
@@ -410,8 +411,24 @@ class LiveControl(QWidget):
         if unc is not None:
             unc.data[region] = pred.uncertainty.reshape(unc.data[region].shape)
             unc.refresh()
-        self.tab.info.setText(f"Live: step {pred.step}, prediction of the view shown "
-                              f"in '{live.name}'.")
+        text = f"Live: step {pred.step}, prediction of the view shown in '{live.name}'."
+        missed = self._missed(pred)
+        if missed:
+            text += f"\n{missed[0].upper()}{missed[1:]}."
+            if not self._missing:  # said once each time it starts missing a class
+                self.session.notify(f"Live: {missed}.", "warning")
+        self._missing = bool(missed)
+        self.tab.info.setText(text)
+
+    def _missed(self, pred: Any) -> str | None:
+        """The warning naming each class the live model misses on its strokes in view."""
+        from ..training import missed_text
+
+        data = self.live.training_data if self.live is not None else None
+        if data is None:
+            return None
+        return missed_text(pred.agreement, dict(zip(data.class_values, data.class_names)),
+                           subject="the live model", where=" in view")
 
     def _show_uncertainty(self, on: bool) -> None:
         unc = self._layer("uncertainty")

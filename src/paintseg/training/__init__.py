@@ -47,10 +47,12 @@ from .losses import (
 from .messages import (
     COLLAPSED,
     DISAGREEMENT,
+    agreement_in,
     collapse_text,
     continue_by_default,
     disagreement_text,
     kept_weights_text,
+    missed_text,
     painted_agreement,
 )
 from .prepare import (
@@ -107,6 +109,8 @@ __all__ = [
     "holds_to_predictions",
     "painted_agreement",
     "collapse_text",
+    "agreement_in",
+    "missed_text",
     "DISAGREEMENT",
     "COLLAPSED",
     "MIN_HELD_OUT",

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,10 +37,15 @@ from ..model import PaintsegModel, default_class_names, save_model
 from .data import TrainingData, _assemble, _normalised_range
 from .loop import TrainingRun
 from .losses import _NEW_OUTPUT_LAYER
+from .messages import agreement_in
 from .prepare import adapt_model, classes_to_continue, model_for_training
 from .targets import _check_labels
 
 T = TypeVar("T")
+
+#: A class painted on fewer pixels of a predicted region than this is left out of the
+#: prediction's :attr:`LivePrediction.agreement` (too few to judge).
+AGREEMENT_MIN_PIXELS = 20
 
 # learning-rate warm-up of a new run, in steps (as in iter_train)
 _WARMUP = 10
@@ -68,12 +73,19 @@ class LivePrediction:
         The region predicted, over the image's spatial axes.
     step : int
         Training steps done when the prediction was made.
+    agreement : dict
+        ``{class value: share}``: for each class painted on at least
+        :data:`AGREEMENT_MIN_PIXELS` pixels of the region (in the labels the session trained
+        on), the share of them that the prediction gives that class (a share under
+        :data:`~paintseg.training.messages.COLLAPSED` means the model misses the class
+        there, see :func:`~paintseg.training.messages.missed_text`).
     """
 
     labels: np.ndarray
     uncertainty: np.ndarray
     region: tuple[slice, ...]
     step: int
+    agreement: dict[int, float] = field(default_factory=dict)
 
 
 def _painted_values(labels: np.ndarray) -> set[int]:
@@ -524,6 +536,7 @@ class LiveSession:
             [np.zeros_like(probs[0]), probs[0]])
         uncertainty = (1.0 - (top2[1] - top2[0])).astype(np.float32)
         labels = np.asarray(result.labels)[inner]
+        agreement = agreement_in(labels, self._labels[region], min_pixels=AGREEMENT_MIN_PIXELS)
         if background_class is not None:
             labels = np.where(labels == background_class, 0, labels).astype(labels.dtype)
-        return LivePrediction(labels, uncertainty, region, self.step)
+        return LivePrediction(labels, uncertainty, region, self.step, agreement)

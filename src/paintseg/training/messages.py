@@ -152,14 +152,52 @@ def collapse_text(model: PaintsegModel, data: TrainingData, *,
         reaches ``threshold``.
     """
     agree = painted_agreement(model, data, device=device)
-    missed = {c: v for c, v in agree.items() if v < threshold}
+    return missed_text(agree, dict(zip(model.class_values, model.class_names)),
+                       threshold=threshold)
+
+
+def agreement_in(predicted: np.ndarray, painted: np.ndarray, *,
+                 min_pixels: int = 1) -> dict[int, float]:
+    """Share of the painted pixels of each class that a prediction gives that class.
+
+    Parameters
+    ----------
+    predicted : numpy.ndarray
+        Class values, one per pixel (every class as its value: no background written as 0).
+    painted : numpy.ndarray
+        Labels of the same shape: 0 unpainted, else the painted class value.
+    min_pixels : int
+        Classes painted on fewer pixels than this are left out.
+
+    Returns
+    -------
+    dict
+        ``{class value: share}`` for every class painted on at least ``min_pixels`` pixels.
+    """
+    predicted, painted = np.asarray(predicted), np.asarray(painted)
+    if predicted.shape != painted.shape:
+        raise InputError(f"prediction of shape {predicted.shape} against labels of shape "
+                         f"{painted.shape}")
+    mask = painted > 0
+    values, counts = np.unique(painted[mask], return_counts=True)
+    hits = np.bincount(painted[mask & (predicted == painted)].astype(np.int64),
+                       minlength=int(values.max()) + 1 if len(values) else 1)
+    return {int(v): float(hits[v] / n) for v, n in zip(values, counts) if n >= min_pixels}
+
+
+def missed_text(agreement: dict[int, float], names: dict[int, str], *,
+                threshold: float = COLLAPSED, subject: str = "the trained model",
+                where: str = "") -> str | None:
+    """The warning naming each painted class that gets fewer than ``threshold`` of its
+    painted pixels (``agreement`` as :func:`painted_agreement` or :func:`agreement_in` give
+    it), or None. ``subject`` is what predicts; ``where`` follows "painted pixels"."""
+    missed = {c: v for c, v in agreement.items() if v < threshold}
     if not missed:
         return None
-    names = dict(zip(model.class_values, model.class_names))
     which = ", ".join(f"'{names.get(c, f'class {c}')}' (value {c}) on only {v:.0%} of its "
-                      "painted pixels" for c, v in missed.items())
+                      f"painted pixels{where}" for c, v in missed.items())
     it, is_ = ("it", "it is") if len(missed) == 1 else ("them", "they are")
-    return (f"the trained model predicts {which}: the result will miss {it}; paint more of "
+    return (f"{subject} predicts {which}: the result will miss {it}; paint more of "
             f"{it}, where {is_} missed, or train longer")
 
 
