@@ -166,6 +166,10 @@ def main() -> None:
         started(item)
 
     live._progress = progress
+    # a new U-Net, as in the training phase: after Train, *Continue from the current model* is
+    # ticked by default, and continuing holds the model to its own predictions (a second
+    # forward pass a step), which is not the same model as the headless reference
+    w.train_tab.form["continue_model"].value = False
     measure(f"live mode, {args.seconds:.0f} s, dabs every 2 s", live_on)
     live_run = w.model.provenance["training"][-1]
     live_steps = live_run["steps"]

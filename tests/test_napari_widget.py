@@ -589,6 +589,9 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     live._show(missing, region)
     assert "The live model predicts" in w.train_tab.info.text()
     assert "(value 2) on only 10% of its painted pixels in view" in w.train_tab.info.text()
+    early = LivePrediction(missing.labels, missing.uncertainty, region, 5, missing.agreement)
+    live._show(early, region)  # over the first steps a new U-Net misses a class: not said
+    assert "predicts" not in w.train_tab.info.text()
     lab.name = "my strokes"  # renamed while live: its strokes still reach the session
     y, x = np.argwhere(~gt2d & (lab.data == 0))[0]
     lab.paint((y, x), 1)

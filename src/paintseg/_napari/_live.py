@@ -38,6 +38,9 @@ REFRESH_S = 2.0
 REFRESH_SHARE = 3.0
 #: Edge of the box *Where to paint next* outlines, in pixels.
 NEXT_BOX = 64
+#: A class the live model misses on its strokes in view is named only from this many training
+#: steps on: over the first steps a new U-Net predicts one class everywhere.
+MISSED_AFTER_STEPS = 100
 
 
 def _camera(viewer: Any) -> Any:
@@ -425,7 +428,7 @@ class LiveControl(QWidget):
         from ..training import missed_text
 
         data = self.live.training_data if self.live is not None else None
-        if data is None:
+        if data is None or pred.step < MISSED_AFTER_STEPS:
             return None
         return missed_text(pred.agreement, dict(zip(data.class_values, data.class_names)),
                            subject="the live model", where=" in view")
