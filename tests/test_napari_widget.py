@@ -589,6 +589,10 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     live._show(missing, region)
     assert "The live model predicts" in w.train_tab.info.text()
     assert "(value 2) on only 10% of its painted pixels in view" in w.train_tab.info.text()
+    from paintseg.training import EventKind, TrainEvent
+
+    live._progress(TrainEvent(EventKind.STEP, live.live.step, 0.5, 30.0, None, 0.0))
+    assert "(value 2) on only 10%" in w.train_tab.info.text()  # the step count does not hide it
     early = LivePrediction(missing.labels, missing.uncertainty, region, 5, missing.agreement)
     live._show(early, region)  # over the first steps a new U-Net misses a class: not said
     assert "predicts" not in w.train_tab.info.text()

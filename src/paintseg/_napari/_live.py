@@ -86,7 +86,7 @@ class LiveControl(QWidget):
         self._again = False  # the view changed while one was in flight
         self._asked = 0.0  # when the prediction on its way was asked for
         self._took = 0.0  # seconds the last prediction took, asked to shown
-        self._missing = False  # the last prediction missed a painted class in view
+        self._missing = ""  # the last prediction's missed classes in view ('' if none)
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
         self.toggle = QPushButton("Live")
@@ -242,7 +242,7 @@ class LiveControl(QWidget):
             return
         self.tab._progress(item)
         self.tab.info.setText(f"Live: step {item.step}, loss {item.loss:.4f} "
-                              f"({item.elapsed:.0f} s)")
+                              f"({item.elapsed:.0f} s)" + self._missing_line())
 
     def _finish(self) -> None:
         self.timer.stop()
@@ -250,7 +250,7 @@ class LiveControl(QWidget):
         self._painted.stop()
         self._disconnect()
         self.live = None
-        self._inflight = self._missing = False
+        self._inflight, self._missing = False, ""
         self.next_btn.setEnabled(False)
         self.tab.bar.setFormat("%p%")
         self.toggle.blockSignals(True)
@@ -414,14 +414,16 @@ class LiveControl(QWidget):
         if unc is not None:
             unc.data[region] = pred.uncertainty.reshape(unc.data[region].shape)
             unc.refresh()
-        text = f"Live: step {pred.step}, prediction of the view shown in '{live.name}'."
-        missed = self._missed(pred)
-        if missed:
-            text += f"\n{missed[0].upper()}{missed[1:]}."
-            if not self._missing:  # said once each time it starts missing a class
-                self.session.notify(f"Live: {missed}.", "warning")
-        self._missing = bool(missed)
-        self.tab.info.setText(text)
+        missed = self._missed(pred) or ""
+        if missed and not self._missing:  # said once each time it starts missing a class
+            self.session.notify(f"Live: {missed}.", "warning")
+        self._missing = missed  # kept under the status line until a prediction clears it
+        self.tab.info.setText(f"Live: step {pred.step}, prediction of the view shown in "
+                              f"'{live.name}'." + self._missing_line())
+
+    def _missing_line(self) -> str:
+        m = self._missing
+        return f"\n{m[0].upper()}{m[1:]}." if m else ""
 
     def _missed(self, pred: Any) -> str | None:
         """The warning naming each class the live model misses on its strokes in view."""
