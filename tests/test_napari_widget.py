@@ -171,6 +171,22 @@ def test_field_of_view_and_probabilities(viewer_widget, qtbot):
     assert probs[0].data.max() > 0.5
 
 
+def test_six_named_classes_in_the_legend_and_the_paint_layer(viewer_widget):
+    """Six classes named on the Model panel: the Train tab's legend lists them with their
+    values, and a new labels layer carries their names (shown by napari under the cursor)."""
+    viewer, w = viewer_widget
+    w.tabs.setCurrentIndex(1)
+    w.model_panel.classes.setValue(6)
+    w.model_panel.names.setText("rest, membrane, mitochondria, glia, synapse, vesicle")
+    text = w.train_tab.legend.text()
+    for value, name in enumerate(("rest", "membrane", "mitochondria", "glia", "synapse",
+                                  "vesicle"), start=1):
+        assert f"{value} = {name}" in text, text
+    lab = w.new_labels_layer()
+    assert list(lab.features["class"]) == ["not painted", "rest", "membrane", "mitochondria",
+                                           "glia", "synapse", "vesicle"]
+
+
 def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     viewer, w = viewer_widget
     w.tabs.setCurrentIndex(1)

@@ -1014,6 +1014,56 @@ def test_agreement_of_a_prediction_with_the_strokes():
         agreement_in(predicted, painted[:, :9])
 
 
+def test_five_named_classes_from_strokes_in_the_cli(tmp_path, nuclei2d_path, real_pair, capsys):
+    """Five painted classes on the real DSB2018 image (far background, a 4 px halo around the
+    nuclei, their 3 px rim, the inside of dim and of bright nuclei), strokes on the top half
+    only: the checkpoint keeps the five names, `paintseg info` prints them, the segmentation
+    has every class, and it follows the strokes' classes on the unpainted half."""
+    from scipy import ndimage as ndi
+
+    img, _ = real_pair
+    inst = tifffile.imread(nuclei2d_path.parent / "nuclei2d_instances.tif")
+    nuc = inst > 0
+    inner = ndi.binary_erosion(nuc, iterations=3)
+    area = np.bincount(inst.ravel())
+    means = np.bincount(inst.ravel(), weights=img.ravel().astype(float)) / np.maximum(area, 1)
+    bright = means > np.median(means[1:][area[1:] > 0])
+    truth = np.ones(img.shape, np.uint8)
+    truth[ndi.binary_dilation(nuc, iterations=4) & ~nuc] = 4  # halo
+    truth[nuc & ~inner] = 3  # rim
+    truth[inner] = 2  # nucleus
+    truth[inner & bright[inst]] = 5  # bright nucleus
+    lab = np.zeros_like(truth)
+    rng = np.random.default_rng(0)
+    for c in range(1, 6):
+        ys, xs = np.nonzero(truth[:256] == c)
+        pick = rng.choice(len(ys), 300, replace=False)
+        lab[ys[pick], xs[pick]] = c
+    lab_path, model_path = tmp_path / "five.tif", tmp_path / "five.pt"
+    tifffile.imwrite(lab_path, lab)
+    names = "background,nucleus,rim,halo,bright nucleus"
+    assert main(["train", str(nuclei2d_path), str(lab_path), "--out", str(model_path),
+                 "--steps", "200", "--seed", "0", "--class-names", names, "-q"]) == 0
+    assert "the result will miss" not in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(lab_path), lab)  # the strokes untouched
+    model = load_model(model_path)
+    assert model.class_values == (1, 2, 3, 4, 5) and model.class_names == tuple(names.split(","))
+    assert main(["info", str(model_path)]) == 0
+    assert "classes: 1=background, 2=nucleus, 3=rim, 4=halo, 5=bright nucleus" in \
+        capsys.readouterr().out
+    assert main(["segment", str(nuclei2d_path), "--model", str(model_path), "--out",
+                 str(tmp_path / "out"), "-q"]) == 0
+    seg = tifffile.imread(tmp_path / "out" / "nuclei2d_labels.tif")
+    assert set(np.unique(seg)) == {0, 2, 3, 4, 5}  # background written as 0
+    seg = np.where(seg == 0, 1, seg)[256:]
+    held = truth[256:]
+    recall = {c: float((seg[held == c] == c).mean()) for c in range(1, 6)}
+    iou = [((seg == c) & (held == c)).sum() / ((seg == c) | (held == c)).sum()
+           for c in range(2, 6)]
+    assert min(recall.values()) > 0.35, recall  # seen once: 0.92 0.71 0.52 0.75 0.92
+    assert np.mean(iou) > 0.4, iou  # seen once: 0.51
+
+
 def test_cli_names_a_missed_class(tmp_path, nuclei2d_path, real_pair, capsys):
     lab_path, out = tmp_path / "outlines.tif", tmp_path / "m.pt"
     tifffile.imwrite(lab_path, outline_strokes(real_pair[1], n=25))
