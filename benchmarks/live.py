@@ -58,11 +58,23 @@ from interactive import (
 from paintseg.config import TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import default_snap, segment
+from paintseg.postprocess import semantic_labels
 from paintseg.training import iter_train
 from paintseg.training.live import LiveSession
 
 FIRST = 0.001  # the first strokes: this share of the plane's pixels
 EACH = 0.001  # each round of strokes
+
+
+def snapped_and_argmax(img: np.ndarray, model, *, device, classes: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The class maps of ``img`` as *Segment* gives them (the default snap) and as the live
+    layer shows them (the arg-max), from one pass of the network: the arg-max is taken from
+    the probabilities the snapped run returns."""
+    result = segment(img, model, axes=axes_of(img), device=device, snap=default_snap(model),
+                     return_probabilities=True)
+    argmax = semantic_labels(np.asarray(result.probabilities), model.class_values)
+    return class_map(result.labels, classes), class_map(argmax, classes)
 
 
 def uncertain_strokes(plane: np.ndarray, unsure: np.ndarray, truth: np.ndarray, *,
@@ -122,13 +134,10 @@ def run(name: str, seed: int, *, seconds: float, every: float, where: str, devic
                                               uncertainty=True)
         if scored:
             model = session.model()
-            maps = [class_map(segment(x, model, axes=axes_of(x), device=device,
-                                      snap=default_snap(model)).labels, classes)
+            maps = [snapped_and_argmax(x, model, device=device, classes=classes)
                     for x, _, _ in task.test]
-            ours_iou = object_iou(maps, task.test)
-            argmax_iou = object_iou([class_map(segment(x, model, axes=axes_of(x),
-                                                       device=device, snap=0).labels, classes)
-                                     for x, _, _ in task.test], task.test)
+            ours_iou = object_iou([m for m, _ in maps], task.test)
+            argmax_iou = object_iou([m for _, m in maps], task.test)
             forest_iou = object_iou(fpreds[:-1], task.test)
             curve.append((round(session.seconds, 1), session.step, ours_iou, forest_iou,
                           argmax_iou))

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QWidget
 
 from ._jobs import Note
 from ._layers import most_uncertain_box, scope_region
-from ._session import ROLE, SOURCE, Session, UserError
+from ._session import ROLE, SOURCE, Session, UserError, sentence
 
 __all__ = ["LiveControl", "REFRESH_S"]
 
@@ -38,9 +38,6 @@ REFRESH_S = 2.0
 REFRESH_SHARE = 3.0
 #: Edge of the box *Where to paint next* outlines, in pixels.
 NEXT_BOX = 64
-#: A class the live model misses on its strokes in view is named only from this many training
-#: steps on: over the first steps a new U-Net predicts one class everywhere.
-MISSED_AFTER_STEPS = 100
 
 
 def _camera(viewer: Any) -> Any:
@@ -186,7 +183,7 @@ class LiveControl(QWidget):
             # as after a normal run: a painted class the model misses is named
             missed = collapse_text(model, live.training_data, device=device)
             if missed:
-                report(Note(f"{missed[0].upper()}{missed[1:]}.", warning=True))
+                report(Note(sentence(missed), warning=True))
             return model, live
 
         started = s.jobs.start("live", job, on_progress=self._progress, on_done=self._ended,
@@ -414,7 +411,7 @@ class LiveControl(QWidget):
         if unc is not None:
             unc.data[region] = pred.uncertainty.reshape(unc.data[region].shape)
             unc.refresh()
-        missed = self._missed(pred) or ""
+        missed = self.live.missed_text(pred) or ""
         if missed and not self._missing:  # said once each time it starts missing a class
             self.session.notify(f"Live: {missed}.", "warning")
         self._missing = missed  # kept under the status line until a prediction clears it
@@ -422,18 +419,7 @@ class LiveControl(QWidget):
                               f"'{live.name}'." + self._missing_line())
 
     def _missing_line(self) -> str:
-        m = self._missing
-        return f"\n{m[0].upper()}{m[1:]}." if m else ""
-
-    def _missed(self, pred: Any) -> str | None:
-        """The warning naming each class the live model misses on its strokes in view."""
-        from ..training import missed_text
-
-        data = self.live.training_data if self.live is not None else None
-        if data is None or pred.step < MISSED_AFTER_STEPS:
-            return None
-        return missed_text(pred.agreement, dict(zip(data.class_values, data.class_names)),
-                           subject="the live model", where=" in view")
+        return f"\n{sentence(self._missing)}" if self._missing else ""
 
     def _show_uncertainty(self, on: bool) -> None:
         unc = self._layer("uncertainty")

@@ -32,6 +32,11 @@ class UserError(PaintsegError):
     for them."""
 
 
+def sentence(text: str) -> str:
+    """A core message (lower case, no full stop, to be embedded) as a sentence of its own."""
+    return f"{text[:1].upper()}{text[1:]}."
+
+
 def message(exc: BaseException) -> str:
     """What a biologist reads when a job fails or an input is refused."""
     if isinstance(exc, PaintsegError):  # UserError too

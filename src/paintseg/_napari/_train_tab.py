@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
@@ -17,7 +17,16 @@ from ._live import LiveControl
 from ._model_panel import ModelPanel
 from ._plot import LossPlot
 from ._segment_tab import SegmentTab, image_input, is_image
-from ._session import EDITED, ROLE, SOURCE, Session, UserError, message, run_stop_row
+from ._session import (
+    EDITED,
+    ROLE,
+    SOURCE,
+    Session,
+    UserError,
+    message,
+    run_stop_row,
+    sentence,
+)
 
 __all__ = ["TrainTab"]
 
@@ -49,6 +58,18 @@ def is_labels(layer: Any) -> bool:
     from napari.layers import Labels
 
     return isinstance(layer, Labels)
+
+
+class PaintedInput(NamedTuple):
+    """What *Train* and *Live* start from (:meth:`TrainTab.painted_input`)."""
+
+    image: Any  # the image layer
+    labels_layer: Any
+    img: np.ndarray  # copies of the layers' data, channels last (training_pair)
+    lab: np.ndarray
+    base: Any  # the model to continue, or None: a new U-Net
+    dims: int
+    form: dict  # the Train form's values
 
 
 class TrainTab(QWidget):
@@ -166,7 +187,7 @@ class TrainTab(QWidget):
         self._update_legend()
         return layer
 
-    def painted_input(self) -> tuple[Any, Any, np.ndarray, np.ndarray, Any, int, dict]:
+    def painted_input(self) -> PaintedInput:
         """What *Train* and *Live* start from, checked before any work: the image and labels
         layers, copies of their data (:func:`training_pair`), the model to continue (None: a
         new U-Net), its dimensionality and the form's values.
@@ -200,7 +221,7 @@ class TrainTab(QWidget):
             except InputError as exc:
                 raise UserError(f"{exc}: untick 'Continue from the current model' to "
                                 "train a new U-Net on it.") from None
-        return image, labels_layer, img, lab, base, dims, form
+        return PaintedInput(image, labels_layer, img, lab, base, dims, form)
 
     def train(self) -> bool:
         """Fine-tune on the painted labels in the background; True if started."""
@@ -247,8 +268,8 @@ class TrainTab(QWidget):
                 yield Note(note)
             warning = disagreement_text(model, td, device=device, anchor=config.anchor)
             if warning:
-                yield Note(f"{warning[0].upper()}{warning[1:]}. Untick 'Continue from the "
-                           "current model' to train a new U-Net.", warning=True)
+                yield Note(f"{sentence(warning)} Untick 'Continue from the current model' to "
+                           "train a new U-Net.", warning=True)
             last = None
             for event in iter_train(model, td, config, device=device, should_stop=should_stop):
                 last = event
@@ -259,7 +280,7 @@ class TrainTab(QWidget):
             runs[-1]["data"] = f"labels '{labels_name}' on image '{source}' (napari)"
             missed = collapse_text(model, td, device=device)
             if missed:
-                yield Note(f"{missed[0].upper()}{missed[1:]}.", warning=True)
+                yield Note(sentence(missed), warning=True)
             return model, last
 
         self.plot.clear()

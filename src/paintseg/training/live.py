@@ -37,7 +37,7 @@ from ..model import PaintsegModel, default_class_names, save_model
 from .data import TrainingData, _assemble, _normalised_range
 from .loop import TrainingRun
 from .losses import _NEW_OUTPUT_LAYER
-from .messages import agreement_in
+from .messages import agreement_in, missed_text
 from .prepare import adapt_model, classes_to_continue, model_for_training
 from .targets import _check_labels
 
@@ -46,6 +46,9 @@ T = TypeVar("T")
 #: A class painted on fewer pixels of a predicted region than this is left out of the
 #: prediction's :attr:`LivePrediction.agreement` (too few to judge).
 AGREEMENT_MIN_PIXELS = 20
+#: :meth:`LiveSession.missed_text` names a missed class only from this many training steps
+#: on: over the first steps a new U-Net predicts one class everywhere.
+MISSED_AFTER_STEPS = 100
 
 # learning-rate warm-up of a new run, in steps (as in iter_train)
 _WARMUP = 10
@@ -298,6 +301,16 @@ class LiveSession:
         """What the loop samples from now (None before two classes were painted)."""
         run = self._run
         return None if run is None else run.data
+
+    def missed_text(self, pred: LivePrediction) -> str | None:
+        """The warning naming each painted class that ``pred`` gives to fewer than half of
+        its strokes in the region (:func:`~paintseg.training.messages.missed_text`), or None;
+        always None before :data:`MISSED_AFTER_STEPS` training steps."""
+        data = self.training_data
+        if data is None or pred.step < MISSED_AFTER_STEPS:
+            return None
+        return missed_text(pred.agreement, dict(zip(data.class_values, data.class_names)),
+                           subject="the live model", where=" in view")
 
     @property
     def seconds(self) -> float:
