@@ -144,6 +144,23 @@ def test_derivative_gain_scales_only_the_derivative_channels(dims, shape):
         assert plain[:, i].abs().max() > 1e-3  # every channel responds, so the check bites
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_filter_bank_fft_and_direct_convolution_agree(axis, sigma):
+    """The CPU takes the FFT for every kernel, other devices a direct convolution for short
+    ones: both paths give the same numbers along every axis of a 3D patch."""
+    from paintseg.model import FilterBank, _gaussian_kernels
+
+    fb = FilterBank(1, (sigma,), 3)
+    x = torch.rand((2, 1, 40, 37, 45), generator=torch.Generator().manual_seed(1))
+    for k in _gaussian_kernels(sigma)[:3]:  # the Gaussian, its first and second derivatives
+        fft = fb._along(x, k, axis, fft=True)
+        direct = fb._along(x, k, axis, fft=False)
+        assert fft.shape[2 + axis] == x.shape[2 + axis] - k.numel() + 1  # valid part only
+        torch.testing.assert_close(fft, direct, atol=2e-6, rtol=1e-5)
+        assert direct.abs().max() > 1e-2
+
+
 def test_derivative_gain_travels_with_the_checkpoint(tmp_path, nuclei2d):
     cfg = ModelConfig(depth=2, base_features=4, features=(1.0, 4.0), derivative_gain=0.1)
     model = new_model(cfg, seed=0)

@@ -94,7 +94,9 @@ def _gaussian_kernels(sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return g.float(), d1.float(), d2.float(), radius
 
 
-# kernels at least this long are applied through the FFT (sigma >= 4)
+# kernels at least this long are applied through the FFT (sigma >= 4); on the CPU every
+# kernel is: there a direct convolution of one channel is several times slower than the FFT
+# at every size (docs/inference.md, "The filter bank on the CPU")
 _FFT_KERNEL = 25
 
 
@@ -123,12 +125,16 @@ class FilterBank(nn.Module):
         # raw + per scale: smooth, gradient magnitude, LoG, two Hessian features
         self.out_channels = in_channels * (1 + 5 * len(self.sigmas))
 
-    def _along(self, x: torch.Tensor, k: torch.Tensor, axis: int) -> torch.Tensor:
+    def _along(self, x: torch.Tensor, k: torch.Tensor, axis: int, *,
+               fft: bool | None = None) -> torch.Tensor:
         """Valid correlation of ``x`` (N, 1, *spatial) with the 1D kernel ``k`` along
-        ``axis``; long kernels through the FFT (the same numbers up to float rounding)."""
+        ``axis``; through the FFT (``fft=None``: on the CPU, and for long kernels elsewhere)
+        or as a direct convolution: the same numbers up to float rounding."""
         d = 2 + axis
         m = k.numel()
-        if m < _FFT_KERNEL:
+        if fft is None:
+            fft = m >= _FFT_KERNEL or x.device.type == "cpu"
+        if not fft:
             shape = [1, 1] + [1] * self.dims
             shape[d] = m
             return (F.conv2d if self.dims == 2 else F.conv3d)(x, k.view(shape))
