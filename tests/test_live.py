@@ -150,6 +150,31 @@ def test_stop_resume_and_save_give_a_normal_checkpoint(crop, tmp_path):
                                           device="cpu").labels, whole.labels)
 
 
+def test_a_refresh_of_the_same_view_filters_nothing_again(crop):
+    """The image never changes: the filter bank's output for a view is kept, and the
+    prediction with it is the one without it; the snapshots handed out keep no memo."""
+    img, sem = crop
+    s = LiveSession(img, strokes(sem, slice(0, 256)), config=TrainConfig(seed=0),
+                    device="cpu", name="crop")
+    s.run(should_stop=lambda: s.step >= 5)
+    view = (slice(10, 140), slice(20, 200))
+    first = s.predict(view)
+    memo = s._features
+    assert (memo.hits, memo.misses) == (0, 1)
+    again = s.predict(view)
+    assert memo.hits == 1  # the same view: its features were found
+    np.testing.assert_array_equal(first.labels, again.labels)
+    np.testing.assert_array_equal(first.uncertainty, again.uncertainty)
+    s.predict((slice(0, 100), slice(0, 100)))  # another view: filtered
+    assert memo.misses == 2
+    model = s.model()
+    assert model.network.filters.memo is None
+    # the same weights without a memo predict the same view alike
+    fresh = segment(img[..., 0], model, axes="YX", snap=0, device="cpu").labels
+    np.testing.assert_array_equal(
+        np.where(fresh[view] == 1, 0, fresh[view]), again.labels)
+
+
 def test_it_waits_for_two_classes_and_grows_with_a_new_one(crop):
     img, sem = crop
     lab = strokes(sem, slice(0, 256))

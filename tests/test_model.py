@@ -161,6 +161,35 @@ def test_filter_bank_fft_and_direct_convolution_agree(axis, sigma):
         assert direct.abs().max() > 1e-2
 
 
+def test_feature_memo_gives_the_same_features_and_forgets_the_oldest():
+    from paintseg.model import FeatureMemo, FilterBank
+
+    fb = FilterBank(1, (1.0, 2.0), 2)
+    gen = torch.Generator().manual_seed(2)
+    a, b = (torch.rand((1, 1, 48, 40), generator=gen) for _ in range(2))
+    plain = {id(t): fb(t) for t in (a, b)}
+    one = plain[id(a)].numel() * 4
+    fb.memo = FeatureMemo(max_bytes=2 * one)  # room for two outputs
+    for t in (a, b, a, a.clone()):
+        torch.testing.assert_close(fb(t), plain[id(a) if t is not b else id(b)], rtol=0, atol=0)
+    assert (fb.memo.hits, fb.memo.misses) == (2, 2)  # a, b filtered; a and its copy found
+    b_shifted = b.clone()
+    b_shifted[0, 0, 0, 0] += 1e-3  # one pixel differs: filtered anew
+    fb(b_shifted)  # a third output: the least recently used (b) goes
+    assert fb.memo.misses == 3
+    fb(b)
+    assert fb.memo.misses == 4  # b was forgotten; now a goes, the oldest
+    fb(b_shifted)
+    assert fb.memo.hits == 3
+    fb(a)
+    assert fb.memo.misses == 5
+    small = FeatureMemo(max_bytes=one - 1)  # an output larger than the memo is not kept
+    fb.memo = small
+    fb(a)
+    fb(a)
+    assert (small.hits, small.misses) == (0, 2)
+
+
 def test_derivative_gain_travels_with_the_checkpoint(tmp_path, nuclei2d):
     cfg = ModelConfig(depth=2, base_features=4, features=(1.0, 4.0), derivative_gain=0.1)
     model = new_model(cfg, seed=0)

@@ -100,6 +100,48 @@ def _gaussian_kernels(sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.T
 _FFT_KERNEL = 25
 
 
+class FeatureMemo:
+    """The filter bank's output for the last few inputs it saw, for a caller that filters the
+    same input again and again (live mode predicts the same view at every refresh; the image
+    does not change, only the network after the filter bank).
+
+    An input is found again only if it equals a remembered one exactly. The least recently
+    used entries go first once the outputs pass ``max_bytes``; an output larger than that is
+    not kept.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = int(max_bytes)
+        self.hits = 0
+        self.misses = 0
+        self._items: list[tuple[torch.Tensor, torch.Tensor]] = []  # oldest first
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The remembered output for an input equal to ``x``, or None."""
+        for i, (key, out) in enumerate(self._items):
+            if (key.shape == x.shape and key.dtype == x.dtype and key.device == x.device
+                    and torch.equal(key, x)):
+                self._items.append(self._items.pop(i))
+                self.hits += 1
+                return out
+        self.misses += 1
+        return None
+
+    def store(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Remember ``out`` as the output for ``x`` (both kept as they are: not to be changed
+        in place afterwards)."""
+        size = out.numel() * out.element_size()
+        if size > self.max_bytes:
+            return
+        self._items.append((x.detach().clone(), out.detach()))
+        while sum(o.numel() * o.element_size() for _, o in self._items) > self.max_bytes:
+            self._items.pop(0)
+
+    def clear(self) -> None:
+        """Forget every output."""
+        self._items.clear()
+
+
 class FilterBank(nn.Module):
     """Fixed multiscale filters in front of the U-Net (not trained).
 
@@ -124,6 +166,8 @@ class FilterBank(nn.Module):
             self.register_buffer(f"d2_{i}", d2, persistent=False)
         # raw + per scale: smooth, gradient magnitude, LoG, two Hessian features
         self.out_channels = in_channels * (1 + 5 * len(self.sigmas))
+        #: Outputs to reuse for inputs seen before (None: every input is filtered).
+        self.memo: FeatureMemo | None = None
 
     def _along(self, x: torch.Tensor, k: torch.Tensor, axis: int, *,
                fft: bool | None = None) -> torch.Tensor:
@@ -160,6 +204,15 @@ class FilterBank(nn.Module):
         return level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memo is not None:
+            out = self.memo.lookup(x)
+            if out is None:
+                out = self._filter(x)
+                self.memo.store(x, out)
+            return out
+        return self._filter(x)
+
+    def _filter(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
         spatial = x.shape[2:]
         flat = x.reshape(n * c, 1, *spatial)

@@ -33,7 +33,7 @@ import torch
 from ..config import NormConfig, TrainConfig
 from ..devices import flush_denormals, resolve_device
 from ..errors import InputError
-from ..model import PaintsegModel, default_class_names, save_model
+from ..model import FeatureMemo, PaintsegModel, default_class_names, save_model
 from .data import TrainingData, _assemble, _normalised_range
 from .loop import TrainingRun
 from .losses import _NEW_OUTPUT_LAYER
@@ -182,6 +182,9 @@ class LiveSession:
         #: (predictions, snapshots), over all its runs.
         self.spent = {"training": 0.0, "labels": 0.0, "requests": 0.0}
         self._trains = False  # the current data has two painted classes or more
+        #: The filter bank's output for the regions predicted last (the image never changes:
+        #: a refresh of the same view filters nothing again).
+        self._features = FeatureMemo()
         self.waiting_for = "paint at least two classes"
         self.update_labels(labels)
 
@@ -526,9 +529,20 @@ class LiveSession:
 
     def _predict(self, region: tuple[slice, ...], background_class: int | None
                  ) -> LivePrediction:
+        model = self._snapshot()
+        filters = model.network.filters
+        if filters is not None:  # the view's features, as at the last refresh of this view
+            filters.memo = self._features
+        try:
+            return self._predict_with(model, region, background_class)
+        finally:
+            if filters is not None:
+                filters.memo = None  # the snapshot may be handed out: it keeps no memo
+
+    def _predict_with(self, model: PaintsegModel, region: tuple[slice, ...],
+                      background_class: int | None) -> LivePrediction:
         from ..inference import default_halo, segment
 
-        model = self._snapshot()
         halo = default_halo(model.config, "blend")
         spatial = len(self._spatial)
         # context around the region: on the axes the network convolves over
