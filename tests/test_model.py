@@ -190,6 +190,19 @@ def test_feature_memo_gives_the_same_features_and_forgets_the_oldest():
     assert (small.hits, small.misses) == (0, 2)
 
 
+@pytest.mark.parametrize("classes", [1, 2, 5])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_class_argmax_is_torch_argmax(classes, dim):
+    from paintseg.model import class_argmax
+
+    gen = torch.Generator().manual_seed(classes)
+    shape = [3, 17, 19]
+    shape.insert(dim, classes)
+    scores = torch.rand(shape, generator=gen)
+    scores = torch.round(scores * 4) / 4  # many ties: the first class of a tie wins
+    assert torch.equal(class_argmax(scores, dim), scores.argmax(dim))
+
+
 def test_derivative_gain_travels_with_the_checkpoint(tmp_path, nuclei2d):
     cfg = ModelConfig(depth=2, base_features=4, features=(1.0, 4.0), derivative_gain=0.1)
     model = new_model(cfg, seed=0)

@@ -25,7 +25,7 @@ from .config import DENSE_SHARE, OUTPUTS, SNAP_PIXELS, ModelConfig, SegmentSetti
 from .devices import amp_dtype, flush_denormals, memory_available, resolve_device
 from .errors import ConfigError, InputError
 from .io import ImageData, guess_axes, label_dtype, label_values
-from .model import PaintsegModel, exact_halo
+from .model import PaintsegModel, class_argmax, exact_halo
 from .normalize import channel_scaling, percentile_range
 from .tiling import TilePlan, plan_tiles, predict_tiled
 
@@ -613,7 +613,7 @@ def segment(
                 probs = block.to("cpu").numpy()
                 snap_later[(slice(None), *local)] = probs
             else:
-                labels_out[local] = lut[block.argmax(0)].to("cpu").numpy().astype(ldtype)
+                labels_out[local] = lut[class_argmax(block)].to("cpu").numpy().astype(ldtype)
                 probs = None
             if probabilities_out is not None and probabilities_out is not snap_later:
                 probabilities_out[(slice(None), *local)] = (
