@@ -137,10 +137,6 @@ class FeatureMemo:
         while sum(o.numel() * o.element_size() for _, o in self._items) > self.max_bytes:
             self._items.pop(0)
 
-    def clear(self) -> None:
-        """Forget every output."""
-        self._items.clear()
-
 
 class FilterBank(nn.Module):
     """Fixed multiscale filters in front of the U-Net (not trained).
