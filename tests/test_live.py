@@ -150,6 +150,30 @@ def test_stop_resume_and_save_give_a_normal_checkpoint(crop, tmp_path):
                                           device="cpu").labels, whole.labels)
 
 
+def test_offered_labels_are_copied_when_taken_in(crop):
+    """A GUI offers the array it goes on painting into: the session copies it when it takes
+    it in, so later changes reach it only through the next offer."""
+    img, sem = crop
+    painting = strokes(sem, slice(0, 256))
+    given = painting.copy()
+    s = LiveSession(img, np.zeros_like(painting), config=TrainConfig(seed=0), device="cpu",
+                    name="crop")
+    s.offer_labels(painting)  # not running: taken in at once
+    np.testing.assert_array_equal(s.labels, given)
+    painting[:] = 0  # the user goes on (here: erases everything) without offering
+    np.testing.assert_array_equal(s.labels, given)
+    s.start()
+    try:
+        s.offer_labels(painting)
+        wait_for(lambda: not s.labels.any())  # the newest offer, taken in by the loop
+        painting[:] = given
+        time.sleep(0.3)
+        assert not s.labels.any()  # not offered: not seen
+        np.testing.assert_array_equal(given, painting)  # the caller's array only read
+    finally:
+        s.stop()
+
+
 def test_a_refresh_of_the_same_view_filters_nothing_again(crop):
     """The image never changes: the filter bank's output for a view is kept, and the
     prediction with it is the one without it; the snapshots handed out keep no memo."""

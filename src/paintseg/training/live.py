@@ -260,7 +260,9 @@ class LiveSession:
     def offer_labels(self, labels: np.ndarray) -> None:
         """Hand over the newest labels without waiting (a GUI's way): the loop takes them in
         before its next step (:meth:`update_labels` there); labels offered earlier and not yet
-        taken in are dropped. ``labels`` must be the caller's own copy. A refusal is kept in
+        taken in are dropped. ``labels`` is copied when it is taken in, on the loop's thread:
+        a GUI may offer the array it goes on painting into (a stroke painted meanwhile is
+        taken in with the next offer), and its own thread copies nothing. A refusal is kept in
         :attr:`error` (empty when the newest labels were taken in)."""
         with self._lock:
             self._offered = labels
@@ -275,7 +277,7 @@ class LiveSession:
         if labels is None:
             return
         try:
-            self._update(_check_labels(labels, self._spatial, self.name))
+            self._update(np.array(_check_labels(labels, self._spatial, self.name), copy=True))
             self.error = ""
         except InputError as exc:
             self.error = str(exc)
