@@ -629,3 +629,24 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     held = slice(256, 512)
     iou = ((seg[held] == 2) & gt2d[held]).sum() / ((seg[held] == 2) | gt2d[held]).sum()
     assert iou > 0.5, iou
+
+
+def test_closing_the_viewer_stops_a_live_session(make_napari_viewer, nuclei2d, gt2d, qtbot):
+    """No job outlives the window: closing napari while Live trains stops the session (it
+    would otherwise train on in the background, and quitting would wait for it)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(nuclei2d, name="nuclei2d")
+    w = PaintsegWidget(viewer)
+    viewer.window.add_dock_widget(w, name="paintseg", area="right")
+    assert w.jobs.wait(60_000)
+    lab = w.new_labels_layer()
+    _paint_strokes(lab, gt2d, np.random.default_rng(0))
+    live = w.train_tab.live
+    live.toggle.click()
+    qtbot.waitUntil(lambda: live.live is not None and live.live.step >= 5, timeout=60_000)
+    session = live.live
+    viewer.close()
+    qtbot.waitUntil(lambda: not session.running, timeout=10_000)
+    step = session.step
+    qtbot.wait(500)
+    assert session.step == step  # stopped, not paused

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from napari.qt.threading import create_worker
-from qtpy.QtCore import QObject, QThreadPool, Signal
+from qtpy.QtCore import QCoreApplication, QObject, QThreadPool, Signal
 
 __all__ = ["JobRunner", "Progress", "Note"]
 
@@ -83,6 +83,13 @@ class JobRunner(QObject):
         self.name: str | None = None
         self._after: list[Callable[[], None]] = []
         self.pool = _job_pool()
+        # no job outlives the window: closing the viewer (which deletes the widget and this
+        # runner with it) or quitting the application asks the running job to stop; a live
+        # session would otherwise train on, and quitting would wait for it
+        self.destroyed.connect(self._stop.set)
+        app = QCoreApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._stop.set)
 
     @property
     def busy(self) -> bool:

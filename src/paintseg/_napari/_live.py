@@ -278,7 +278,13 @@ class LiveControl(QWidget):
     # ------------------------------------------------------------------ requests
 
     def _send(self, kind: str, fut: Future, context: Any = None) -> None:
-        fut.add_done_callback(lambda f: self._relay.done.emit((kind, f, context)))
+        def relay(f: Future) -> None:
+            try:
+                self._relay.done.emit((kind, f, context))
+            except RuntimeError:  # the widget was closed meanwhile: nothing to show it in
+                pass
+
+        fut.add_done_callback(relay)
 
     def _labels_changed(self, *_: Any) -> None:
         if self.live is not None:
