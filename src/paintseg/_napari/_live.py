@@ -296,8 +296,8 @@ class LiveControl(QWidget):
         live, layer = self.live, self._painting_on()
         if live is None or layer is None:
             return
-        # the session copies it on its own thread (a 25 Mpx stack's copy took up to 90 ms
-        # here while the loop predicted); the user's layer stays theirs and is only read
+        # the layer's own array: the session copies it on its thread when it takes it in, so
+        # the GUI thread copies nothing; the user's layer is only read
         live.offer_labels(layer.data)
 
     def _view_moved(self, *_: Any) -> None:

@@ -531,20 +531,11 @@ class LiveSession:
 
     def _predict(self, region: tuple[slice, ...], background_class: int | None
                  ) -> LivePrediction:
-        model = self._snapshot()
-        filters = model.network.filters
-        if filters is not None:  # the view's features, as at the last refresh of this view
-            filters.memo = self._features
-        try:
-            return self._predict_with(model, region, background_class)
-        finally:
-            if filters is not None:
-                filters.memo = None  # the snapshot may be handed out: it keeps no memo
-
-    def _predict_with(self, model: PaintsegModel, region: tuple[slice, ...],
-                      background_class: int | None) -> LivePrediction:
         from ..inference import default_halo, segment
 
+        model = self._snapshot()  # this prediction's own copy, never handed out: it may
+        if model.network.filters is not None:  # share the views' features with the session
+            model.network.filters.memo = self._features
         halo = default_halo(model.config, "blend")
         spatial = len(self._spatial)
         # context around the region: on the axes the network convolves over
