@@ -222,3 +222,35 @@ def test_a_thin_class_is_never_moved():
     p2 = np.where(inner[None] == np.array([False, True])[:, None, None], 0.6, 0.4)
     snapped = snap_to_edges(p2.astype(np.float32), image, snap=8)
     assert (snapped != inner).any()
+
+
+@pytest.mark.parametrize("plane", [0, 1])
+def test_the_band_is_flooded_as_from_the_whole_plane(dsb_crop, small_model, plane):
+    """The snap floods only the band and its rim of seeds: the same classes as a watershed
+    seeded from every pixel outside the band, on real images and a network's many borders
+    (the DSB2018 crop with shrunk nuclei; an untrained network on the cells3d slice), with
+    thin classes measured from the snap's own distances as from their own."""
+    from skimage.filters import sobel
+    from skimage.segmentation import watershed
+
+    from paintseg.postprocess import _flood_band, thin_classes
+
+    if plane == 0:
+        image, truth = dsb_crop
+        probs = _shrunk_probabilities(truth, by=2, p_band=0.7)
+    else:
+        img = tifffile.imread(SAMPLES / "nuclei3d.tif")[30].astype(np.float32)
+        lo, hi = percentile_range(img[np.newaxis], NormConfig())
+        image = ((img - lo[0]) / (hi[0] - lo[0]))[np.newaxis]
+        probs = segment(img, small_model, axes="YX", return_probabilities=True,
+                        snap=0).probabilities
+    index = probs.argmax(0)
+    distance = np.zeros(index.shape)
+    for k in np.unique(index):
+        distance[index == k] = ndi.distance_transform_edt(index == k)[index == k]
+    band = (distance <= 8) & (probs.max(0) < 0.98)
+    assert 0.02 < band.mean() < 0.9  # borders to decide, and seeds
+    grad = sobel(image[0])
+    whole = watershed(grad, markers=np.where(band, 0, index + 1)) - 1
+    np.testing.assert_array_equal(_flood_band(grad, index.copy(), band), whole)
+    assert thin_classes(index, snap=8, distance=distance) == thin_classes(index, snap=8)

@@ -114,12 +114,12 @@ def snap_to_edges(
     if snap == 0 or len(present) < 2:
         return index
     # distance of each pixel to the nearest pixel of another class
-    distance = np.zeros(index.shape, np.float32)
+    distance = np.zeros(index.shape, np.float64)
     for k in present:
         inside = index == k
         distance[inside] = ndi.distance_transform_edt(inside)[inside]
     band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
-    thin = thin_classes(index, snap=snap) if band.any() else []
+    thin = thin_classes(index, snap=snap, distance=distance) if band.any() else []
     if thin:
         band &= ndi.distance_transform_edt(~np.isin(index, thin)) > snap
     if not band.any():
@@ -127,11 +127,25 @@ def snap_to_edges(
     grad = np.zeros(index.shape, np.float32)
     for channel in np.asarray(image, dtype=np.float32):
         grad += sobel(gaussian(channel, sigma=sigma, preserve_range=True))
-    markers = np.where(band, 0, index + 1)
-    return watershed(grad, markers=markers).astype(np.int64) - 1
+    return _flood_band(grad, index, band)
 
 
-def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS) -> list[int]:
+def _flood_band(grad: np.ndarray, index: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """``index`` with the pixels of ``band`` decided again by a seeded watershed on ``grad``,
+    flooded from the other pixels' classes (``index`` is overwritten and returned).
+
+    The flood runs in the band and the ring of pixels around it, whose classes are the
+    seeds: the band is filled from them alone, exactly as a flood from every pixel outside
+    the band would fill it (the others are never reached), and the rest of the plane is
+    not visited."""
+    ring = ndi.binary_dilation(band) & ~band
+    flooded = watershed(grad, markers=np.where(ring, index + 1, 0), mask=band | ring)
+    index[band] = flooded[band] - 1
+    return index
+
+
+def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS,
+                 distance: np.ndarray | None = None) -> list[int]:
     """The classes of a 2D class map that are thin lines: narrower than twice ``snap`` and at
     least three times as long as wide.
 
@@ -148,6 +162,9 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS) -> list[int]:
         Class indices.
     snap : int
         The snap distance (pixels).
+    distance : ndarray, shape (Y, X), optional
+        Each pixel's distance to the nearest pixel of another class, where the caller has it
+        (:func:`snap_to_edges` does); computed here otherwise.
 
     Returns
     -------
@@ -165,7 +182,8 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS) -> list[int]:
         if inside.all():
             continue
         skeleton = skeletonize(inside)
-        widths = 2 * ndi.distance_transform_edt(inside)[skeleton]
+        widths = 2 * (ndi.distance_transform_edt(inside) if distance is None
+                      else distance)[skeleton]
         if not len(widths):
             continue
         width = float(np.median(widths))
