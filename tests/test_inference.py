@@ -267,3 +267,21 @@ def test_auto_tiling_uses_one_window_without_halo_when_the_image_fits(small_mode
         big.append(inference.resolve_tiles((600, 1024, 1024), small_model_3d, device="cpu"))
     assert big[0] == big[1] != big[2]
     assert big[0].tile < 1024 and big[0].halo > 0
+
+
+def test_cpu_batches_stay_small_and_give_the_same_labels(nuclei3d_path, small_model):
+    """On the CPU, planes are batched up to a quarter megapixel (one plane at least: batches
+    of several megapixels ran slower there), and the labels are those of any other batch
+    size (the real cells3d slices)."""
+    from paintseg.inference import resolve_tiles
+
+    assert resolve_tiles((8, 768, 1024), small_model, device="cpu").batch_size == 1
+    assert resolve_tiles((16, 256, 256), small_model, device="cpu").batch_size == 4
+    assert resolve_tiles((16, 64, 64), small_model, device="cpu").batch_size == 32  # at most
+    data = np.asarray(read_image(nuclei3d_path).data[24:32])
+    auto = segment(data, small_model, axes="ZYX", return_probabilities=True)
+    for batch in (1, 8):
+        other = segment(data, small_model, axes="ZYX", return_probabilities=True,
+                        tiles=TileConfig(batch_size=batch))
+        np.testing.assert_array_equal(other.labels, auto.labels)
+        np.testing.assert_allclose(other.probabilities, auto.probabilities, atol=1e-5)

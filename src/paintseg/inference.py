@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 _MAX_BATCH = 32
-_CPU_BATCH_PIXELS = 4e6
+_CPU_BATCH_PIXELS = 2.0**18
 
 
 class AxesView:
@@ -285,7 +285,8 @@ def resolve_tiles(
     fixed = dataclasses.replace(tiles, tile=tile, halo=halo, memory_budget=budget)
     if tiles.batch_size is None:
         # size the batch on the real window (the halo may have been dropped). On the CPU a
-        # batch larger than a few megapixels buys no speed, only memory: cap it there.
+        # batch beyond about a quarter of a megapixel runs slower (the activations leave the
+        # caches) and holds more memory: cap it there (one window at least).
         budget_px = budget / _bytes_per_pixel(cfg, half)
         if dev.type != "cuda":
             budget_px = min(budget_px, _CPU_BATCH_PIXELS)
