@@ -1,0 +1,199 @@
+"""End-to-end segmentation of the models users train, and where its time goes.
+
+For each input, in one process: a model as a user gets it (a new fast-preset U-Net trained
+from simulated strokes for ``--seconds``; the bundled ``nuclei`` starter, with instances),
+then ``paintseg segment``'s own path (:func:`paintseg.batch.segment_file`: reading,
+normalisation, tiled inference, snap or watershed, atomic writing of the labels TIFF) under
+:mod:`cProfile`, with each stage's share of the time, beside the floor: the network's forward
+pass (filter bank and U-Nets) on each whole plane, nothing else. A second run of the same
+file with the path as it was before this benchmark existed (the watershed flooded from every
+pixel of the plane; thin classes measured with distance transforms of their own; batches of
+up to 4 Mpx on the CPU) gives this session's speed-up as a ratio in the same process, and the
+share of pixels whose labels agree.
+
+Inputs (``--data``): ``em``, a 32x768x1024 EM stack (the ``vnc-sstem`` sections of
+``../shared/datasets``, forwards then backwards), membranes painted; ``phase``, 10 phase-contrast
+images of 1022x1024 (``usiigaci-phase``), cells painted (blob-like: the snap moves borders);
+``starter``, a 2048x2048 mosaic of the sample nuclei image segmented by the bundled starter
+with instances (runs without ``../shared``).
+
+Usage::
+
+    python benchmarks/end_to_end.py [--data em phase starter] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from paintseg import inference, postprocess
+from paintseg.batch import Job, segment_file
+from paintseg.config import SegmentSettings, TrainConfig
+from paintseg.inference import default_snap
+from paintseg.model import FilterBank, _body_forward, load_model
+from paintseg.normalize import percentile_range
+from paintseg.training import iter_train, prepare_training
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "src" / "paintseg" / "sample_data"
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def dot_strokes(truth: np.ndarray, planes: tuple[int, ...], rng: np.random.Generator
+                ) -> np.ndarray:
+    """Dots of both classes on ``planes`` (1: rest, 2: the structure), as benchmarks/gui.py
+    paints them."""
+    strokes = np.zeros(truth.shape, np.uint8)
+    for z in planes:
+        pick = rng.random(truth[z].shape)
+        strokes[z][~truth[z] & (pick < 0.003)] = 1
+        strokes[z][truth[z] & (pick < 0.01)] = 2
+    return strokes
+
+
+def inputs(names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(name, stack, strokes or None for the starter)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for name in names:
+        if name == "em":
+            em = SHARED / "vnc-sstem"
+            sections = tifffile.imread(em / "image.tif")
+            membrane = tifffile.imread(em / "labels.tif") == 1
+            stack = np.concatenate([sections, sections[::-1]])[:32, :768]
+            truth = np.concatenate([membrane, membrane[::-1]])[:32, :768]
+            out.append((name, stack, dot_strokes(truth, (5, 20), rng)))
+        elif name == "phase":
+            folder = SHARED / "usiigaci-phase"
+            stack = tifffile.imread(folder / "image.tif")[:10]
+            truth = tifffile.imread(folder / "labels.tif")[:10] > 0
+            out.append((name, stack, dot_strokes(truth, (0, 1), rng)))
+        else:
+            out.append((name, np.tile(tifffile.imread(SAMPLES / "nuclei2d.tif"), (4, 4)), None))
+    return out
+
+
+def floor_seconds(model, stack: np.ndarray) -> float:
+    """The network's forward pass on each whole plane (normalised with the model's
+    percentiles of the whole stack), nothing else."""
+    lo, hi = percentile_range(stack[np.newaxis].astype(np.float32), model.normalization)
+    net = model.network.eval()
+    planes = stack.reshape(-1, *stack.shape[-2:])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for plane in planes:
+            x = torch.from_numpy(((plane - lo[0]) / (hi[0] - lo[0])).astype(np.float32))
+            net(x[None, None])
+    return time.perf_counter() - t
+
+
+# stage -> the functions whose cumulative time it is
+STAGES = {
+    "reading": [tifffile.TiffFile.asarray],
+    "normalisation": [percentile_range],
+    "filter bank": [FilterBank.forward],
+    "U-Nets": [_body_forward],
+    "snap": [postprocess.snap_planes],
+    "instances": [postprocess.instances_from_probabilities],
+    "writing": [tifffile.TiffWriter.write],
+}
+
+
+def profiled(model, path: Path, out: Path, settings: SegmentSettings
+             ) -> tuple[float, dict[str, float], np.ndarray]:
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    result = segment_file(Job(path, Path(path.name)), model, out_dir=out, settings=settings,
+                          device="cpu", overwrite=True)
+    prof.disable()
+    total = time.perf_counter() - t
+    if result.status != "done":
+        raise SystemExit(f"{path}: {result.reason}")
+    stats = pstats.Stats(prof).stats
+    shares = {}
+    for stage, funcs in STAGES.items():
+        codes = {(f.__code__.co_filename, f.__code__.co_firstlineno) for f in funcs}
+        shares[stage] = sum(v[3] for k, v in stats.items() if (k[0], k[1]) in codes)
+    return total, shares, tifffile.imread(result.labels)
+
+
+def whole_plane_flood(grad, index, band):
+    """The snap's flood before: a watershed seeded from every pixel outside the band."""
+    from skimage.segmentation import watershed
+
+    return watershed(grad, markers=np.where(band, 0, index + 1)).astype(np.int64) - 1
+
+
+def own_distances(index, *, snap=8, distance=None):
+    return THIN(index, snap=snap)
+
+
+THIN = postprocess.thin_classes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", nargs="+", default=["em", "phase", "starter"],
+                        choices=("em", "phase", "starter"))
+    parser.add_argument("--seconds", type=float, default=20.0, help="training budget")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    for name, stack, strokes in inputs(args.data):
+        if strokes is None:
+            model = load_model("nuclei")
+            settings = SegmentSettings(axes="YX")
+        else:
+            data, model = prepare_training([(stack, strokes)], base=None, dims=2,
+                                           in_channels=1, seed=0)
+            for _ in iter_train(model, data, TrainConfig(time_budget=args.seconds, seed=0),
+                                device="cpu"):
+                pass
+            settings = SegmentSettings(axes="ZYX")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.tif"
+            tifffile.imwrite(path, stack)
+            floor = floor_seconds(model, stack)
+            total, shares, labels = profiled(model, path, Path(tmp) / "out", settings)
+            # the path as it was before: the snap flooded whole planes and measured thin
+            # classes with distance transforms of their own; CPU batches of up to 4 Mpx
+            saved = (postprocess._flood_band, postprocess.thin_classes,
+                     inference._CPU_BATCH_PIXELS)
+            postprocess._flood_band, postprocess.thin_classes = whole_plane_flood, own_distances
+            inference._CPU_BATCH_PIXELS = 4e6
+            try:
+                before = profiled(model, path, Path(tmp) / "before", settings)
+            finally:
+                (postprocess._flood_band, postprocess.thin_classes,
+                 inference._CPU_BATCH_PIXELS) = saved
+            same = float(np.mean(before[2] == labels))
+        mpx = stack.size / 1e6
+        print(f"\n{name}: {stack.shape} {stack.dtype}, {model.config.network_name}, "
+              f"{'instances' if strokes is None else f'snap {default_snap(model)}'}")
+        print(f"  floor (network on whole planes)  {floor:6.1f} s  {mpx / floor:5.2f} Mpx/s")
+        print(f"  end to end (segment_file)        {total:6.1f} s  {mpx / total:5.2f} Mpx/s  "
+              f"{total / floor:4.2f}x the floor")
+        for stage, s in shares.items():
+            if s > 0:
+                print(f"    {stage:<14} {s:6.1f} s  {100 * s / total:4.0f}%")
+        other = total - sum(shares.values())
+        print(f"    {'other':<14} {other:6.1f} s  {100 * other / total:4.0f}%")
+        snap = (f", the snap {shares['snap'] / before[1]['snap']:.2f}x"
+                if before[1]["snap"] else "")
+        nets = [s["U-Nets"] + s["filter bank"] for s in (shares, before[1])]
+        print(f"  before (whole-plane snap flood, CPU batches of 4 Mpx): {before[0]:.1f} s; "
+              f"now {total / before[0]:.2f}x end to end, the networks "
+              f"{nets[0] / nets[1]:.2f}x{snap}; labels equal on {100 * same:.4f}% of pixels")
+
+if __name__ == "__main__":
+    main()
