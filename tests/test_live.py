@@ -231,3 +231,29 @@ def test_bad_input_names_the_image(crop):
     s = LiveSession(img, strokes(sem, slice(0, 256)), name="crop", device="cpu")
     with pytest.raises(InputError, match="crop: region"):
         s.predict((slice(10, 10), slice(0, 5)))
+
+
+def test_a_prediction_that_must_not_run_here_waits_for_the_loop_or_is_cancelled(crop,
+                                                                                  monkeypatch):
+    """napari's thread asks with ``inline=False``: while the loop runs, the prediction is
+    made on the loop's thread; when the loop has stopped (as Live ends), nothing is computed
+    on the caller's thread and the future is cancelled. A plain call still predicts here."""
+    img, sem = crop
+    s = LiveSession(img, strokes(sem, slice(0, 256)), config=TrainConfig(seed=0),
+                    device="cpu", name="crop")
+    threads = []
+    predict = s._predict
+    monkeypatch.setattr(s, "_predict", lambda *a: threads.append(
+        threading.current_thread()) or predict(*a))
+    s.start()
+    try:
+        wait_for(lambda: s.step >= 2)
+        fut = s.predict_async((slice(0, 64), slice(0, 64)), inline=False)
+        assert fut.result(120).labels.shape == (64, 64)
+        assert threads == [s._thread]  # the loop's thread, not this one
+    finally:
+        s.stop()
+    late = s.predict_async((slice(0, 64), slice(0, 64)), inline=False)
+    assert late.cancelled() and len(threads) == 1
+    here = s.predict_async((slice(0, 64), slice(0, 64)))
+    assert here.result().labels.shape == (64, 64) and threads[-1] is threading.current_thread()

@@ -338,7 +338,8 @@ class LiveControl(QWidget):
         region = self._visible_region()
         self._inflight, self._again = True, False
         self._asked = time.perf_counter()
-        self._send("prediction", live.predict_async(region), region)
+        # never computed here: a refresh asked for as the loop ends is dropped
+        self._send("prediction", live.predict_async(region, inline=False), region)
 
     def paint_next(self) -> None:
         """Outline the most uncertain box of the current plane and centre the view on it."""
@@ -353,7 +354,7 @@ class LiveControl(QWidget):
         current = np.asarray(layer.world_to_data(viewer.dims.point))[:n]
         region = scope_region(self._lshape, scope="current slice", model_dims=self._dims,
                               current=current)
-        self._send("next", live.predict_async(region), region)
+        self._send("next", live.predict_async(region, inline=False), region)
 
     def _deliver(self, item: tuple[str, Future, Any]) -> None:
         kind, fut, region = item
@@ -368,6 +369,8 @@ class LiveControl(QWidget):
                 self._soon.start()
             else:
                 self.timer.start(int(1000 * self.interval()))
+        if fut.cancelled():  # asked for as the loop ended: Live is ending
+            return
         exc = fut.exception()
         if exc is not None:
             self.session.notify(f"Live: {exc}", "warning")

@@ -430,10 +430,15 @@ class LiveSession:
         self._run.step = steps  # steps count on over the session
         self._run_steps = steps
 
-    def submit(self, fn: Callable[[], T]) -> Future:
+    def submit(self, fn: Callable[[], T], *, inline: bool = True) -> Future:
         """Run ``fn()`` on the loop's thread between two steps while the loop runs (here and
-        now otherwise); its result or exception is the returned future's. For work that must
-        not run beside the training (torch) or that a GUI must not wait for."""
+        now otherwise, or not at all with ``inline=False``); its result or exception is the
+        returned future's. For work that must not run beside the training (torch) or that a
+        GUI must not wait for.
+
+        With ``inline=False``, a call made while the loop does not run (before it starts,
+        after it stopped) returns a cancelled future and runs nothing: a GUI thread that asks
+        for a prediction as the loop ends must not compute it itself."""
         with self._lock:
             handed = self._running and threading.current_thread() is not self._loop_thread
             fut: Future = Future()
@@ -441,6 +446,9 @@ class LiveSession:
                 self._requests.put((fn, fut))
         if handed:
             self._wake.set()
+            return fut
+        if not inline:
+            fut.cancel()
             return fut
         fut.set_running_or_notify_cancel()
         try:
@@ -524,10 +532,12 @@ class LiveSession:
         return self._call(lambda: self._predict(box, background_class), timeout)
 
     def predict_async(self, region: Sequence[slice] | None = None, *,
-                      background_class: int | None = 1) -> Future:
+                      background_class: int | None = 1, inline: bool = True) -> Future:
         """:meth:`predict` without waiting: a future of the :class:`LivePrediction` (or of
-        the error)."""
-        return self.submit(lambda: self.predict(region, background_class=background_class))
+        the error). Where the loop does not run, the prediction is made here and now, or with
+        ``inline=False`` not at all (the future is cancelled; see :meth:`submit`)."""
+        return self.submit(lambda: self.predict(region, background_class=background_class),
+                           inline=inline)
 
     def _predict(self, region: tuple[slice, ...], background_class: int | None
                  ) -> LivePrediction:
