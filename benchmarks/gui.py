@@ -24,6 +24,7 @@ two of its slices, the whole stack segmented, a batch of 2 files of 16x768x1024.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -190,8 +191,9 @@ def main() -> None:
         return
     w.segment_tab.image.setCurrentText(stack_name)
     w.segment_tab.form["output"].value = "semantic"
-    measure(f"segmenting {stack_what}", w.segment_tab.segment_btn.click)
-    measure("again (the labels layer updated in place)", w.segment_tab.segment_btn.click)
+    seg_first = measure(f"segmenting {stack_what}", w.segment_tab.segment_btn.click)
+    seg_again = measure("again (the labels layer updated in place)",
+                        w.segment_tab.segment_btn.click)
     # the reference for the first row: napari adding a labels layer of the same size by itself
     result = next(ly for ly in viewer.layers if ly.name.endswith("segmentation")).data
     measure("napari's own add_labels, same size (ref.)",
@@ -222,7 +224,31 @@ def main() -> None:
     done = finished[0]
     if isinstance(done, BaseException):
         raise done
+    # Segment's reference: the call the widget makes (segment_labels, its settings, a copy
+    # of its model), on the widget's job thread without showing anything, and on the main
+    # thread as `paintseg segment` runs it (napari does not draw meanwhile)
+    from paintseg.inference import segment_labels
+
+    settings = w.segment_tab.settings(axes="ZYX")
+    seg_model = copy.deepcopy(w.model)
+    finished.clear()
+    t0 = time.perf_counter()
+    w.jobs.start("headless segment",
+                 lambda report, should_stop: segment_labels(stack, copy.deepcopy(seg_model),
+                                                            settings, device=w.session.device),
+                 on_done=finished.append, on_error=finished.append)
+    w.jobs.wait(30 * 60_000)
+    on_job = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    main_labels = segment_labels(stack, copy.deepcopy(seg_model), settings,
+                                 device=w.session.device).labels
+    on_main = time.perf_counter() - t0
+    same = float(np.mean(main_labels == result))
     viewer.close()
+    print(f"\nsegmenting {stack_what}: the widget {seg_first['wall_s']:.1f} s (again "
+          f"{seg_again['wall_s']:.1f} s), segment_labels on the job thread {on_job:.1f} s, on "
+          f"the main thread (as the CLI) {on_main:.1f} s; widget / main thread "
+          f"{seg_again['wall_s'] / on_main:.2f}x; labels equal on {100 * same:.4f}% of pixels")
     print(f"\ntraining steps in {args.seconds:.0f} s: in the viewer {gui_steps}, headless "
           f"{done.step}; viewer / headless {gui_steps / max(done.step, 1):.2f}x")
     print(f"{live_text}; live / headless {live_steps / max(done.step, 1):.2f}x")
