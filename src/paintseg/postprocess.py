@@ -119,9 +119,16 @@ def snap_to_edges(
         inside = index == k
         distance[inside] = ndi.distance_transform_edt(inside)[inside]
     band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
-    thin = thin_classes(index, snap=snap, distance=distance) if band.any() else []
-    if thin:
-        band &= ndi.distance_transform_edt(~np.isin(index, thin)) > snap
+    # thin classes (thin_classes), smallest first, until no band is left: every border of
+    # two classes lies next to the thin one, so there one thin class ends the snap
+    sizes = np.bincount(index.ravel())
+    for k in sorted(present, key=lambda c: sizes[c]):
+        if not band.any():
+            return index
+        if _is_thin(index == k, distance, snap=snap):
+            if len(present) == 2:
+                return index
+            band &= ndi.distance_transform_edt(index != k) > snap
     if not band.any():
         return index
     grad = np.zeros(index.shape, np.float32)
@@ -171,31 +178,36 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS,
     list of int
         The thin classes' indices (a class that fills the image is not thin).
     """
-    from skimage.morphology import skeletonize
-
     index = np.asarray(index)
     if index.ndim != 2:
         raise ValueError(f"a 2D class map expected, got shape {index.shape}")
-    thin = []
-    for c in np.unique(index):
-        inside = index == c
-        if inside.all():
-            continue
-        skeleton = skeletonize(inside)
-        widths = 2 * (ndi.distance_transform_edt(inside) if distance is None
-                      else distance)[skeleton]
-        if not len(widths):
-            continue
-        width = float(np.median(widths))
-        if width >= 2 * snap:
-            continue
-        # length: skeleton pixels per region, over the regions of at least width x width
-        # pixels (specks and fragments say nothing of the shape)
-        regions, n = ndi.label(inside)
-        big = np.flatnonzero(np.bincount(regions.ravel(), minlength=n + 1)[1:] >= width**2) + 1
-        if len(big) and np.isin(regions[skeleton], big).sum() / len(big) >= 3 * width:
-            thin.append(int(c))
-    return thin
+    if distance is None:
+        distance = np.zeros(index.shape)
+        for c in np.unique(index):
+            inside = index == c
+            distance[inside] = ndi.distance_transform_edt(inside)[inside]
+    return [int(c) for c in np.unique(index) if _is_thin(index == c, distance, snap=snap)]
+
+
+def _is_thin(inside: np.ndarray, distance: np.ndarray, *, snap: int) -> bool:
+    """Whether the class of mask ``inside`` is a thin line (see :func:`thin_classes`);
+    ``distance``: each pixel's distance to the nearest pixel of another class."""
+    from skimage.morphology import skeletonize
+
+    if inside.all():
+        return False
+    skeleton = skeletonize(inside)
+    widths = 2 * distance[skeleton]
+    if not len(widths):
+        return False
+    width = float(np.median(widths))
+    if width >= 2 * snap:
+        return False
+    # length: skeleton pixels per region, over the regions of at least width x width
+    # pixels (specks and fragments say nothing of the shape)
+    regions, n = ndi.label(inside)
+    big = np.flatnonzero(np.bincount(regions.ravel(), minlength=n + 1)[1:] >= width**2) + 1
+    return bool(len(big)) and np.isin(regions[skeleton], big).sum() / len(big) >= 3 * width
 
 
 def snap_planes(probabilities: np.ndarray, image: np.ndarray, *, snap: int = SNAP_PIXELS
