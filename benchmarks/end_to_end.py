@@ -7,9 +7,9 @@ normalisation, tiled inference, snap or watershed, atomic writing of the labels 
 :mod:`cProfile`, with each stage's share of the time, beside the floor: the network's forward
 pass (filter bank and U-Nets) on each whole plane, nothing else. A second run of the same
 file with the path as it was before this benchmark existed (the watershed flooded from every
-pixel of the plane; thin classes measured with distance transforms of their own; batches of
-up to 4 Mpx on the CPU) gives this session's speed-up as a ratio in the same process, and the
-share of pixels whose labels agree.
+pixel of the plane; every class tested for thin lines with distance transforms of its own;
+batches of up to 4 Mpx on the CPU) gives the speed-up as a ratio in the same process, and
+the share of pixels whose labels agree.
 
 Inputs (``--data``): ``em``, a 32x768x1024 EM stack (the ``vnc-sstem`` sections of
 ``../shared/datasets``, forwards then backwards), membranes painted; ``phase``, 10 phase-contrast
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
+from scipy import ndimage as ndi
 
 from paintseg import inference, postprocess
 from paintseg.batch import Job, segment_file
@@ -127,18 +128,54 @@ def profiled(model, path: Path, out: Path, settings: SegmentSettings
     return total, shares, tifffile.imread(result.labels)
 
 
-def whole_plane_flood(grad, index, band):
-    """The snap's flood before: a watershed seeded from every pixel outside the band."""
+def snap_before(probabilities, image, *, snap=8, confidence=postprocess.SNAP_CONFIDENCE,
+                sigma=1.0):
+    """The snap as it was before this benchmark (commit b3825ff): a watershed seeded from
+    every pixel outside the band, every class's thin-line test with distance transforms of
+    its own."""
+    from skimage.filters import gaussian, sobel
     from skimage.segmentation import watershed
 
+    index = np.argmax(probabilities, axis=0)
+    present = np.unique(index)
+    if snap == 0 or len(present) < 2:
+        return index
+    distance = np.zeros(index.shape, np.float32)
+    for k in present:
+        inside = index == k
+        distance[inside] = ndi.distance_transform_edt(inside)[inside]
+    band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
+    thin = thin_before(index, snap=snap) if band.any() else []
+    if thin:
+        band &= ndi.distance_transform_edt(~np.isin(index, thin)) > snap
+    if not band.any():
+        return index
+    grad = np.zeros(index.shape, np.float32)
+    for channel in np.asarray(image, dtype=np.float32):
+        grad += sobel(gaussian(channel, sigma=sigma, preserve_range=True))
     return watershed(grad, markers=np.where(band, 0, index + 1)).astype(np.int64) - 1
 
 
-def own_distances(index, *, snap=8, distance=None):
-    return THIN(index, snap=snap)
+def thin_before(index, *, snap):
+    from skimage.morphology import skeletonize
 
-
-THIN = postprocess.thin_classes
+    thin = []
+    for c in np.unique(index):
+        inside = index == c
+        if inside.all():
+            continue
+        skeleton = skeletonize(inside)
+        widths = 2 * ndi.distance_transform_edt(inside)[skeleton]
+        if not len(widths):
+            continue
+        width = float(np.median(widths))
+        if width >= 2 * snap:
+            continue
+        regions, n = ndi.label(inside)
+        big = np.flatnonzero(np.bincount(regions.ravel(), minlength=n + 1)[1:] >= width**2) + 1
+        if len(big) and np.isin(regions[skeleton], big).sum() / len(big) >= 3 * width:
+            thin.append(int(c))
+    return thin
 
 
 def main() -> None:
@@ -165,17 +202,13 @@ def main() -> None:
             tifffile.imwrite(path, stack)
             floor = floor_seconds(model, stack)
             total, shares, labels = profiled(model, path, Path(tmp) / "out", settings)
-            # the path as it was before: the snap flooded whole planes and measured thin
-            # classes with distance transforms of their own; CPU batches of up to 4 Mpx
-            saved = (postprocess._flood_band, postprocess.thin_classes,
-                     inference._CPU_BATCH_PIXELS)
-            postprocess._flood_band, postprocess.thin_classes = whole_plane_flood, own_distances
-            inference._CPU_BATCH_PIXELS = 4e6
+            # the path as it was before: the snap of b3825ff, CPU batches of up to 4 Mpx
+            saved = postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS
+            postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = snap_before, 4e6
             try:
                 before = profiled(model, path, Path(tmp) / "before", settings)
             finally:
-                (postprocess._flood_band, postprocess.thin_classes,
-                 inference._CPU_BATCH_PIXELS) = saved
+                postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = saved
             same = float(np.mean(before[2] == labels))
         mpx = stack.size / 1e6
         print(f"\n{name}: {stack.shape} {stack.dtype}, {model.config.network_name}, "
@@ -191,7 +224,7 @@ def main() -> None:
         snap = (f", the snap {shares['snap'] / before[1]['snap']:.2f}x"
                 if before[1]["snap"] else "")
         nets = [s["U-Nets"] + s["filter bank"] for s in (shares, before[1])]
-        print(f"  before (whole-plane snap flood, CPU batches of 4 Mpx): {before[0]:.1f} s; "
+        print(f"  before (the snap of b3825ff, CPU batches of 4 Mpx): {before[0]:.1f} s; "
               f"now {total / before[0]:.2f}x end to end, the networks "
               f"{nets[0] / nets[1]:.2f}x{snap}; labels equal on {100 * same:.4f}% of pixels")
 
