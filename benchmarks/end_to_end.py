@@ -14,12 +14,17 @@ the share of pixels whose labels agree.
 Inputs (``--data``): ``em``, a 32x768x1024 EM stack (the ``vnc-sstem`` sections of
 ``../shared/datasets``, forwards then backwards), membranes painted; ``phase``, 10 phase-contrast
 images of 1022x1024 (``usiigaci-phase``), cells painted (blob-like: the snap moves borders);
-``starter``, a 2048x2048 mosaic of the sample nuclei image segmented by the bundled starter
-with instances (runs without ``../shared``).
+``nuclei3d``, the sample cells3d stack as 64x512x512 (2x2 in XY) with a 3D fast-preset model
+trained from dots on two planes; ``starter``, a 2048x2048 mosaic of the sample nuclei image
+segmented by the bundled starter with instances (the last two run without ``../shared``);
+``mosaic`` (not run by default), ``--planes`` planes of that mosaic (64: 64x2048x2048, the
+GPU stack of issue 41), a fast-preset model trained from dots on the first.
+``--device cuda`` runs the same on a GPU (training steps per second reported too).
 
 Usage::
 
-    python benchmarks/end_to_end.py [--data em phase starter] [--seconds 20]
+    python benchmarks/end_to_end.py [--data em phase nuclei3d starter mosaic] [--seconds 20]
+                                    [--device cpu|cuda|mps|auto]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from scipy import ndimage as ndi
 from paintseg import inference, postprocess
 from paintseg.batch import Job, segment_file
 from paintseg.config import SegmentSettings, TrainConfig
+from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import default_snap
 from paintseg.model import FilterBank, _body_forward, load_model
 from paintseg.normalize import percentile_range
@@ -61,8 +67,9 @@ def dot_strokes(truth: np.ndarray, planes: tuple[int, ...], rng: np.random.Gener
     return strokes
 
 
-def inputs(names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(name, stack, strokes or None for the starter)."""
+def inputs(names: list[str], *, planes: int = 64
+           ) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(name, stack, strokes or None for the starter); ``planes``: the mosaic's."""
     rng = np.random.default_rng(0)
     out = []
     for name in names:
@@ -78,23 +85,44 @@ def inputs(names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
             stack = tifffile.imread(folder / "image.tif")[:10]
             truth = tifffile.imread(folder / "labels.tif")[:10] > 0
             out.append((name, stack, dot_strokes(truth, (0, 1), rng)))
+        elif name == "nuclei3d":
+            stack = np.tile(tifffile.imread(SAMPLES / "nuclei3d.tif"), (1, 2, 2))
+            truth = np.tile(tifffile.imread(SAMPLES / "nuclei3d_labels.tif") > 0, (1, 2, 2))
+            stack = np.concatenate([stack, stack[::-1][: 64 - len(stack)]])
+            truth = np.concatenate([truth, truth[::-1][: 64 - len(truth)]])
+            out.append((name, stack, dot_strokes(truth, (20, 40), rng)))
+        elif name == "mosaic":
+            # issue 41's GPU stack: the sample nuclei image as a 2048^2 mosaic, shifted per
+            # plane, dots on the first plane
+            tile = np.tile(tifffile.imread(SAMPLES / "nuclei2d.tif"), (4, 4))
+            truth = np.tile(tifffile.imread(SAMPLES / "nuclei2d_instances.tif") > 0, (4, 4))
+            stack = np.stack([np.roll(tile, 37 * k, axis=(0, 1)) for k in range(planes)])
+            out.append((name, stack, dot_strokes(truth[None], (0,), rng)
+                        if planes == 1 else np.concatenate(
+                            [dot_strokes(truth[None], (0,), rng),
+                             np.zeros((planes - 1, *truth.shape), np.uint8)])))
         else:
             out.append((name, np.tile(tifffile.imread(SAMPLES / "nuclei2d.tif"), (4, 4)), None))
     return out
 
 
-def floor_seconds(model, stack: np.ndarray) -> float:
-    """The network's forward pass on each whole plane (normalised with the model's
-    percentiles of the whole stack), nothing else."""
+def floor_seconds(model, stack: np.ndarray, device: torch.device) -> float:
+    """The network's forward pass (fp32) on each whole plane (a 3D model: on the whole
+    volume), normalised with the model's percentiles of the whole stack, nothing else."""
     lo, hi = percentile_range(stack[np.newaxis].astype(np.float32), model.normalization)
-    net = model.network.eval()
-    planes = stack.reshape(-1, *stack.shape[-2:])
+    net = model.network.to_device(device).eval()
+    dims = model.config.dims
+    parts = stack.reshape(-1, *stack.shape[-dims:])
     t = time.perf_counter()
     with torch.inference_mode():
-        for plane in planes:
-            x = torch.from_numpy(((plane - lo[0]) / (hi[0] - lo[0])).astype(np.float32))
-            net(x[None, None])
-    return time.perf_counter() - t
+        for part in parts:
+            x = torch.from_numpy(((part - lo[0]) / (hi[0] - lo[0])).astype(np.float32))
+            net(x[None, None].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    net.to_device("cpu")
+    return seconds
 
 
 # stage -> the functions whose cumulative time it is
@@ -109,13 +137,13 @@ STAGES = {
 }
 
 
-def profiled(model, path: Path, out: Path, settings: SegmentSettings
+def profiled(model, path: Path, out: Path, settings: SegmentSettings, device: torch.device
              ) -> tuple[float, dict[str, float], np.ndarray]:
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
     result = segment_file(Job(path, Path(path.name)), model, out_dir=out, settings=settings,
-                          device="cpu", overwrite=True)
+                          device=device, overwrite=True)
     prof.disable()
     total = time.perf_counter() - t
     if result.status != "done":
@@ -180,40 +208,51 @@ def thin_before(index, *, snap):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", nargs="+", default=["em", "phase", "starter"],
-                        choices=("em", "phase", "starter"))
+    parser.add_argument("--data", nargs="+", default=["em", "phase", "nuclei3d", "starter"],
+                        choices=("em", "phase", "nuclei3d", "starter", "mosaic"))
+    parser.add_argument("--planes", type=int, default=64, help="planes of the mosaic stack")
     parser.add_argument("--seconds", type=float, default=20.0, help="training budget")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    for name, stack, strokes in inputs(args.data):
+    device = resolve_device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{describe_device(device)}")
+    for name, stack, strokes in inputs(args.data, planes=args.planes):
         if strokes is None:
             model = load_model("nuclei")
             settings = SegmentSettings(axes="YX")
+            print()
         else:
-            data, model = prepare_training([(stack, strokes)], base=None, dims=2,
+            dims = 3 if name == "nuclei3d" else 2
+            data, model = prepare_training([(stack, strokes)], base=None, dims=dims,
                                            in_channels=1, seed=0)
-            for _ in iter_train(model, data, TrainConfig(time_budget=args.seconds, seed=0),
-                                device="cpu"):
+            done = None
+            for done in iter_train(model, data,  # noqa: B007 - the last event is kept
+                                   TrainConfig(time_budget=args.seconds, seed=0),
+                                   device=device):
                 pass
+            print(f"\n{name}: trained {done.step} steps in {args.seconds:g} s "
+                  f"({done.step / args.seconds:.1f} steps/s)")
             settings = SegmentSettings(axes="ZYX")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.tif"
             tifffile.imwrite(path, stack)
-            floor = floor_seconds(model, stack)
-            total, shares, labels = profiled(model, path, Path(tmp) / "out", settings)
+            floor = floor_seconds(model, stack, device)
+            total, shares, labels = profiled(model, path, Path(tmp) / "out", settings, device)
             # the path as it was before: the snap of b3825ff, CPU batches of up to 4 Mpx
             saved = postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS
             postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = snap_before, 4e6
             try:
-                before = profiled(model, path, Path(tmp) / "before", settings)
+                before = profiled(model, path, Path(tmp) / "before", settings, device)
             finally:
                 postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = saved
             same = float(np.mean(before[2] == labels))
         mpx = stack.size / 1e6
-        print(f"\n{name}: {stack.shape} {stack.dtype}, {model.config.network_name}, "
-              f"{'instances' if strokes is None else f'snap {default_snap(model)}'}")
-        print(f"  floor (network on whole planes)  {floor:6.1f} s  {mpx / floor:5.2f} Mpx/s")
+        output = ("instances" if strokes is None else "not snapped (3D)"
+                  if model.config.dims == 3 else f"snap {default_snap(model)}")
+        print(f"{name}: {stack.shape} {stack.dtype}, {model.config.network_name}, "
+              f"{output}")
+        print(f"  floor (network, whole planes)    {floor:6.1f} s  {mpx / floor:5.2f} Mpx/s")
         print(f"  end to end (segment_file)        {total:6.1f} s  {mpx / total:5.2f} Mpx/s  "
               f"{total / floor:4.2f}x the floor")
         for stage, s in shares.items():
