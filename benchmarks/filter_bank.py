@@ -1,6 +1,8 @@
-"""The filter bank in front of the U-Net: every kernel through the FFT (what the CPU does now)
-against a direct convolution for kernels under 25 taps (what every device did before, and
-what devices other than the CPU still do), in one process on the same inputs.
+"""The filter bank in front of the U-Net, three ways in one process on the same inputs: a
+direct convolution for kernels under 25 taps (what every device did before 2026-12-06, and
+what devices other than the CPU still do), every kernel through the FFT with a transform of
+its own (the CPU from 2026-12-06, eighth session), and through the FFT with one transform of
+each pass's input shared by the kernels applied to it (the CPU now).
 
 The inputs are the sizes paintseg filters: a live-mode view of a 768x1024 EM slice with the
 network's context (864x1120), a 512x512 tile, a training batch of 16 patches of 64x64 (with
@@ -28,6 +30,16 @@ class DirectShortKernels(FilterBank):
 
     def _along(self, x, k, axis, *, fft=None):
         return super()._along(x, k, axis, fft=k.numel() >= _FFT_KERNEL)
+
+    def _along_each(self, x, ks, axis):
+        return [self._along(x, k, axis) for k in ks]
+
+
+class FFTEachKernel(FilterBank):
+    """Every kernel through the FFT, each with its own transform of the input."""
+
+    def _along_each(self, x, ks, axis):
+        return [self._along(x, k, axis) for k in ks]
 
 
 CASES = [
@@ -62,18 +74,19 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device {device}, {torch.get_num_threads()} threads")
-    print(f"{'input':28s} {'direct < 25 taps':>17s} {'all FFT':>9s} {'ratio':>6s}  max diff")
+    print(f"{'input':28s} {'direct < 25 taps':>17s} {'FFT each':>9s} {'FFT shared':>11s} "
+          f"{'shared/direct':>13s} {'shared/each':>11s}  max diff")
     for name, shape, sigmas in CASES:
         dims = len(shape) - 2
         x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
-        now = FilterBank(1, sigmas, dims).to(device)
-        before = DirectShortKernels(1, sigmas, dims).to(device)
+        banks = [cls(1, sigmas, dims).to(device)
+                 for cls in (DirectShortKernels, FFTEachKernel, FilterBank)]
         with torch.no_grad():
-            t_before = best_of(before, x, args.repeats, device)
-            t_now = best_of(now, x, args.repeats, device)
-            diff = (before(x) - now(x)).abs().max().item()
-        print(f"{name:28s} {t_before * 1000:14.1f} ms {t_now * 1000:6.1f} ms "
-              f"{t_now / t_before:5.2f}x  {diff:.1e}", flush=True)
+            t = [best_of(bank, x, args.repeats, device) for bank in banks]
+            outs = [bank(x) for bank in banks]
+            diff = max((o - outs[-1]).abs().max().item() for o in outs[:-1])
+        print(f"{name:28s} {t[0] * 1000:14.1f} ms {t[1] * 1000:6.1f} ms {t[2] * 1000:8.1f} ms "
+              f"{t[2] / t[0]:12.2f}x {t[2] / t[1]:10.2f}x  {diff:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -185,18 +185,35 @@ class FilterBank(nn.Module):
         y = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=d) * spectrum, n=n, dim=d)
         return y.narrow(d, m - 1, n - m + 1)
 
+    def _along_each(self, x: torch.Tensor, ks: Sequence[torch.Tensor], axis: int
+                    ) -> list[torch.Tensor]:
+        """:meth:`_along` of ``x`` with each of the kernels ``ks`` (all of one length); on
+        the FFT path the transform of ``x`` is taken once for all of them (the same
+        numbers)."""
+        d = 2 + axis
+        m = ks[0].numel()
+        if not (m >= _FFT_KERNEL or x.device.type == "cpu"):
+            return [self._along(x, k, axis, fft=False) for k in ks]
+        n = x.shape[d]
+        shape = [1] * x.ndim
+        shape[d] = -1
+        fx = torch.fft.rfft(x, n=n, dim=d)
+        return [torch.fft.irfft(fx * torch.fft.rfft(k.flip(0), n=n).view(shape), n=n,
+                                dim=d).narrow(d, m - 1, n - m + 1) for k in ks]
+
     def _derivatives(self, x: torch.Tensor, kernels: Sequence[torch.Tensor]
                      ) -> dict[tuple[int, ...], torch.Tensor]:
         """Gaussian derivatives of total order <= 2, keyed by the order along each axis;
-        axis by axis, sharing the passes they have in common."""
+        axis by axis, sharing the passes they have in common (and, through the FFT, the
+        transform of each pass's input)."""
         level: dict[tuple[int, ...], torch.Tensor] = {(): x}
         for axis in range(self.dims):
-            level = {
-                orders + (o,): self._along(t, kernels[o], axis)
-                for orders, t in level.items()
-                for o in range(3)
-                if sum(orders) + o <= 2
-            }
+            nxt = {}
+            for orders, t in level.items():
+                os_ = range(3 - sum(orders))
+                for o, y in zip(os_, self._along_each(t, [kernels[o] for o in os_], axis)):
+                    nxt[orders + (o,)] = y
+            level = nxt
         return level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
