@@ -357,15 +357,15 @@ def test_each_member_fits_the_targets_on_its_own(real_pair):
 
 def test_continuing_changes_little_outside_the_corrections(real_pair):
     """Background strokes on all of a model's false positives, as a user corrects it, then
-    training continues (a learning rate above the default, so that the drift shows in 30 steps
-    of a tiny model): anchored to its own predictions, it changes fewer unpainted pixels and
-    ends closer to the ground truth (on torch 2.13, numpy 2.4, scipy 1.17: 6.4% changed and IoU
-    0.71, against 8.4% and 0.64 without the anchor; at a learning rate of 0.01 both runs
-    diverge, and with the snap the test failed on these versions before any change of its
-    code). Scored on the arg-max labels, so that the snap does not blur what training did;
-    both runs without the brightness offset (with it the run without the anchor drifts too
-    little to tell); the offset on correction rounds is measured in
-    ``benchmarks/interactive.py``."""
+    training continues for 30 steps of a tiny model, four times (seeds 1-4): anchored to its
+    own predictions, it changes fewer unpainted pixels and ends closer to the ground truth
+    (torch 2.13, numpy 2.4, scipy 1.17, an AMD EPYC: 5.6% changed and IoU 0.69 on average,
+    against 6.4% and 0.66 without the anchor, the anchor ahead on every seed on both). One
+    seed at a higher learning rate (0.005) was the test before: it showed the effect on one
+    machine (6.4% against 8.4%) while both runs fell to all background on another. Scored on
+    the arg-max labels, so that the snap does not blur what training did; both runs without
+    the brightness offset (with it the run without the anchor drifts too little to tell); the
+    offset on correction rounds is measured in ``benchmarks/interactive.py``."""
     from scipy import ndimage as ndi
 
     from paintseg.inference import segment
@@ -388,19 +388,23 @@ def test_continuing_changes_little_outside_the_corrections(real_pair):
     corrected = lab.copy()
     corrected[ndi.binary_erosion((first == 2) & (gt == 0)) & (lab == 0)] = 1
     free = corrected == 0
-    changed, scores = {}, {}
-    for anchor in (0.0, 1.0):
-        m = copy.deepcopy(model)
-        d = prepare_data([(img, corrected)], dims=2, seed=0, validation_fraction=0)
-        cfg = TrainConfig(steps=30, seed=1, patch_size=64, anchor=anchor, learning_rate=0.005,
-                          intensity_shift=0)
-        list(iter_train(m, d, cfg, device="cpu"))
-        assert m.provenance["training"][-1]["anchor"] == anchor
-        pred = labels_of(m)
-        changed[anchor] = ((pred != first) & free).sum() / free.sum()
-        scores[anchor] = iou(pred)
-    assert changed[1.0] < 0.85 * changed[0.0], changed
-    assert scores[1.0] > scores[0.0] + 0.04, scores
+    changed, scores = {0.0: [], 1.0: []}, {0.0: [], 1.0: []}
+    d = prepare_data([(img, corrected)], dims=2, seed=0, validation_fraction=0)
+    for seed in (1, 2, 3, 4):
+        for anchor in (0.0, 1.0):
+            m = copy.deepcopy(model)
+            cfg = TrainConfig(steps=30, seed=seed, patch_size=64, anchor=anchor,
+                              intensity_shift=0)
+            list(iter_train(m, d, cfg, device="cpu"))
+            assert m.provenance["training"][-1]["anchor"] == anchor
+            pred = labels_of(m)
+            changed[anchor].append(((pred != first) & free).sum() / free.sum())
+            scores[anchor].append(iou(pred))
+    assert np.mean(changed[1.0]) < 0.93 * np.mean(changed[0.0]), changed
+    assert np.mean(scores[1.0]) > np.mean(scores[0.0]) + 0.015, scores
+    ahead = [a < b and c > e for a, b, c, e in zip(changed[1.0], changed[0.0], scores[1.0],
+                                                     scores[0.0])]
+    assert sum(ahead) >= 3, (changed, scores)
 
 
 def test_reported_loss_is_the_painted_pixels_loss(real_pair):
