@@ -5,8 +5,9 @@ from simulated strokes for ``--seconds``; the bundled ``nuclei`` starter, with i
 then ``paintseg segment``'s own path (:func:`paintseg.batch.segment_file`: reading,
 normalisation, tiled inference, snap or watershed, atomic writing of the labels TIFF) under
 :mod:`cProfile`, with each stage's share of the time, beside the floor: the network's forward
-pass (filter bank and U-Nets) on each whole plane, nothing else. A second run of the same
-file with the path as it was before this benchmark existed (the watershed flooded from every
+pass in fp32 (filter bank and U-Nets) on each whole plane (a 3D model: the whole volume),
+nothing else. A second run of the same file with the path as it was before this benchmark
+existed (commit b3825ff's snap: the watershed flooded from every
 pixel of the plane; every class tested for thin lines with distance transforms of its own;
 batches of up to 4 Mpx on the CPU) gives the speed-up as a ratio in the same process, and
 the share of pixels whose labels agree.

@@ -226,7 +226,7 @@ def test_a_thin_class_is_never_moved():
 
 @pytest.mark.parametrize("plane", [0, 1, 2, 3])
 def test_the_band_is_flooded_as_from_the_whole_plane(dsb_crop, small_model, plane):
-    """The snap floods only the band and its rim of seeds, and tests classes for thin lines
+    """The snap floods only the band and its ring of seeds, and tests classes for thin lines
     only until no band is left: the same classes as a watershed seeded from every pixel
     outside the band once every thin class's surroundings left it, on real images (the
     DSB2018 crop with shrunk nuclei; an untrained network's many borders on the cells3d
