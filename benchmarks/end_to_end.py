@@ -7,10 +7,10 @@ normalisation, tiled inference, snap or watershed, atomic writing of the labels 
 :mod:`cProfile`, with each stage's share of the time, beside the floor: the network's forward
 pass in fp32 (filter bank and U-Nets) on each whole plane (a 3D model: the whole volume),
 nothing else. A second run of the same file with the path as it was before this benchmark
-existed (commit b3825ff's snap: the watershed flooded from every
-pixel of the plane; every class tested for thin lines with distance transforms of its own;
-batches of up to 4 Mpx on the CPU) gives the speed-up as a ratio in the same process, and
-the share of pixels whose labels agree.
+existed (commit b3825ff's snap: the watershed flooded from every pixel of the plane, every
+class tested for thin lines with distance transforms of its own; batches of up to 4 Mpx on
+the CPU) gives the speed-up as a ratio in the same process, and the share of pixels whose
+labels agree.
 
 Inputs (``--data``): ``em``, a 32x768x1024 EM stack (the ``vnc-sstem`` sections of
 ``../shared/datasets``, forwards then backwards), membranes painted; ``phase``, 10 phase-contrast
