@@ -47,6 +47,7 @@ from paintseg.batch import Job, segment_file
 from paintseg.config import SegmentSettings, TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import default_snap
+from paintseg.io import RawArray
 from paintseg.model import FilterBank, _body_forward, load_model
 from paintseg.normalize import percentile_range
 from paintseg.training import iter_train, prepare_training
@@ -128,13 +129,13 @@ def floor_seconds(model, stack: np.ndarray, device: torch.device) -> float:
 
 # stage -> the functions whose cumulative time it is
 STAGES = {
-    "reading": [tifffile.TiffFile.asarray],
+    "reading": [RawArray.__getitem__, tifffile.TiffFile.asarray],
     "normalisation": [percentile_range],
     "filter bank": [FilterBank.forward],
     "U-Nets": [_body_forward],
     "snap": [postprocess.snap_planes],
     "instances": [postprocess.instances_from_probabilities],
-    "writing": [tifffile.TiffWriter.write],
+    "writing": [RawArray.__setitem__, RawArray.flush, tifffile.TiffWriter.write],
 }
 
 
@@ -169,10 +170,7 @@ def snap_before(probabilities, image, *, snap=8, confidence=postprocess.SNAP_CON
     present = np.unique(index)
     if snap == 0 or len(present) < 2:
         return index
-    distance = np.zeros(index.shape, np.float32)
-    for k in present:
-        inside = index == k
-        distance[inside] = ndi.distance_transform_edt(inside)[inside]
+    distance = postprocess._distance_to_other_classes(index, present)  # (was float32)
     band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
     thin = thin_before(index, snap=snap) if band.any() else []
     if thin:

@@ -28,7 +28,7 @@ from paintseg.model import _FFT_KERNEL, FilterBank
 class DirectShortKernels(FilterBank):
     """The filter bank with the earlier rule: the FFT only for kernels of 25 taps or more."""
 
-    def _along(self, x, k, axis, *, fft=None):
+    def _along(self, x, k, axis, *, fft=None, fx=None):
         return super()._along(x, k, axis, fft=k.numel() >= _FFT_KERNEL)
 
     def _along_each(self, x, ks, axis):

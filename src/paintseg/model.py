@@ -166,14 +166,15 @@ class FilterBank(nn.Module):
         self.memo: FeatureMemo | None = None
 
     def _along(self, x: torch.Tensor, k: torch.Tensor, axis: int, *,
-               fft: bool | None = None) -> torch.Tensor:
+               fft: bool | None = None, fx: torch.Tensor | None = None) -> torch.Tensor:
         """Valid correlation of ``x`` (N, 1, *spatial) with the 1D kernel ``k`` along
         ``axis``; through the FFT (``fft=None``: on the CPU, and for long kernels elsewhere)
-        or as a direct convolution: the same numbers up to float rounding."""
+        or as a direct convolution: the same numbers up to float rounding. ``fx``: the
+        FFT path's transform of ``x`` along ``axis``, where the caller has it."""
         d = 2 + axis
         m = k.numel()
         if fft is None:
-            fft = m >= _FFT_KERNEL or x.device.type == "cpu"
+            fft = self._fft(x, m)
         if not fft:
             shape = [1, 1] + [1] * self.dims
             shape[d] = m
@@ -182,24 +183,25 @@ class FilterBank(nn.Module):
         shape = [1] * x.ndim
         shape[d] = -1
         spectrum = torch.fft.rfft(k.flip(0), n=n).view(shape)
-        y = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=d) * spectrum, n=n, dim=d)
+        if fx is None:
+            fx = torch.fft.rfft(x, n=n, dim=d)
+        y = torch.fft.irfft(fx * spectrum, n=n, dim=d)
         return y.narrow(d, m - 1, n - m + 1)
+
+    @staticmethod
+    def _fft(x: torch.Tensor, taps: int) -> bool:
+        """Whether a kernel of ``taps`` goes through the FFT: always on the CPU, for long
+        kernels elsewhere."""
+        return taps >= _FFT_KERNEL or x.device.type == "cpu"
 
     def _along_each(self, x: torch.Tensor, ks: Sequence[torch.Tensor], axis: int
                     ) -> list[torch.Tensor]:
         """:meth:`_along` of ``x`` with each of the kernels ``ks`` (all of one length); on
         the FFT path the transform of ``x`` is taken once for all of them (the same
         numbers)."""
-        d = 2 + axis
-        m = ks[0].numel()
-        if not (m >= _FFT_KERNEL or x.device.type == "cpu"):
-            return [self._along(x, k, axis, fft=False) for k in ks]
-        n = x.shape[d]
-        shape = [1] * x.ndim
-        shape[d] = -1
-        fx = torch.fft.rfft(x, n=n, dim=d)
-        return [torch.fft.irfft(fx * torch.fft.rfft(k.flip(0), n=n).view(shape), n=n,
-                                dim=d).narrow(d, m - 1, n - m + 1) for k in ks]
+        fft = self._fft(x, ks[0].numel())
+        fx = torch.fft.rfft(x, n=x.shape[2 + axis], dim=2 + axis) if fft else None
+        return [self._along(x, k, axis, fft=fft, fx=fx) for k in ks]
 
     def _derivatives(self, x: torch.Tensor, kernels: Sequence[torch.Tensor]
                      ) -> dict[tuple[int, ...], torch.Tensor]:

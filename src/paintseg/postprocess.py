@@ -113,11 +113,7 @@ def snap_to_edges(
     present = np.unique(index)
     if snap == 0 or len(present) < 2:
         return index
-    # distance of each pixel to the nearest pixel of another class
-    distance = np.zeros(index.shape, np.float64)
-    for k in present:
-        inside = index == k
-        distance[inside] = ndi.distance_transform_edt(inside)[inside]
+    distance = _distance_to_other_classes(index, present)
     band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
     # thin classes (thin_classes), smallest first, until no band is left: every border of
     # two classes lies next to the thin one, so there one thin class ends the snap
@@ -181,12 +177,20 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS,
     index = np.asarray(index)
     if index.ndim != 2:
         raise ValueError(f"a 2D class map expected, got shape {index.shape}")
+    present = np.unique(index)
     if distance is None:
-        distance = np.zeros(index.shape)
-        for c in np.unique(index):
-            inside = index == c
-            distance[inside] = ndi.distance_transform_edt(inside)[inside]
-    return [int(c) for c in np.unique(index) if _is_thin(index == c, distance, snap=snap)]
+        distance = _distance_to_other_classes(index, present)
+    return [int(c) for c in present if _is_thin(index == c, distance, snap=snap)]
+
+
+def _distance_to_other_classes(index: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Each pixel's distance to the nearest pixel of another class (the image's edge does
+    not count); ``present``: the classes in ``index``."""
+    distance = np.zeros(index.shape)
+    for k in present:
+        inside = index == k
+        distance[inside] = ndi.distance_transform_edt(inside)[inside]
+    return distance
 
 
 def _is_thin(inside: np.ndarray, distance: np.ndarray, *, snap: int) -> bool:

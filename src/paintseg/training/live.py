@@ -277,7 +277,7 @@ class LiveSession:
         if labels is None:
             return
         try:
-            self._update(np.array(_check_labels(labels, self._spatial, self.name), copy=True))
+            self.update_labels(labels)  # checked and copied here, on the loop's thread
             self.error = ""
         except InputError as exc:
             self.error = str(exc)
