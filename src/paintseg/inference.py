@@ -681,6 +681,8 @@ def default_snap(model: PaintsegModel) -> int:
     (every pixel of the painted planes labelled, :data:`~paintseg.config.DENSE_SHARE`), whose
     borders were learned. Models without a record of their training (the starter) count as
     trained on strokes."""
+    if (model.provenance.get("bioimageio") or {}).get("foreign"):
+        return 0  # another tool's network: its borders are its own
     runs = model.provenance.get("training") or [{}]
     share = runs[-1].get("painted_share", 0.0)
     return 0 if share is not None and share >= DENSE_SHARE else SNAP_PIXELS

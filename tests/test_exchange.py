@@ -1,0 +1,250 @@
+"""BioImage.IO model packages: export, bioimageio's own test, import (issue 40)."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+pytest.importorskip("bioimageio.core")
+
+from paintseg.cli import main  # noqa: E402
+from paintseg.errors import CheckpointError, InputError  # noqa: E402
+from paintseg.exchange import (  # noqa: E402
+    bundled_sample,
+    export_package,
+    is_package,
+    load_package,
+    check_package,
+)
+from paintseg.inference import segment  # noqa: E402
+from paintseg.model import load_model, save_model  # noqa: E402
+
+SAMPLE2D = bundled_sample(2)
+
+
+def _sample() -> np.ndarray:
+    return tifffile.imread(SAMPLE2D)[None]
+
+
+@pytest.fixture(scope="module")
+def starter_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "nuclei-starter.zip"
+    export_package(load_model("nuclei"), out, sample=_sample(), sample_name=SAMPLE2D.name,
+                   authors=["A. Biologist"], cite=["10.1038/s41592-020-01018-x"])
+    return out
+
+
+def test_the_starter_exports_a_package_that_passes_bioimageio_test(starter_package: Path):
+    assert is_package(starter_package)
+    summary = check_package(starter_package)
+    assert summary.status == "passed", summary.format()
+    names = set(zipfile.ZipFile(starter_package).namelist())
+    assert {"weights_torchscript.pt", "weights_state_dict.pt", "paintseg_network.py",
+            "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= names
+    rdf = zipfile.ZipFile(starter_package).read("rdf.yaml").decode()
+    for text in ("scale_range", "min_percentile: 1.0", "max_percentile: 99.8", "halo: 32",
+                 "step: 8", "ExportedUNet", "A. Biologist", "10.1038/s41592-020-01018-x",
+                 "background", "boundary"):
+        assert text in rdf, text
+
+
+def test_the_torchscript_reproduces_paintsegs_probabilities(starter_package: Path):
+    zf = zipfile.ZipFile(starter_package)
+    x = np.load(io.BytesIO(zf.read("test_input.npy")))  # (1, 1, y, x), raw intensities
+    scripted = torch.jit.load(io.BytesIO(zf.read("weights_torchscript.pt")))
+    lo, hi = np.percentile(x, (1.0, 99.8))
+    with torch.no_grad():
+        theirs = scripted(torch.from_numpy((x - lo) / (hi - lo + 1e-6)).float()).numpy()[0]
+    ours = segment(x[0, 0], load_model("nuclei"), axes="YX", device="cpu",
+                   return_probabilities=True).probabilities
+    assert theirs.shape == ours.shape
+    assert np.abs(theirs - ours).max() < 1e-4
+
+
+def test_a_package_round_trips_to_the_same_labels_and_model(starter_package: Path,
+                                                            tmp_path: Path):
+    back = load_package(starter_package)
+    orig = load_model("nuclei")
+    assert back.class_names == orig.class_names and back.config == orig.config
+    assert back.provenance["bioimageio"]["authors"] == ["A. Biologist"]
+    assert "licence: CC-BY-4.0" in back.describe()
+    for d, m in (("pkg", str(starter_package)), ("pt", "nuclei")):
+        assert main(["segment", str(SAMPLE2D), "--model", m, "--out", str(tmp_path / d),
+                     "-q"]) == 0
+    a = tifffile.imread(tmp_path / "pkg" / "nuclei2d_labels.tif")
+    b = tifffile.imread(tmp_path / "pt" / "nuclei2d_labels.tif")
+    assert a.max() > 50 and np.array_equal(a, b)
+    # a package saved back as a checkpoint is the same network
+    save_model(back, tmp_path / "again.pt")
+    again = load_model(tmp_path / "again.pt")
+    for k, t in orig.network.state_dict().items():
+        assert torch.equal(t, again.network.state_dict()[k])
+
+
+def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_path: Path):
+    stack = tifffile.imread(bundled_sample(3))[:32, :96, :96]
+    truth = tifffile.imread(bundled_sample(3).with_name("nuclei3d_labels.tif"))[:32, :96, :96]
+    strokes = np.zeros(truth.shape, np.uint8)
+    strokes[::4][truth[::4] > 0] = 2
+    strokes[::4][(truth[::4] == 0) & (np.arange(96)[None, None, :] % 7 == 0)] = 1
+    tifffile.imwrite(tmp_path / "img.tif", stack)
+    tifffile.imwrite(tmp_path / "strokes.tif", strokes)
+    assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "strokes.tif"),
+                 "--dims", "3", "--time-budget", "4", "--out", str(tmp_path / "m.pt"),
+                 "--device", "cpu", "-q"]) == 0
+    assert main(["export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m3d.zip"),
+                 "--sample", str(tmp_path / "img.tif"), "--name", "nuclei 3d test"]) == 0
+    assert check_package(tmp_path / "m3d.zip").status == "passed"
+    rdf = zipfile.ZipFile(tmp_path / "m3d.zip").read("rdf.yaml").decode()
+    assert "id: z" in rdf and "halo: 8" in rdf  # one pooling cell along z
+    for d, m in (("pkg", tmp_path / "m3d.zip"), ("pt", tmp_path / "m.pt")):
+        assert main(["segment", str(tmp_path / "img.tif"), "--model", str(m), "--out",
+                     str(tmp_path / d), "-q"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "pkg" / "img_labels.tif"),
+                          tifffile.imread(tmp_path / "pt" / "img_labels.tif"))
+    # --init accepts the package and continues its network
+    assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "strokes.tif"),
+                 "--init", str(tmp_path / "m3d.zip"), "--time-budget", "3", "--out",
+                 str(tmp_path / "m2.pt"), "--device", "cpu", "-q"]) == 0
+    m2 = load_model(tmp_path / "m2.pt")
+    assert len(m2.provenance["training"]) == 2
+    assert m2.provenance["bioimageio"]["name"] == "nuclei 3d test"
+
+
+# ------------------------------------------------------------- another tool's package
+
+_OTHER_ARCH = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class TinyUNet(nn.Module):
+        """A plain two-level U-Net, as another tool would ship it."""
+
+        def __init__(self, in_channels=1, classes=2, base=4):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(in_channels, base, 3, padding=1), nn.ReLU())
+            self.down = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(base, 2 * base, 3, padding=1),
+                                      nn.ReLU())
+            self.up = nn.ConvTranspose2d(2 * base, base, 2, stride=2)
+            self.out = nn.Conv2d(2 * base, classes, 1)
+
+        def forward(self, x):
+            a = self.enc(x)
+            return torch.softmax(self.out(torch.cat([a, self.up(self.down(a))], 1)), 1)
+''')
+
+
+def _other_package(folder: Path, *, weights: str = "pytorch_state_dict") -> Path:
+    """A package written the way another tool writes one: bioimageio.spec's builders around
+    a small plain U-Net, percentiles 2-98, per-class probabilities."""
+    import importlib.util
+
+    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec.model import v0_5 as v
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny_unet.py").write_text(_OTHER_ARCH)
+    spec = importlib.util.spec_from_file_location("tiny_unet", folder / "tiny_unet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(3)
+    net = mod.TinyUNet(in_channels=1, classes=3).eval()
+    x = tifffile.imread(SAMPLE2D)[128:256, 64:192].astype(np.float32)[None, None]
+    lo, hi = np.percentile(x, (2.0, 98.0))
+    with torch.no_grad():
+        y = net(torch.from_numpy((x - lo) / (hi - lo + 1e-6)).float()).numpy()
+    np.save(folder / "in.npy", x)
+    np.save(folder / "out.npy", y)
+    torch.save(net.state_dict(), folder / "w.pt")
+    torch.jit.trace(net, torch.from_numpy(x)).save(str(folder / "w_ts.pt"))
+    (folder / "tf.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # stands in for TF weights
+    (folder / "README.md").write_text("# other tool\n")
+    tv = v.Version(torch.__version__.split("+")[0])
+    if weights == "pytorch_state_dict":
+        w = v.WeightsDescr(pytorch_state_dict=v.PytorchStateDictWeightsDescr(
+            source=folder / "w.pt", pytorch_version=tv,
+            architecture=v.ArchitectureFromFileDescr(
+                source=folder / "tiny_unet.py", callable=v.Identifier("TinyUNet"),
+                kwargs={"in_channels": 1, "classes": 3})))
+    elif weights == "torchscript":
+        w = v.WeightsDescr(torchscript=v.TorchscriptWeightsDescr(source=folder / "w_ts.pt",
+                                                                  pytorch_version=tv))
+    else:
+        w = v.WeightsDescr(tensorflow_saved_model_bundle=v.TensorflowSavedModelBundleWeightsDescr(
+            source=folder / "tf.zip", tensorflow_version=v.Version("2.15")))
+    descr = v.ModelDescr(
+        name="Other tool tiny U-Net", description="three classes",
+        authors=[v.Author(name="Other Tool")], cite=[v.CiteEntry(text="x", doi=v.Doi(
+            "10.1007/978-3-319-24574-4_28"))], license="MIT",
+        documentation=v.FileDescr(source=folder / "README.md"),
+        inputs=[v.InputTensorDescr(
+            id=v.TensorId("input0"), test_tensor=v.FileDescr(source=folder / "in.npy"),
+            axes=[v.BatchAxis(), v.ChannelAxis(channel_names=[v.Identifier("c")]),
+                  *(v.SpaceInputAxis(id=v.AxisId(a), size=v.ParameterizedSize(min=16, step=2))
+                    for a in "yx")],
+            preprocessing=[v.ScaleRangeDescr(kwargs=v.ScaleRangeKwargs(
+                axes=[v.AxisId("y"), v.AxisId("x")], min_percentile=2.0,
+                max_percentile=98.0))])],
+        outputs=[v.OutputTensorDescr(
+            id=v.TensorId("output0"), test_tensor=v.FileDescr(source=folder / "out.npy"),
+            axes=[v.BatchAxis(), v.ChannelAxis(channel_names=[
+                v.Identifier(n) for n in ("rest", "cell", "edge")]),
+                *(v.SpaceOutputAxisWithHalo(id=v.AxisId(a), halo=4, size=v.SizeReference(
+                    tensor_id=v.TensorId("input0"), axis_id=v.AxisId(a))) for a in "yx")])],
+        weights=w)
+    out = folder / f"other_{weights}.zip"
+    save_bioimageio_package(descr, output_path=out)
+    return out
+
+
+@pytest.mark.parametrize("weights", ["pytorch_state_dict", "torchscript"])
+def test_another_tools_package_segments_through_paintseg(tmp_path: Path, weights: str):
+    pkg = _other_package(tmp_path / "src", weights=weights)
+    model = load_model(pkg)
+    assert model.class_names == ("rest", "cell", "edge")
+    assert model.normalization.low == 2.0 and model.normalization.high == 98.0
+    x = np.load(tmp_path / "src" / "in.npy")
+    want = np.load(tmp_path / "src" / "out.npy")[0]
+    got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True)
+    assert np.abs(got.probabilities - want).max() < 1e-4
+    tifffile.imwrite(tmp_path / "img.tif", x[0, 0])
+    assert main(["segment", str(tmp_path / "img.tif"), "--model", str(pkg), "--out",
+                 str(tmp_path / "out"), "-q"]) == 0
+    labels = tifffile.imread(tmp_path / "out" / "img_labels.tif")
+    # no snap on another tool's network: the labels are its arg-max (rest = background, 0)
+    assert np.array_equal(labels, np.array([0, 2, 3])[want.argmax(0)])
+    assert "another tool's network" in model.describe() and "Other Tool" in model.describe()
+    with pytest.raises(CheckpointError, match="another tool's BioImage.IO package"):
+        save_model(model, tmp_path / "x.pt")
+    with pytest.raises(InputError, match="fine-tunes only its own U-Nets"):
+        from paintseg.training.data import check_channels
+
+        check_channels(model, 1)
+
+
+def test_unsupported_and_damaged_packages_get_one_clear_error(tmp_path: Path, capsys):
+    tf = _other_package(tmp_path / "tf", weights="tensorflow")
+    with pytest.raises(CheckpointError, match="tensorflow_saved_model_bundle weights.*"
+                                              "TorchScript or pytorch_state_dict"):
+        load_model(tf)
+    good = _other_package(tmp_path / "ok", weights="torchscript")
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="broken.zip is not a BioImage.IO model package"):
+        load_model(broken)
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, np.zeros((64, 64), np.uint8))
+    for pkg in (tf, broken):
+        assert main(["segment", str(img), "--model", str(pkg), "--out",
+                     str(tmp_path / "o"), "-q"]) != 0
+        err = capsys.readouterr().err
+        assert err.count("error") == 1 and pkg.name in err
+    assert not (tmp_path / "o" / "img_labels.tif").exists()
