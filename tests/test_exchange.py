@@ -115,6 +115,10 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
                  str(tmp_path / "m2.pt"), "--device", "cpu", "-q"]) == 0
     m2 = load_model(tmp_path / "m2.pt")
     assert len(m2.provenance["training"]) == 2
+    assert m2.provenance["training"][0]["images"] == [
+        f"{tmp_path / 'img.tif'} with labels {tmp_path / 'strokes.tif'}"]
+    readme = zipfile.ZipFile(tmp_path / "m3d.zip").read("README.md").decode()
+    assert "img.tif with labels" in readme and "## Validation" in readme
     assert m2.provenance["bioimageio"]["name"] == "nuclei 3d test"
 
 
@@ -248,3 +252,53 @@ def test_unsupported_and_damaged_packages_get_one_clear_error(tmp_path: Path, ca
         err = capsys.readouterr().err
         assert err.count("error") == 1 and pkg.name in err
     assert not (tmp_path / "o" / "img_labels.tif").exists()
+
+
+def test_paintsegs_unet_in_a_rewritten_package_still_loads_as_paintsegs(starter_package: Path,
+                                                                        tmp_path: Path):
+    import yaml
+
+    rewritten = tmp_path / "rewritten.zip"
+    with zipfile.ZipFile(starter_package) as src, zipfile.ZipFile(rewritten, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "rdf.yaml":
+                rdf = yaml.safe_load(data)
+                del rdf["config"]["paintseg"]  # another tool kept only the spec's fields
+                rdf["outputs"][0]["axes"][1]["channel_names"] = ["bg", "nucleus", "rim"]
+                data = yaml.safe_dump(rdf).encode()
+            dst.writestr(item, data)
+    model = load_model(rewritten)
+    orig = load_model("nuclei")
+    assert type(model.network) is type(orig.network) and model.config == orig.config
+    assert model.class_names == ("bg", "nucleus", "rim")
+    assert (model.normalization.low, model.normalization.high) == (1.0, 99.8)
+    for k, t in orig.network.state_dict().items():
+        assert torch.equal(t, model.network.state_dict()[k])
+    from paintseg.training.data import check_channels
+
+    check_channels(model, 1)  # a paintseg U-Net: it continues training
+
+
+def test_without_the_extra_the_core_works_and_says_what_to_install(tmp_path: Path,
+                                                                   starter_package: Path):
+    import subprocess
+    import sys
+
+    code = textwrap.dedent(f'''
+        import sys
+        sys.modules["bioimageio"] = None  # as if the extra were not installed
+        from paintseg.cli import main
+        from paintseg.model import load_model
+        load_model("nuclei")
+        try:
+            load_model({str(starter_package)!r})
+        except Exception as exc:
+            print("LOAD:", exc)
+        main(["export", "nuclei", "--out", {str(tmp_path / "x.zip")!r}])
+    ''')
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    hint = 'pip install "napari-paintseg[bioimageio]"'
+    assert hint in run.stdout and hint in run.stderr, (run.stdout, run.stderr)
+    assert not (tmp_path / "x.zip").exists()

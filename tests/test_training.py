@@ -543,6 +543,12 @@ def test_cli_train_and_evaluate(tmp_path, nuclei2d_path, real_pair, strokes_path
     # one warning: continuing the model of 3 steps, which calls few nuclei yet; the starter
     # (classes background, object, boundary) agrees with these strokes
     assert err.count("model being continued") == 1 and "class 2 " in err
+    empty = tmp_path / "empty.tif"
+    tifffile.imwrite(empty, np.zeros(gt.shape, np.uint8))
+    assert main(["train", str(nuclei2d_path), str(lab_path), str(nuclei2d_path), str(empty),
+                 "--out", str(tmp_path / "x.pt"), "--class-names", "bg,nucleus"]) == 2
+    # the message names the pair at fault (with --class-names too)
+    assert f"with labels {empty}: nothing is painted" in capsys.readouterr().err
     assert re.search(r"object \d+%", err) is None
     assert f"{out} is not a writable folder" in err
     # evaluate prints JSON

@@ -386,7 +386,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
             raise PaintsegError(f"cannot write {out}: {base} is not a writable folder")
         init = load_model(args.init) if args.init else None  # a path or a bundled name
-        pairs, names, channels = [], [], None
+        pairs, image_names, channels = [], [], None
         for img_path, lab_path in zip(args.pairs[::2], args.pairs[1::2]):
             image = read_image(img_path, axes=args.axes, lazy=False)
             labels = read_image(lab_path, lazy=False)
@@ -396,7 +396,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 data = np.asarray(image.data)[..., None]
             channels = data.shape[-1]
             pairs.append((data, np.asarray(labels.data)))  # shapes checked by prepare_data
-            names.append(str(lab_path))
+            image_names.append(f"{img_path} with labels {lab_path}")
         if init is not None:  # before any work
             check_channels(init, channels, model_name=args.init)
         names = None
@@ -409,7 +409,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data, model = prepare_training(
             pairs, base=init, dims=args.dims, in_channels=channels, class_names=names,
             labels_kind=args.labels_kind, preset=args.preset, seed=args.seed,
-            channel_axis=-1, validation_fraction=args.validation_fraction, names=names,
+            channel_axis=-1, validation_fraction=args.validation_fraction, names=image_names,
         )
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 from torch import nn
 
@@ -197,12 +198,13 @@ def _readme(model: Any, *, name: str, description: str,
     runs = prov.get("training") or []
     lines = [
         f"# {name}", "", description, "",
-        "Made with [paintseg](https://github.com/) (napari plugin and command line tool for "
-        "interactive segmentation with a U-Net) and exported as a BioImage.IO model.", "",
+        "Trained in paintseg (a napari plugin and command line tool for interactive "
+        "segmentation with a U-Net) and exported as a BioImage.IO model.", "",
         "## Input and output", "",
         f"- Input: `{'bczyx' if cfg.dims == 3 else 'bcyx'}`, {cfg.in_channels} channel(s), "
-        f"float32, scaled per image and channel from the {model.normalization.low:g}th to "
-        f"the {model.normalization.high:g}th percentile (declared as `scale_range`).",
+        "float32, scaled per image and channel between its percentiles "
+        f"{model.normalization.low:g} and {model.normalization.high:g} (declared as "
+        "`scale_range`).",
         f"- Output: the probability of each class, `{'bczyx' if cfg.dims == 3 else 'bcyx'}`, "
         "one channel per class: " + ", ".join(
             f"`{n}` (label {v})" for v, n in zip(model.class_values, model.class_names)) + ".",
@@ -222,11 +224,22 @@ def _readme(model: Any, *, name: str, description: str,
     if runs:
         for r in runs:
             items = ", ".join(f"{k}: {v}" for k, v in sorted(r.items())
-                              if isinstance(v, (int, float, str)) and k != "history")
-            lines.append(f"- {items}")
+                              if isinstance(v, (int, float, str)))
+            images = "; ".join(r.get("images") or []) or "not recorded"
+            lines.append(f"- {r.get('steps', '?')} steps in {r.get('seconds', '?')} s on "
+                         f"{images}. {items}")
     else:
         lines.append("- No training record.")
-    lines += ["", f"Test input: the centre of `{sample_name}`.", "",
+    lines += ["", "## Validation", ""]
+    scored = [r for r in runs if "validation_iou" in r]
+    if scored:
+        lines.append(f"Mean IoU of the painted classes on held-out strokes at the end of the "
+                     f"last training run: {scored[-1]['validation_iou']:.3f} (strokes are not "
+                     "dense ground truth: this measures fit, not accuracy on new images).")
+    else:
+        lines.append("No validation score was recorded.")
+    lines += ["", f"Test input: the centre of `{sample_name}`; the test output is paintseg's "
+              "own prediction for it.", "",
               "## Limitations", "",
               "A model trained from a few strokes on a few images knows those images; check "
               "its result on yours, and paint corrections in paintseg where it is wrong.", ""]
@@ -330,6 +343,8 @@ def export_package(
         d = Path(tmp)
         np.save(d / "test_input.npy", test_in[None])
         np.save(d / "test_output.npy", test_out)
+        tifffile.imwrite(d / "sample_input.tif", test_in[None], compression="zlib")
+        tifffile.imwrite(d / "sample_output.tif", test_out, compression="zlib")
         state = {k: t.detach().cpu().clone() for k, t in model.network.state_dict().items()}
         torch.save(state, d / "weights_state_dict.pt")
         shutil.copyfile(network_module.__file__, d / "paintseg_network.py")
@@ -367,6 +382,7 @@ def export_package(
             id=v.TensorId("raw"), axes=in_axes,
             description="the image; any intensity range (it is scaled by percentiles)",
             test_tensor=v.FileDescr(source=d / "test_input.npy"),
+            sample_tensor=v.FileDescr(source=d / "sample_input.tif"),
             preprocessing=[
                 v.EnsureDtypeDescr(kwargs=v.EnsureDtypeKwargs(dtype="float32")),
                 v.ScaleRangeDescr(kwargs=v.ScaleRangeKwargs(
@@ -377,6 +393,7 @@ def export_package(
             id=v.TensorId("probabilities"), axes=out_axes,
             description="probability of each class (softmax over the channels)",
             test_tensor=v.FileDescr(source=d / "test_output.npy"),
+            sample_tensor=v.FileDescr(source=d / "sample_output.tif"),
             data=v.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)))]
         kwargs = _yaml_safe(dataclasses.asdict(cfg))
         weights = v.WeightsDescr(
@@ -539,10 +556,14 @@ def load_package(path: str | os.PathLike[str]) -> Any:
     """Read a BioImage.IO model package as a :class:`~paintseg.model.PaintsegModel`.
 
     A package that paintseg exported comes back as the model it was made from (same network,
-    normalisation, classes and training record). Another tool's package runs through
-    paintseg's tiled inference when it has TorchScript or ``pytorch_state_dict`` weights, one
-    input with axes ``bcyx`` or ``bczyx``, percentile scaling (``scale_range``, per image) or
-    no intensity scaling, and per-class outputs of the input's shape.
+    normalisation, classes and training record); one whose state-dict weights are paintseg's
+    U-Net without that record (another tool rewrote the description) is rebuilt from the
+    architecture's keywords, the declared ``scale_range`` and the output's channel names.
+    Both train further (``--init``). Another tool's network runs through paintseg's tiled
+    inference (it does not train) when the package has TorchScript or ``pytorch_state_dict``
+    weights, one input with axes ``bcyx`` or ``bczyx``, percentile scaling (``scale_range``,
+    per image and channel), and per-class outputs of the input's shape (probabilities,
+    logits, or one foreground channel).
 
     Raises
     ------
@@ -574,6 +595,9 @@ def load_package(path: str | os.PathLike[str]) -> Any:
     own = (descr.config.model_extra or {}).get("paintseg") if descr.config else None
     if isinstance(own, dict) and "model_config" in own:
         return _load_own(path, descr, own)
+    rebuilt = _paintseg_architecture(path, descr, v)
+    if rebuilt is not None:  # paintseg's U-Net in a package another tool rewrote
+        return _load_own(path, descr, rebuilt)
     network, config, names, norm = _load_foreign(path, descr, v)
     card = {**_package_card(descr, path), "foreign": True}
     return PaintsegModel(network=network, config=config, normalization=norm,
@@ -595,6 +619,28 @@ def _read_member(path: Path, source: Any) -> bytes:
             if member.split("/")[-1] == name:
                 return zf.read(member)
     raise CheckpointError(f"{path}: the package lists {name} but does not hold it")
+
+
+def _paintseg_architecture(path: Path, descr: Any, v: Any) -> dict[str, Any] | None:
+    """What :func:`_load_own` needs, for a package whose state-dict weights are paintseg's
+    U-Net (architecture ``ExportedUNet`` with a paintseg architecture's keywords) but which
+    lacks paintseg's own record, or None."""
+    w = descr.weights.pytorch_state_dict
+    if w is None or str(getattr(w.architecture, "callable", "")) != "ExportedUNet":
+        return None
+    try:
+        config = from_json(ModelConfig, dict(w.architecture.kwargs))
+    except Exception:  # noqa: BLE001 - another callable of that name: not paintseg's
+        return None
+    if len(descr.inputs) != 1 or not descr.outputs:
+        return None
+    norm = _supported_preprocessing(path, descr.inputs[0].preprocessing, v)
+    names = [str(n) for n in descr.outputs[0].axes[1].channel_names]
+    if len(names) != config.classes:
+        return None
+    return {"model_config": dataclasses.asdict(config), "normalization":
+            dataclasses.asdict(norm), "class_values": list(range(1, config.classes + 1)),
+            "class_names": names, "provenance": {"training": []}}
 
 
 def _load_own(path: Path, descr: Any, own: dict[str, Any]) -> Any:

@@ -60,6 +60,8 @@ class TrainingData:
     has_validation: bool
     notes: list[str] = field(default_factory=list)
     object_diameter: float | None = None
+    #: The images' names (files, napari layers), for the model's training record.
+    names: tuple[str, ...] = ()
 
 
 def _normalised(image: np.ndarray, channel_axis: int | None, norm: NormConfig,
@@ -192,10 +194,12 @@ def prepare_data(
         if len(cnames) != len(cvals):
             raise InputError(f"{len(cnames)} class names {list(cnames)} for {len(cvals)} "
                              f"classes {list(cvals)}")
-    return _assemble([(img, tgt) for img, tgt, _ in raw], labels_kind=labels_kind,
+    data = _assemble([(img, tgt) for img, tgt, _ in raw], labels_kind=labels_kind,
                      class_values=cvals, class_names=cnames, dims=dims, rng=rng,
                      validation_fraction=validation_fraction,
                      validation_block=validation_block, object_diameter=diameter)
+    data.names = tuple(str(n) for _, _, n in raw)
+    return data
 
 
 def _assemble(

@@ -340,6 +340,7 @@ class TrainingRun:
             "patch": self.patch,
             "batch": self.batch,
             "device": str(self.device),
+            "images": list(self.data.names),
             "painted_pixels": [int(c) for c in self.data.counts],
             "painted_share": round(painted_share(self.data), 4),
             "anchor": self.config.anchor if self.teacher is not None else 0.0,
