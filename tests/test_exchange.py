@@ -18,10 +18,10 @@ from paintseg.cli import main  # noqa: E402
 from paintseg.errors import CheckpointError, InputError  # noqa: E402
 from paintseg.exchange import (  # noqa: E402
     bundled_sample,
+    check_package,
     export_package,
     is_package,
     load_package,
-    check_package,
 )
 from paintseg.inference import segment  # noqa: E402
 from paintseg.model import load_model, save_model  # noqa: E402

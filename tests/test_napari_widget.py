@@ -650,3 +650,41 @@ def test_closing_the_viewer_stops_a_live_session(make_napari_viewer, nuclei2d, g
     step = session.step
     qtbot.wait(500)
     assert session.step == step  # stopped, not paused
+
+
+def test_export_a_bioimageio_package_and_open_it_again(viewer_widget, tmp_path):
+    pytest.importorskip("bioimageio.core")
+    from paintseg._napari._model_panel import ExportDialog
+
+    viewer, w = viewer_widget
+    panel = w.model_panel
+    assert panel.export_btn.isEnabled() and panel.export_btn in panel.buttons()
+    dialog = ExportDialog(panel, images=["nuclei2d"], default_name="nuclei")
+    dialog.name.setText("nuclei starter copy")
+    dialog.authors.setText("A. Biologist, B. Imager")
+    dialog.cite.setText("10.1038/s41592-020-01018-x")
+    values = dialog.values()
+    assert values["authors"] == ["A. Biologist", "B. Imager"]
+    assert values["license"] == "CC-BY-4.0" and values.pop("sample_layer") == "nuclei2d"
+    w.tabs.setCurrentIndex(0)
+    w.segment_tab.segment_btn.click()
+    assert w.jobs.wait(120_000)
+    starter_labels = viewer.layers["nuclei2d segmentation"].data.copy()
+    path = tmp_path / "starter.zip"
+    panel.export_model(path, sample_layer="nuclei2d", **values)
+    assert w.jobs.wait(120_000)
+    assert path.exists() and "bioimageio's test passed" in w.status.text()
+    w.load_model(str(path))  # as Open… does with the file chosen
+    assert w.jobs.wait(60_000)
+    text = panel.info.text()
+    for part in ("starter.zip", "BioImage.IO: nuclei starter copy", "A. Biologist, B. Imager",
+                 "licence CC-BY-4.0", "10.1038/s41592-020-01018-x"):
+        assert part in text, (part, text)
+    viewer.layers.remove("nuclei2d segmentation")
+    w.segment_tab.segment_btn.click()
+    assert w.jobs.wait(120_000)
+    np.testing.assert_array_equal(viewer.layers["nuclei2d segmentation"].data, starter_labels)
+    # a bad name is one notification, nothing written
+    panel.export_model(tmp_path / "bad.zip", sample_layer="nuclei2d", name="x")
+    assert w.jobs.wait(60_000)
+    assert "Exporting bad.zip failed" in w.status.text() and not (tmp_path / "bad.zip").exists()

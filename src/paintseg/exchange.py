@@ -120,22 +120,21 @@ def _test_crop(sample: np.ndarray, config: ModelConfig, *, name: str) -> np.ndar
 
 
 def sample_array(image: Any, *, dims: int) -> np.ndarray:
-    """A sample for :func:`export_package` from an :class:`~paintseg.io.ImageData`:
-    ``(C, *spatial)``, the middle time point, and for a 2D model the middle plane of a
-    stack."""
-    data, axes = np.asarray(image.data[...]), image.axes
-    if "C" not in axes:
-        data, axes = data[None], "C" + axes
-    for a in "TZ" if dims == 2 else "T":
-        if a in axes:
-            i = axes.index(a)
-            data = np.take(data, data.shape[i] // 2, axis=i)
-            axes = axes.replace(a, "")
+    """A sample for :func:`export_package` from an :class:`~paintseg.io.ImageData` (or
+    anything with ``data`` and ``axes``): ``(C, *spatial)``, the middle time point, and for a
+    2D model the middle plane of a stack. Only that part is read."""
+    data, axes = image.data, image.axes
     want = "C" + ("ZYX" if dims == 3 else "YX")
-    if sorted(axes) != sorted(want):
-        raise InputError(f"{getattr(image, 'path', None) or 'sample'}: axes {image.axes!r} "
-                         f"do not hold a {dims}D image (a 3D model needs a Z axis)")
-    return np.transpose(data, [axes.index(a) for a in want])
+    if not set(want) - {"C"} <= set(axes):
+        raise InputError(f"{getattr(image, 'path', None) or 'sample'}: axes {axes!r} do not "
+                         f"hold a {dims}D image (a 3D model needs a Z axis)")
+    key = tuple(data.shape[i] // 2 if a not in want else slice(None)
+                for i, a in enumerate(axes))
+    kept = "".join(a for a in axes if a in want)
+    out = np.asarray(data[key])
+    if "C" not in kept:
+        out, kept = out[None], "C" + kept
+    return np.transpose(out, [kept.index(a) for a in want])
 
 
 def bundled_sample(dims: int) -> Path:

@@ -1,14 +1,18 @@
-"""The Model panel: the bundled models, Open… / Save…, a new U-Net, the device."""
+"""The Model panel: the bundled models, Open… / Save… / Export…, a new U-Net, the device."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
+    QDialog,
+    QDialogButtonBox,
     QFileDialog,
+    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -20,24 +24,41 @@ from qtpy.QtWidgets import (
 
 from ._session import Session, UserError, message
 
-__all__ = ["ModelPanel", "model_summary"]
+__all__ = ["ModelPanel", "ExportDialog", "model_summary"]
+
+LICENSES = ("CC-BY-4.0", "CC0-1.0", "MIT", "BSD-3-Clause", "Apache-2.0")
 
 
 def model_summary(model: Any, source: str) -> str:
     """The model in a few HTML lines: network, channels, classes, how it was trained."""
+    from html import escape
+
     c = model.config
     classes = ", ".join(f"{v} {n}" for v, n in zip(model.class_values, model.class_names))
-    lines = [f"<b>{source}</b>: {c.network_name}, {c.in_channels} channel(s), depth "
-             f"{c.depth}, base {c.base_features}", f"classes: {classes}"]
     prov = model.provenance
+    card = prov.get("bioimageio") or {}
+    if card.get("foreign"):
+        head = (f"<b>{escape(source)}</b>: another tool's {c.dims}D network, "
+                f"{c.in_channels} channel(s) (segments; does not train)")
+    else:
+        head = (f"<b>{escape(source)}</b>: {c.network_name}, {c.in_channels} channel(s), "
+                f"depth {c.depth}, base {c.base_features}")
+    lines = [head, f"classes: {escape(classes)}"]
+    if card:
+        lines.append(f"BioImage.IO: {escape(card.get('name', ''))}; by "
+                     f"{escape(', '.join(card.get('authors') or []))}; licence "
+                     f"{escape(card.get('license') or '?')}")
+        if card.get("cite"):
+            lines.append(f"cite: {escape('; '.join(card['cite']))}")
     if prov.get("output") == "instances":
         lines.append("output: instances (numbered objects)")
     runs = prov.get("training", [])
     if runs:
         steps = sum(r.get("steps", 0) for r in runs)
         secs = sum(r.get("seconds", 0) for r in runs)
+        last = "; ".join(runs[-1].get("images") or [])
         lines.append(f"trained: {len(runs)} run(s), {steps} steps, {secs:.0f} s"
-                     + (f"; last on {runs[-1]['data']}" if runs[-1].get("data") else ""))
+                     + (f"; last on {escape(last)}" if last else ""))
     if prov.get("note"):
         lines.append(str(prov["note"]))
     return "<br>".join(lines)
@@ -65,11 +86,17 @@ class ModelPanel(QGroupBox):
         self.load_btn = QPushButton("Load")
         self.load_btn.clicked.connect(lambda: self.load_model(self.bundled.currentText()))
         self.open_btn = QPushButton("Open…")
-        self.open_btn.setToolTip("Open a checkpoint (.pt) saved by paintseg")
+        self.open_btn.setToolTip("Open a checkpoint (.pt) saved by paintseg, or a BioImage.IO "
+                                 "model package (.zip)")
         self.open_btn.clicked.connect(self._open_dialog)
         self.save_btn = QPushButton("Save…")
         self.save_btn.clicked.connect(self._save_dialog)
-        for w in (QLabel("Starter:"), self.bundled, self.load_btn, self.open_btn, self.save_btn):
+        self.export_btn = QPushButton("Export…")
+        self.export_btn.setToolTip("Write the model as a BioImage.IO package (.zip) for Fiji "
+                                   "(deepImageJ), ilastik, QuPath and bioimage.io")
+        self.export_btn.clicked.connect(self._export_dialog)
+        for w in (QLabel("Starter:"), self.bundled, self.load_btn, self.open_btn, self.save_btn,
+                  self.export_btn):
             row.addWidget(w)
         lay.addLayout(row)
 
@@ -114,7 +141,8 @@ class ModelPanel(QGroupBox):
 
     def buttons(self) -> tuple[Any, ...]:
         """What a running job disables."""
-        return (self.load_btn, self.open_btn, self.new_btn, self.save_btn, self.device)
+        return (self.load_btn, self.open_btn, self.new_btn, self.save_btn, self.export_btn,
+                self.device)
 
     def set_bundled(self, names: list[str]) -> None:
         self.bundled.clear()
@@ -211,8 +239,9 @@ class ModelPanel(QGroupBox):
         s.jobs.start("new", job, on_done=done, on_error=s.failed("Creating a U-Net"))
 
     def _open_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open a paintseg model", "",
-                                              "paintseg model (*.pt);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a model", "",
+            "paintseg model or BioImage.IO package (*.pt *.zip);;All files (*)")
         if path:
             self.load_model(path)
 
@@ -224,3 +253,108 @@ class ModelPanel(QGroupBox):
                                               "paintseg model (*.pt)")
         if path:
             self.save_model(path if path.endswith(".pt") else path + ".pt")
+
+    def export_model(self, path: str | Path, *, sample_layer: str, **fields: Any) -> None:
+        """Write the current model as a BioImage.IO package at ``path``, in the background:
+        the centre of the image layer ``sample_layer`` becomes its test input and cover;
+        ``fields`` are :func:`~paintseg.exchange.export_package`'s (name, description,
+        authors, license, cite, cover)."""
+        from ..exchange import export_package, sample_array
+        from ._layers import layer_axes
+
+        s = self.session
+        try:
+            model = s.require_model()
+            layer = s.layer(sample_layer, "an image layer for the test input")
+            axes = layer_axes(layer.data.shape, rgb=bool(getattr(layer, "rgb", False)),
+                              name=layer.name)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            s.refuse(exc)
+            return
+        path = Path(path)
+        view = SimpleNamespace(data=layer.data, axes=axes, path=layer.name)  # sample_array's
+
+        def job(report, should_stop):
+            sample = sample_array(view, dims=model.config.dims)
+            return export_package(model, path, sample=sample, sample_name=layer.name,
+                                  **fields)
+
+        s.say(f"Exporting {path.name} (the package is tested before it is written)…")
+        s.jobs.start("export", job,
+                     on_done=lambda p: s.notify(f"BioImage.IO package written to {p}; "
+                                                "bioimageio's test passed."),
+                     on_error=s.failed(f"Exporting {path.name}"))
+
+    def _export_dialog(self) -> None:
+        s = self.session
+        if s.model is None:
+            s.notify("There is no model to export yet.", "warning")
+            return
+        images = [ly.name for ly in s.viewer.layers if ly.__class__.__name__ == "Image"]
+        if not images:
+            s.notify("Open an image of the kind the model is for: its centre becomes the "
+                     "package's test input.", "warning")
+            return
+        dialog = ExportDialog(self, images=images, default_name=Path(s.source).stem)
+        if dialog.exec() != QDialog.DialogCode.Accepted:
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export a BioImage.IO package",
+                                              f"{dialog.values()['name'] or 'model'}.zip",
+                                              "BioImage.IO package (*.zip)")
+        if path:
+            values = dialog.values()
+            layer = values.pop("sample_layer")
+            self.export_model(path if path.endswith(".zip") else path + ".zip",
+                              sample_layer=layer, **values)
+
+
+class ExportDialog(QDialog):
+    """The fields of a BioImage.IO package: name, description, authors, licence, citations,
+    the image layer its test input comes from and an optional cover."""
+
+    def __init__(self, parent: Any = None, *, images: list[str], default_name: str = ""
+                 ) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Export a BioImage.IO package")
+        self.setMinimumWidth(520)
+        form = QFormLayout(self)
+        self.name = QLineEdit(default_name if len(default_name) >= 5 else "")
+        self.name.setPlaceholderText("5 to 128 letters, digits, spaces, _+-()")
+        self.description = QLineEdit()
+        self.description.setPlaceholderText("what it segments, in which images (optional)")
+        self.authors = QLineEdit()
+        self.authors.setPlaceholderText("names, comma-separated")
+        self.license = QComboBox()
+        self.license.setEditable(True)
+        self.license.addItems(LICENSES)
+        self.cite = QLineEdit()
+        self.cite.setPlaceholderText("DOIs or URLs, comma-separated (optional)")
+        self.sample = QComboBox()
+        self.sample.addItems(images)
+        self.sample.setToolTip("Its centre becomes the package's test input and cover")
+        self.cover = QLineEdit()
+        self.cover.setPlaceholderText("a PNG or JPEG (optional; default: made from the test "
+                                      "input and its result)")
+        for label, w in (("Name", self.name), ("Description", self.description),
+                         ("Authors", self.authors), ("Licence", self.license),
+                         ("Cite", self.cite), ("Test image", self.sample),
+                         ("Cover", self.cover)):
+            form.addRow(label, w)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok
+                                   | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def values(self) -> dict[str, Any]:
+        """The fields as :meth:`ModelPanel.export_model` takes them."""
+        def listed(text: str) -> list[str]:
+            return [t.strip() for t in text.split(",") if t.strip()]
+
+        return {"name": self.name.text().strip() or None,
+                "description": self.description.text().strip() or None,
+                "authors": listed(self.authors.text()),
+                "license": self.license.currentText().strip() or "CC-BY-4.0",
+                "cite": listed(self.cite.text()),
+                "sample_layer": self.sample.currentText(),
+                "cover": self.cover.text().strip() or None}
