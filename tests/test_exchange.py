@@ -46,8 +46,13 @@ def test_the_starter_exports_a_package_that_passes_bioimageio_test(starter_packa
     summary = check_package(starter_package)
     assert summary.status == "passed", summary.format()
     names = set(zipfile.ZipFile(starter_package).namelist())
-    assert {"weights_torchscript.pt", "weights_state_dict.pt", "paintseg_network.py",
-            "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= names
+    assert {"weights_torchscript.pt", "weights_state_dict.pt", "weights.onnx",
+            "paintseg_network.py", "test_input.npy", "test_output.npy", "cover.png",
+            "README.md"} <= names
+    # bioimageio's test ran each of the three weight formats on the test input
+    tested = " ".join(d.name for d in summary.details if d.status == "passed")
+    for fmt in ("pytorch_state_dict", "torchscript", "onnx"):
+        assert f"Reproduce test outputs from test inputs ({fmt})" in tested, fmt
     rdf = zipfile.ZipFile(starter_package).read("rdf.yaml").decode()
     for text in ("scale_range", "min_percentile: 1.0", "max_percentile: 99.8", "halo: 32",
                  "step: 8", "ExportedUNet", "A. Biologist", "10.1038/s41592-020-01018-x",
@@ -104,6 +109,7 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
     assert check_package(tmp_path / "m3d.zip").status == "passed"
     rdf = zipfile.ZipFile(tmp_path / "m3d.zip").read("rdf.yaml").decode()
     assert "id: z" in rdf and "halo: 8" in rdf  # one pooling cell along z
+    assert "weights.onnx" in zipfile.ZipFile(tmp_path / "m3d.zip").namelist()
     for d, m in (("pkg", tmp_path / "m3d.zip"), ("pt", tmp_path / "m.pt")):
         assert main(["segment", str(tmp_path / "img.tif"), "--model", str(m), "--out",
                      str(tmp_path / d), "-q"]) == 0

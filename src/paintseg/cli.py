@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a model as a BioImage.IO package (Fiji/deepImageJ, ilastik, "
         "QuPath, bioimage.io)",
         description="Write a paintseg model as a BioImage.IO model package (a zip, model "
-        "format 0.5) with TorchScript and state-dict weights, its normalisation, tiling, test "
-        "tensors, a cover and a README. The package is tested with bioimageio.core before it "
+        "format 0.5) with TorchScript, state-dict and (where onnx, onnxscript and onnxruntime "
+        "are installed) ONNX weights, its normalisation, tiling, test tensors, a cover and a "
+        "README. The package is tested with bioimageio.core before it "
         "is written. Needs: pip install \"napari-paintseg[bioimageio]\".")
     ex.add_argument("model", help="checkpoint file or bundled model name")
     ex.add_argument("--out", required=True, help="the package to write (NAME.zip)")
@@ -532,13 +533,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             sample_path = Path(args.sample)
         image = read_image(sample_path, axes=args.axes, lazy=False)
         sample = sample_array(image, dims=model.config.dims)
+        notes: list[str] = []
         out = export_package(
             model, args.out, sample=sample, sample_name=sample_path.name, name=args.name,
             description=args.description, authors=args.authors, license=args.license,
-            cite=args.cite, cover=args.cover)
+            cite=args.cite, cover=args.cover, notes=notes)
     except PaintsegError as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
+    for note in notes:
+        print(f"paintseg: note: {note}", file=sys.stderr)
     print(f"paintseg: wrote {out} ({out.stat().st_size / 1e6:.1f} MB); bioimageio's test "
           "passed", file=sys.stderr)
     return EXIT_OK

@@ -48,6 +48,7 @@ EXTRA_HINT = ('BioImage.IO packages need the optional dependencies: '
 
 _RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 _PAINTSEG_CONFIG_VERSION = 1
+_ONNX_OPSET = 18
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+- ()")
 # the largest test tensor (per spatial axis) cut from the sample image
 _TEST_EDGE = {2: (256, 256), 3: (32, 128, 128)}
@@ -263,6 +264,8 @@ def export_package(
     cite: Sequence[str] = (),
     cover: str | os.PathLike[str] | None = None,
     check: bool = True,
+    onnx: bool | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
     """Write ``model`` as a BioImage.IO model package (a zip, model format 0.5).
 
@@ -293,6 +296,12 @@ def export_package(
     check : bool
         Run ``bioimageio.core``'s test of the package before writing it (a failing test
         raises and writes nothing).
+    onnx : bool, optional
+        Add ONNX weights: None adds them where ``onnx``, ``onnxscript`` and ``onnxruntime``
+        are installed and ONNX Runtime reproduces the test output within 1e-4; True
+        requires them; False leaves them out.
+    notes : list, optional
+        Receives what the user should know (e.g. why the ONNX weights were left out).
 
     Returns
     -------
@@ -332,9 +341,11 @@ def export_package(
     description = description or (
         f"{cfg.dims}D semantic segmentation into {cfg.classes} classes ({classes}), "
         "trained interactively in paintseg")
+    notes = notes if notes is not None else []
     test_in = _test_crop(np.asarray(sample), cfg, name=sample_name)
     eps = 1e-6
-    test_out = _probabilities(model, _normalised(test_in, model.normalization, eps))
+    test_norm = _normalised(test_in, model.normalization, eps)
+    test_out = _probabilities(model, test_norm)
     tiling = tiling_info(cfg)
     space = _space_ids(cfg.dims)
 
@@ -353,6 +364,12 @@ def export_package(
         with torch.inference_mode(False), torch.no_grad(), _quiet_trace():
             traced = torch.jit.trace(traced_net, torch.from_numpy(test_in[None]))
         traced.save(str(d / "weights_torchscript.pt"))
+        onnx_ok = False
+        if onnx is not False:
+            onnx_ok = _onnx_weights(traced_net, test_norm, test_out, d / "weights.onnx",
+                                    notes=notes)
+            if onnx and not onnx_ok:
+                raise ConfigError(f"{path}: ONNX weights were asked for but " + notes[-1])
         if cover is not None:
             cover = Path(cover)
             if not cover.is_file() or cover.suffix.lower() not in (".png", ".jpg", ".jpeg"):
@@ -405,6 +422,8 @@ def export_package(
             torchscript=v.TorchscriptWeightsDescr(
                 source=d / "weights_torchscript.pt", parent="pytorch_state_dict",
                 pytorch_version=v.Version(torch.__version__.split("+")[0])),
+            onnx=v.OnnxWeightsDescr(source=d / "weights.onnx", opset_version=_ONNX_OPSET,
+                                    parent="pytorch_state_dict") if onnx_ok else None,
         )
         cites = [CiteEntry(text="Ronneberger, Fischer and Brox: U-Net (2015)",
                            doi=Doi("10.1007/978-3-319-24574-4_28"))]
@@ -447,6 +466,60 @@ def export_package(
         with atomic_path(path, suffix=".partial.zip") as out:
             save_bioimageio_package(descr, output_path=out)
     return path
+
+
+def _onnx_weights(net: nn.Module, test_norm: np.ndarray, test_out: np.ndarray, path: Path, *,
+                  notes: list[str]) -> bool:
+    """Export ``net`` (an :class:`~paintseg.network.ExportedUNet`) to ONNX at ``path`` with
+    dynamic batch and spatial sizes and direct convolutions (ONNX's DFT is less exact than
+    torch's FFT), and check it with ONNX Runtime on the normalised test input against the
+    test output. False (with a note) where the packages are missing, the export fails or the
+    outputs differ by more than 1e-4."""
+    import contextlib
+    import importlib.util
+    import io as _io
+    import logging
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        notes.append(f"no ONNX weights ({', '.join(missing)} not installed)")
+        return False
+    filters = getattr(net, "filters", None)
+    before = filters.use_fft if filters is not None else None
+    try:
+        if filters is not None:
+            filters.use_fft = False
+        x = torch.from_numpy(test_norm[None])
+        dims = x.ndim - 2
+        dyn = {0: torch.export.Dim("batch")}
+        dyn.update({2 + i: torch.export.Dim(f"s{i}") for i in range(dims)})
+        x2 = torch.cat([x, x])  # torch.export fixes an axis of size 1: batch 2 keeps it free
+        onnx_log = logging.getLogger("torch.onnx")
+        level = onnx_log.level
+        onnx_log.setLevel(logging.ERROR)  # its notes on optional torchvision operators
+        with _quiet_trace(), contextlib.redirect_stdout(_io.StringIO()), \
+                contextlib.redirect_stderr(_io.StringIO()):
+            torch.onnx.export(net, (x2,), str(path), dynamo=True, opset_version=_ONNX_OPSET,
+                              input_names=["raw"], output_names=["probabilities"],
+                              dynamic_shapes=(dyn,), external_data=False)
+        onnx_log.setLevel(level)
+        import onnxruntime
+
+        sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        err = float(np.abs(got - test_out).max())
+    except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways
+        notes.append(f"no ONNX weights (the export failed: {_short(exc, 200)})")
+        return False
+    finally:
+        if filters is not None:
+            filters.use_fft = before
+    if err > 1e-4:
+        notes.append(f"no ONNX weights (ONNX Runtime differs from torch by {err:.1e})")
+        path.unlink()
+        return False
+    return True
 
 
 def _identifier(text: str, index: int) -> str:

@@ -137,6 +137,9 @@ class FilterBank(nn.Module):
         self.out_channels = in_channels * (1 + 5 * len(self.sigmas))
         #: Outputs to reuse for inputs seen before (None: every input is filtered).
         self.memo: FeatureMemo | None = None
+        #: Convolve through the FFT (True), directly (False), or as suits the device (None).
+        #: An ONNX export takes direct convolutions: ONNX's DFT is less exact.
+        self.use_fft: bool | None = None
 
     def _along(self, x: torch.Tensor, k: torch.Tensor, axis: int, *,
                fft: bool | None = None, fx: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,10 +164,11 @@ class FilterBank(nn.Module):
         y = torch.fft.irfft(fx * spectrum, n=n, dim=d)
         return y.narrow(d, m - 1, n - m + 1)
 
-    @staticmethod
-    def _fft(x: torch.Tensor, taps: int) -> bool:
-        """Whether a kernel of ``taps`` goes through the FFT: always on the CPU, for long
-        kernels elsewhere."""
+    def _fft(self, x: torch.Tensor, taps: int) -> bool:
+        """Whether a kernel of ``taps`` goes through the FFT: as :attr:`use_fft` says, or
+        (None) always on the CPU and for long kernels elsewhere."""
+        if self.use_fft is not None:
+            return self.use_fft
         return taps >= _FFT_KERNEL or x.device.type == "cpu"
 
     def _along_each(self, x: torch.Tensor, ks: Sequence[torch.Tensor], axis: int

@@ -274,16 +274,19 @@ class ModelPanel(QGroupBox):
         path = Path(path)
         view = SimpleNamespace(data=layer.data, axes=axes, path=layer.name)  # sample_array's
 
+        notes: list[str] = []
+
         def job(report, should_stop):
             sample = sample_array(view, dims=model.config.dims)
             return export_package(model, path, sample=sample, sample_name=layer.name,
-                                  **fields)
+                                  notes=notes, **fields)
+
+        def done(p: Path) -> None:
+            extra = "".join(f" Note: {n}." for n in notes)
+            s.notify(f"BioImage.IO package written to {p}; bioimageio's test passed.{extra}")
 
         s.say(f"Exporting {path.name} (the package is tested before it is written)…")
-        s.jobs.start("export", job,
-                     on_done=lambda p: s.notify(f"BioImage.IO package written to {p}; "
-                                                "bioimageio's test passed."),
-                     on_error=s.failed(f"Exporting {path.name}"))
+        s.jobs.start("export", job, on_done=done, on_error=s.failed(f"Exporting {path.name}"))
 
     def _export_dialog(self) -> None:
         s = self.session
