@@ -187,6 +187,16 @@ def _other_package(folder: Path, *, weights: str = "pytorch_state_dict") -> Path
     elif weights == "torchscript":
         w = v.WeightsDescr(torchscript=v.TorchscriptWeightsDescr(source=folder / "w_ts.pt",
                                                                   pytorch_version=tv))
+    elif weights == "both":
+        w = v.WeightsDescr(
+            torchscript=v.TorchscriptWeightsDescr(source=folder / "w_ts.pt",
+                                                  pytorch_version=tv,
+                                                  parent="pytorch_state_dict"),
+            pytorch_state_dict=v.PytorchStateDictWeightsDescr(
+                source=folder / "w.pt", pytorch_version=tv,
+                architecture=v.ArchitectureFromFileDescr(
+                    source=folder / "tiny_unet.py", callable=v.Identifier("TinyUNet"),
+                    kwargs={"in_channels": 1, "classes": 3})))
     else:
         w = v.WeightsDescr(tensorflow_saved_model_bundle=v.TensorflowSavedModelBundleWeightsDescr(
             source=folder / "tf.zip", tensorflow_version=v.Version("2.15")))
@@ -234,10 +244,6 @@ def test_another_tools_package_segments_through_paintseg(tmp_path: Path, weights
     assert "another tool's network" in model.describe() and "Other Tool" in model.describe()
     with pytest.raises(CheckpointError, match="another tool's BioImage.IO package"):
         save_model(model, tmp_path / "x.pt")
-    with pytest.raises(InputError, match="fine-tunes only its own U-Nets"):
-        from paintseg.training.data import check_channels
-
-        check_channels(model, 1)
 
 
 def test_unsupported_and_damaged_packages_get_one_clear_error(tmp_path: Path, capsys):
@@ -308,3 +314,38 @@ def test_without_the_extra_the_core_works_and_says_what_to_install(tmp_path: Pat
     hint = 'pip install "napari-paintseg[bioimageio]"'
     assert hint in run.stdout and hint in run.stderr, (run.stdout, run.stderr)
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_another_tools_state_dict_unet_fine_tunes_into_a_package(tmp_path: Path, capsys):
+    pkg = _other_package(tmp_path / "src", weights="both")
+    x = np.load(tmp_path / "src" / "in.npy")[0, 0]
+    truth = tifffile.imread(SAMPLE2D.with_name("nuclei2d_instances.tif"))[128:256, 64:192] > 0
+    strokes = np.zeros(truth.shape, np.uint8)
+    strokes[::3, ::3] = np.where(truth[::3, ::3], 2, 1)  # rest and cell; edge not painted
+    tifffile.imwrite(tmp_path / "img.tif", x)
+    tifffile.imwrite(tmp_path / "strokes.tif", strokes)
+    args = ["train", str(tmp_path / "img.tif"), str(tmp_path / "strokes.tif"), "--init",
+            str(pkg), "--steps", "100", "--learning-rate", "0.01", "--device", "cpu", "-q"]
+    assert main(args + ["--out", str(tmp_path / "tuned.pt")]) == 2
+    assert "write a BioImage.IO package instead" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "tuned.zip")]) == 0
+    assert check_package(tmp_path / "tuned.zip").status == "passed"
+    before, after = load_model(pkg), load_model(tmp_path / "tuned.zip")
+    assert after.class_names == before.class_names and "another tool's" in after.describe()
+    assert after.provenance["training"][0]["steps"] == 100  # the record travels
+
+    def cell_iou(model):
+        labels = segment(x, model, axes="YX", device="cpu").labels
+        return ((labels == 2) & truth).sum() / ((labels == 2) | truth).sum()
+
+    assert cell_iou(after) > cell_iou(before) + 0.2, (cell_iou(before), cell_iou(after))
+    # TorchScript alone does not train; a class the network lacks cannot be painted
+    from paintseg.training.data import check_channels
+
+    with pytest.raises(InputError, match="TorchScript weights only"):
+        check_channels(load_model(_other_package(tmp_path / "ts", weights="torchscript")), 1)
+    strokes[0, :4] = 4
+    tifffile.imwrite(tmp_path / "strokes4.tif", strokes)
+    assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "strokes4.tif"), "--init",
+                 str(pkg), "--steps", "1", "--out", str(tmp_path / "x.zip"), "-q"]) == 2
+    assert "paint only those" in capsys.readouterr().err and not (tmp_path / "x.zip").exists()

@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("pairs", nargs="+", metavar="IMAGE LABELS",
                     help="image and labels TIFFs, in pairs")
-    tr.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
+    tr.add_argument("--out", required=True, type=Path,
+                    help="checkpoint to write (.pt), or a BioImage.IO package (.zip, with the "
+                    "first image as its test input; needs the [bioimageio] extra)")
     tr.add_argument("--init", default=None,
-                    help="start from this checkpoint (or a bundled model name) instead of a "
-                         "new U-Net; "
+                    help="start from this checkpoint, BioImage.IO package (.zip) or bundled "
+                         "model name instead of a new U-Net; "
                          "where its classes are kept, it is held to its own predictions on the "
                          "unpainted pixels, so that corrections change little elsewhere; on "
                          "corrected nuclei masks (--labels-kind instances), --init nuclei "
@@ -388,8 +390,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise PaintsegError(f"cannot write {out}: {base} is not a writable folder")
         init = load_model(args.init) if args.init else None  # a path or a bundled name
         pairs, image_names, channels = [], [], None
+        first_image = None
         for img_path, lab_path in zip(args.pairs[::2], args.pairs[1::2]):
             image = read_image(img_path, axes=args.axes, lazy=False)
+            first_image = first_image or image
             labels = read_image(lab_path, lazy=False)
             if "C" in image.axes:
                 data = np.moveaxis(np.asarray(image.data), image.axes.index("C"), -1)
@@ -400,6 +404,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             image_names.append(f"{img_path} with labels {lab_path}")
         if init is not None:  # before any work
             check_channels(init, channels, model_name=args.init)
+            if (init.provenance.get("bioimageio") or {}).get("foreign") and \
+                    out.suffix.lower() != ".zip":
+                raise PaintsegError(
+                    f"{args.init} is another tool's network: a paintseg checkpoint cannot "
+                    "hold it; write a BioImage.IO package instead (--out NAME.zip)")
         names = None
         if args.class_names is not None:
             listed = [n.strip() for n in args.class_names.split(",")]
@@ -447,7 +456,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     except PaintsegError as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
-    save_model(model, out)
+    if out.suffix.lower() == ".zip":  # a BioImage.IO package, the first image as its sample
+        from .exchange import export_package, sample_array
+
+        try:
+            export_package(model, out, sample=sample_array(first_image, dims=model.config.dims),
+                           sample_name=Path(args.pairs[0]).name)
+        except PaintsegError as exc:
+            print(f"paintseg: error: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+    else:
+        save_model(model, out)
     assert done is not None
     say(f"paintseg: wrote {args.out} ({done.step} steps in {done.elapsed:.0f} s; "
         f"{kept_weights_text(done)})")

@@ -322,10 +322,10 @@ def export_package(
     from . import network as network_module
     from .network import ExportedUNet
 
-    if isinstance(model.network, PackageNetwork):
-        raise ConfigError("this model came from another tool's BioImage.IO package; share "
-                          "that package itself")
     path = Path(path)
+    if isinstance(model.network, PackageNetwork):
+        return _repackage(model, path, sample=sample, sample_name=sample_name, name=name,
+                          description=description, authors=authors, check=check)
     if path.suffix.lower() != ".zip":
         raise ConfigError(f"{path}: a BioImage.IO package is a .zip file")
     if not path.parent.is_dir():
@@ -468,6 +468,91 @@ def export_package(
     return path
 
 
+def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
+               name: str | None, description: str | None, authors: Sequence[str],
+               check: bool) -> Path:
+    """Another tool's package again, with the fine-tuned state dict as its only weights
+    (the TorchScript and ONNX of the original are stale) and a test output the new weights
+    give; its architecture, processing and licence are the original's."""
+    v = _spec()
+    from bioimageio.spec import load_model_description, save_bioimageio_package
+
+    net = model.network
+    card = model.provenance.get("bioimageio") or {}
+    if not net.trainable:
+        raise ConfigError("only a network loaded with its architecture (fine-tuned in "
+                          "paintseg) is written again: share the original package itself")
+    if path.suffix.lower() != ".zip":
+        raise ConfigError(f"{path}: a BioImage.IO package is a .zip file")
+    src = Path(card.get("file", ""))
+    if not src.is_file():
+        raise ConfigError(f"the original package {src} is gone: it holds the architecture")
+    descr = load_model_description(src, perform_io_checks=False)
+    cfg = model.config
+    test_in = _test_crop(np.asarray(sample), cfg, name=sample_name)
+    inp, out = descr.inputs[0], descr.outputs[0]
+    eps = float(next((p.kwargs.eps for p in inp.preprocessing if p.id == "scale_range"), 1e-6))
+    with torch.inference_mode():
+        y = net.module.cpu().eval()(torch.from_numpy(
+            _normalised(test_in, model.normalization, eps)[None]))
+    y = (y[0] if isinstance(y, (tuple, list)) else y).float().numpy()
+    runs = model.provenance.get("training") or []
+    with tempfile.TemporaryDirectory(prefix="paintseg-export-") as tmp:
+        d = Path(tmp)
+        np.save(d / "test_input.npy", test_in[None])
+        np.save(d / "test_output.npy", y)
+        torch.save({k: t.detach().cpu().clone() for k, t in net.module.state_dict().items()},
+                   d / "weights_state_dict.pt")
+        arch = descr.weights.pytorch_state_dict.architecture
+        arch_file = d / Path(str(getattr(arch.source, "path", arch.source))).name
+        arch_file.write_bytes(_read_member(src, arch.source))
+        weights = v.WeightsDescr(pytorch_state_dict=v.PytorchStateDictWeightsDescr(
+            source=d / "weights_state_dict.pt",
+            architecture=v.ArchitectureFromFileDescr(source=arch_file, callable=arch.callable,
+                                                     kwargs=dict(arch.kwargs)),
+            pytorch_version=v.Version(torch.__version__.split("+")[0])))
+        doc = d / "README.md"
+        doc.write_text(
+            f"# {name or descr.name}\n\n{description or descr.description}\n\n"
+            f"Fine-tuned in paintseg from the BioImage.IO package '{descr.name}' "
+            f"({', '.join(a.name for a in descr.authors)}), whose licence and citations it "
+            f"keeps.\n\n## Training\n\n" + "\n".join(
+                f"- {r.get('steps', '?')} steps in {r.get('seconds', '?')} s on "
+                f"{'; '.join(r.get('images') or []) or 'images not recorded'}; validation "
+                f"IoU {r.get('validation_iou')}" for r in runs) + "\n\n## Validation\n\n"
+            "Measured on held-out strokes during training (above).\n", encoding="utf-8")
+        covers = []
+        cover_path = d / "cover.png"
+        probs = torch.softmax(net(torch.from_numpy(_normalised(
+            test_in, model.normalization, eps)[None])), 1).detach().numpy()
+        _cover(test_in, probs, cover_path)
+        covers.append(v.FileDescr(source=cover_path))
+        new_in = v.InputTensorDescr(**{**inp.model_dump(exclude={"test_tensor",
+                                                               "sample_tensor"}),
+                                       "test_tensor": v.FileDescr(source=d / "test_input.npy")})
+        new_out = v.OutputTensorDescr(**{**out.model_dump(exclude={"test_tensor",
+                                                                 "sample_tensor"}),
+                                         "test_tensor": v.FileDescr(
+                                             source=d / "test_output.npy")})
+        try:
+            new = v.ModelDescr(
+                name=name or descr.name, description=description or descr.description,
+                authors=[v.Author(name=a) for a in authors] or list(descr.authors),
+                cite=list(descr.cite), license=descr.license, covers=covers,
+                documentation=v.FileDescr(source=doc), tags=list(descr.tags),
+                inputs=[new_in], outputs=[new_out], weights=weights,
+                config=v.Config(paintseg_finetune={"from": descr.name, "training":
+                                                   _yaml_safe(runs)}))
+        except Exception as exc:  # noqa: BLE001 - pydantic's validation errors
+            raise ConfigError(f"cannot describe the fine-tuned model: {_short(exc)}"
+                              ) from None
+        if check:
+            _check(new, what=str(path))
+        with atomic_path(path, suffix=".partial.zip") as tmp_zip:
+            save_bioimageio_package(new, output_path=tmp_zip)
+    return path
+
+
 def _onnx_weights(net: nn.Module, test_norm: np.ndarray, test_out: np.ndarray, path: Path, *,
                   notes: list[str]) -> bool:
     """Export ``net`` (an :class:`~paintseg.network.ExportedUNet`) to ONNX at ``path`` with
@@ -591,14 +676,26 @@ class PackageNetwork(nn.Module):
         What the module returns: ``"probabilities"``, ``"logits"`` (a softmax over the
         channels follows) or ``"sigmoid"`` (a sigmoid of each channel follows). A single
         channel is the foreground of two classes, background and foreground.
+    trainable : bool
+        Whether ``module`` is the package's architecture with its state dict (it trains),
+        rather than its TorchScript (inference only).
     """
 
-    def __init__(self, module: nn.Module, config: ModelConfig, *, outputs: str) -> None:
+    def __init__(self, module: nn.Module, config: ModelConfig, *, outputs: str,
+                 trainable: bool = False) -> None:
         super().__init__()
         self.module = module
         self.config = config
         self.outputs = outputs
+        self.trainable = trainable
         self.filters = None
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` as the one member paintseg's training fits (a network loaded
+        with ``trainable=True``: its architecture with the state dict)."""
+        if not self.trainable:
+            raise InputError("this network was loaded for inference only (TorchScript)")
+        return self.forward(x)[None]
 
     def to_device(self, device: str | torch.device) -> PackageNetwork:
         """Move the network to ``device`` and return it."""
@@ -624,7 +721,7 @@ def _bad(path: Path, what: str) -> CheckpointError:
                            "(nothing was written)")
 
 
-def load_package(path: str | os.PathLike[str]) -> Any:
+def load_package(path: str | os.PathLike[str], *, trainable: bool = False) -> Any:
     """Read a BioImage.IO model package as a :class:`~paintseg.model.PaintsegModel`.
 
     A package that paintseg exported comes back as the model it was made from (same network,
@@ -636,6 +733,10 @@ def load_package(path: str | os.PathLike[str]) -> Any:
     weights, one input with axes ``bcyx`` or ``bczyx``, percentile scaling (``scale_range``,
     per image and channel), and per-class outputs of the input's shape (probabilities,
     logits, or one foreground channel).
+
+    For inference another tool's TorchScript weights are preferred (no code from the
+    package runs); ``trainable=True`` loads its ``pytorch_state_dict`` weights with their
+    architecture instead (the package's Python code runs), for fine-tuning.
 
     Raises
     ------
@@ -670,11 +771,14 @@ def load_package(path: str | os.PathLike[str]) -> Any:
     rebuilt = _paintseg_architecture(path, descr, v)
     if rebuilt is not None:  # paintseg's U-Net in a package another tool rewrote
         return _load_own(path, descr, rebuilt)
-    network, config, names, norm = _load_foreign(path, descr, v)
-    card = {**_package_card(descr, path), "foreign": True}
+    network, config, names, norm = _load_foreign(path, descr, v, trainable=trainable)
+    card = {**_package_card(descr, path), "foreign": True,
+            "trainable": descr.weights.pytorch_state_dict is not None}
+    tuned = (descr.config.model_extra or {}).get("paintseg_finetune") if descr.config else None
+    runs = list(tuned.get("training") or []) if isinstance(tuned, dict) else []
     return PaintsegModel(network=network, config=config, normalization=norm,
                          class_values=tuple(range(1, len(names) + 1)), class_names=names,
-                         provenance={"bioimageio": card, "training": []})
+                         provenance={"bioimageio": card, "training": runs})
 
 
 def _package_card(descr: Any, path: Path) -> dict[str, Any]:
@@ -745,8 +849,8 @@ def _load_own(path: Path, descr: Any, own: dict[str, Any]) -> Any:
                          class_names=tuple(own["class_names"]), provenance=provenance)
 
 
-def _load_foreign(path: Path, descr: Any, v: Any) -> tuple[Any, ModelConfig, tuple[str, ...],
-                                                          NormConfig]:
+def _load_foreign(path: Path, descr: Any, v: Any, *, trainable: bool = False
+                  ) -> tuple[Any, ModelConfig, tuple[str, ...], NormConfig]:
     if len(descr.inputs) != 1 or len(descr.outputs) < 1:
         raise _bad(path, f"it has {len(descr.inputs)} inputs (one image input is supported)")
     inp, out = descr.inputs[0], descr.outputs[0]
@@ -778,14 +882,15 @@ def _load_foreign(path: Path, descr: Any, v: Any) -> tuple[Any, ModelConfig, tup
     if 2**depth != step or depth > 6:
         raise _bad(path, f"its input size step is {step} (a power of two up to 64 is "
                          "supported)")
-    module = _weights_module(path, descr)
+    module = _weights_module(path, descr, trainable=trainable)
     names = tuple(str(n) for n in out.axes[1].channel_names)
     outputs = _output_kind(path, out)
     if out_channels == 1:
         names = ("background", names[0])
     config = ModelConfig(dims=dims, in_channels=in_channels, classes=len(names), depth=depth,
                          base_features=1, norm="none")
-    return PackageNetwork(module, config, outputs=outputs), config, names, norm
+    return (PackageNetwork(module, config, outputs=outputs, trainable=trainable), config,
+            names, norm)
 
 
 def _axis_letter(axis: Any) -> str:
@@ -818,11 +923,14 @@ def _supported_preprocessing(path: Path, steps: Sequence[Any], v: Any) -> NormCo
     return norm
 
 
-def _weights_module(path: Path, descr: Any) -> nn.Module:
+def _weights_module(path: Path, descr: Any, *, trainable: bool = False) -> nn.Module:
     import io
 
     w = descr.weights
-    if w.torchscript is not None:
+    if trainable and w.pytorch_state_dict is None:
+        raise _bad(path, "its weights are TorchScript only: paintseg fine-tunes packages "
+                         "whose pytorch_state_dict weights come with their architecture")
+    if w.torchscript is not None and not trainable:
         try:
             module = torch.jit.load(io.BytesIO(_read_member(path, w.torchscript.source)),
                                     map_location="cpu")
@@ -840,7 +948,10 @@ def _weights_module(path: Path, descr: Any) -> nn.Module:
         except Exception as exc:  # noqa: BLE001 - foreign code fails in many ways
             raise _bad(path, "its pytorch_state_dict weights do not load with their "
                              f"architecture: {_short(exc, 200)}") from None
-        return module.eval()
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(True)
+        return module
     present = [k for k, val in w.model_dump(exclude_none=True).items() if val]
     raise _bad(path, f"it has {', '.join(present) or 'no'} weights (TorchScript or "
                      "pytorch_state_dict weights are supported)")

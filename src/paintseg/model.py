@@ -273,7 +273,8 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
     if _is_foreign(model):
         raise CheckpointError(
             f"cannot save {path}: this model came from another tool's BioImage.IO package "
-            f"({model.provenance['bioimageio'].get('name', '')}); use the package itself")
+            f"({model.provenance['bioimageio'].get('name', '')}), which a paintseg checkpoint "
+            "cannot hold; write a package (Export…, or paintseg train --out NAME.zip)")
     payload = _payload(model)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save model to {path}: folder {path.parent} does not exist")

@@ -134,14 +134,14 @@ class TrainTab(QWidget):
     def _default_continue(self, *_: Any) -> None:
         """Set *Continue from the current model* for the model and the labels' kind
         (:func:`~paintseg.training.continue_by_default`); never for another tool's network
-        from a BioImage.IO package."""
+        that has no architecture to train (a TorchScript-only BioImage.IO package)."""
         from ..training import continue_by_default
 
         model = self.session.model
-        foreign = model is not None and bool(
-            (model.provenance.get("bioimageio") or {}).get("foreign"))
-        # another tool's network segments but does not train: a new U-Net then
-        self.form["continue_model"].value = not foreign and continue_by_default(
+        card = (model.provenance.get("bioimageio") or {}) if model is not None else {}
+        # another tool's network without its architecture (TorchScript only) cannot train
+        frozen = bool(card.get("foreign")) and not card.get("trainable")
+        self.form["continue_model"].value = not frozen and continue_by_default(
             bundled=self.session.bundled, labels_kind=self.form["labels_kind"].value)
 
     def _update_legend(self, *_: Any) -> None:

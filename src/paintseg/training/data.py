@@ -349,14 +349,15 @@ def check_channels(model: PaintsegModel, channels: int, *, model_name: str = "th
     ------
     InputError
         ``model`` takes another number of channels, e.g. "nuclei expects 1 channel(s) but got
-        3 from the images", or is another tool's network from a BioImage.IO package (it
-        segments, but paintseg fine-tunes only its own U-Nets).
+        3 from the images", or is another tool's network whose package holds no
+        architecture to train (TorchScript weights only).
     """
-    if (model.provenance.get("bioimageio") or {}).get("foreign"):
+    card = model.provenance.get("bioimageio") or {}
+    if card.get("foreign") and not card.get("trainable"):
         raise InputError(
-            f"{model_name} is another tool's network from a BioImage.IO package: paintseg "
-            "segments with it but fine-tunes only its own U-Nets (packages exported by "
-            "paintseg continue training); train a new model instead")
+            f"{model_name} is another tool's network with TorchScript weights only: paintseg "
+            "fine-tunes packages whose pytorch_state_dict weights come with their "
+            "architecture; train a new model instead")
     if model.config.in_channels != channels:
         raise InputError(f"{model_name} expects {model.config.in_channels} channel(s) but got "
                          f"{channels} from {images}")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..config import DENSE_SHARE, ModelConfig, TrainConfig
+from ..errors import InputError
 from ..model import PaintsegModel, default_class_names, new_model
 from .data import TrainingData, check_channels, painted_share, prepare_data
 from .events import EventKind, TrainEvent
@@ -31,6 +32,9 @@ def adapt_model(
     count differs (the encoder and decoder are kept: warm start)."""
     class_values = tuple(int(v) for v in class_values)
     names = tuple(class_names) if class_names else None
+    card = model.provenance.get("bioimageio") or {}
+    if card.get("foreign"):
+        return _foreign_for_training(model, class_values, names)
     if tuple(model.class_values) == class_values:
         out = copy.deepcopy(model)
         if names:
@@ -48,6 +52,24 @@ def adapt_model(
     )
     fresh.provenance[_NEW_OUTPUT_LAYER] = True  # until it is trained: nothing to anchor to
     return fresh
+
+
+def _foreign_for_training(model: PaintsegModel, class_values: tuple[int, ...],
+                          names: tuple[str, ...] | None) -> PaintsegModel:
+    """Another tool's network from a BioImage.IO package, loaded with its architecture and
+    state dict so that it trains; its classes cannot change."""
+    from ..exchange import load_package
+
+    if class_values != tuple(model.class_values):
+        listed = ", ".join(f"{v} {n}" for v, n in zip(model.class_values, model.class_names))
+        raise InputError(
+            f"another tool's network has the classes {listed}: paint only those (paintseg "
+            "cannot add an output to it)")
+    out = load_package(model.provenance["bioimageio"]["file"], trainable=True)
+    out.provenance["training"] = copy.deepcopy(model.provenance.get("training") or [])
+    if names:
+        out.class_names = names
+    return out
 
 
 def classes_to_continue(
