@@ -35,9 +35,25 @@ def _sample() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def starter_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The starter exported (and tested by bioimageio.core) with the network cut off: any
+    attempt to reach it fails the export."""
+    import socket
+
+    tried: list[str] = []
+
+    def refuse(*args, **kwargs):
+        tried.append(repr(args[:2]))
+        raise OSError("no network in this test")
+
     out = tmp_path_factory.mktemp("pkg") / "nuclei-starter.zip"
-    export_package(load_model("nuclei"), out, sample=_sample(), sample_name=SAMPLE2D.name,
-                   authors=["A. Biologist"], cite=["10.1038/s41592-020-01018-x"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket, "getaddrinfo", refuse)
+        mp.setattr(socket.socket, "connect", refuse)
+        export_package(load_model("nuclei"), out, sample=_sample(),
+                       sample_name=SAMPLE2D.name, authors=["A. Biologist"],
+                       cite=["10.1038/s41592-020-01018-x"])
+        load_package(out)
+    assert not tried, tried
     return out
 
 
@@ -231,6 +247,11 @@ def test_another_tools_package_segments_through_paintseg(tmp_path: Path, weights
     model = load_model(pkg)
     assert model.class_names == ("rest", "cell", "edge")
     assert model.normalization.low == 2.0 and model.normalization.high == 98.0
+    from paintseg.config import TileConfig
+    from paintseg.inference import resolve_tiles
+
+    tiled = resolve_tiles((512, 512), model, TileConfig(tile=128))
+    assert tiled.halo == 4  # the package's declared halo
     x = np.load(tmp_path / "src" / "in.npy")
     want = np.load(tmp_path / "src" / "out.npy")[0]
     got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True)

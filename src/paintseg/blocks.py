@@ -108,7 +108,7 @@ def plan_blocks(
     tiles, device
         Tiling and device of the run; volume blocks fix the tiling here, once for all.
     """
-    from .inference import AxesView, _plan, default_halo, resolve_tiles
+    from .inference import AxesView, _plan, model_halo, resolve_tiles
     from .normalize import percentile_range
 
     dims = model.config.dims
@@ -135,7 +135,7 @@ def plan_blocks(
         diameter = float(model.provenance.get("object_diameter") or 32.0)
         overlap = min(n, int(math.ceil(diameter)))
         t = tiles or TileConfig()
-        context = t.halo if t.halo is not None else default_halo(model.config, t.mode)
+        context = t.halo if t.halo is not None else model_halo(model, t.mode)
         per = max(per - 2 * overlap, overlap, 1)
         if per >= n:
             return None

@@ -679,15 +679,19 @@ class PackageNetwork(nn.Module):
     trainable : bool
         Whether ``module`` is the package's architecture with its state dict (it trains),
         rather than its TorchScript (inference only).
+    halo : int, optional
+        The halo the package declares on its output (its tiles' overlap in paintseg).
     """
 
     def __init__(self, module: nn.Module, config: ModelConfig, *, outputs: str,
-                 trainable: bool = False) -> None:
+                 trainable: bool = False, halo: int | None = None) -> None:
         super().__init__()
         self.module = module
         self.config = config
         self.outputs = outputs
         self.trainable = trainable
+        #: The overlap the package declares for tiles (None: paintseg's default).
+        self.halo = halo
         self.filters = None
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -889,8 +893,9 @@ def _load_foreign(path: Path, descr: Any, v: Any, *, trainable: bool = False
         names = ("background", names[0])
     config = ModelConfig(dims=dims, in_channels=in_channels, classes=len(names), depth=depth,
                          base_features=1, norm="none")
-    return (PackageNetwork(module, config, outputs=outputs, trainable=trainable), config,
-            names, norm)
+    halo = max(int(getattr(a, "halo", 0) or 0) for a in out.axes[2:]) or None
+    return (PackageNetwork(module, config, outputs=outputs, trainable=trainable, halo=halo),
+            config, names, norm)
 
 
 def _axis_letter(axis: Any) -> str:

@@ -193,6 +193,13 @@ def default_halo(config: ModelConfig, mode: str) -> int:
     return int(math.ceil(max(2 * a, 32) / a) * a)
 
 
+def model_halo(model: PaintsegModel, mode: str) -> int:
+    """The halo ``model``'s tiles get unless the user sets one: the halo another tool's
+    BioImage.IO package declares for its network, else :func:`default_halo`."""
+    declared = getattr(model.network, "halo", None)
+    return int(declared) if declared else default_halo(model.config, mode)
+
+
 def choose_tiling(
     spatial: tuple[int, ...],
     config: ModelConfig,
@@ -273,6 +280,8 @@ def resolve_tiles(
         e.g. for the blocks of one image run on different machines.
     """
     tiles = tiles or TileConfig()
+    if tiles.halo is None and getattr(model.network, "halo", None):
+        tiles = dataclasses.replace(tiles, halo=model_halo(model, tiles.mode))
     cfg = model.config
     dev = resolve_device(device)
     shape = tuple(int(v) for v in labels_shape)

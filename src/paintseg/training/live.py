@@ -541,12 +541,12 @@ class LiveSession:
 
     def _predict(self, region: tuple[slice, ...], background_class: int | None
                  ) -> LivePrediction:
-        from ..inference import default_halo, segment
+        from ..inference import model_halo, segment
 
         model = self._snapshot()  # this prediction's own copy, never handed out: it may
         if model.network.filters is not None:  # share the views' features with the session
             model.network.filters.memo = self._features
-        halo = default_halo(model.config, "blend")
+        halo = model_halo(model, "blend")
         spatial = len(self._spatial)
         # context around the region: on the axes the network convolves over
         context = tuple(
