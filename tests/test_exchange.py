@@ -131,6 +131,27 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
                      str(tmp_path / d), "-q"]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "pkg" / "img_labels.tif"),
                           tifffile.imread(tmp_path / "pt" / "img_labels.tif"))
+    # the same package as another tool would hold it (TorchScript, no paintseg record) runs
+    # as a foreign 3D network with the same labels: bczyx, its scale_range, its halo
+    import yaml
+
+    foreign = tmp_path / "foreign3d.zip"
+    with zipfile.ZipFile(tmp_path / "m3d.zip") as src, zipfile.ZipFile(foreign, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "rdf.yaml":
+                rdf = yaml.safe_load(data)
+                del rdf["config"]["paintseg"], rdf["weights"]["pytorch_state_dict"]
+                for w in rdf["weights"].values():
+                    w.pop("parent", None)
+                data = yaml.safe_dump(rdf).encode()
+            dst.writestr(item, data)
+    other = load_model(foreign)
+    assert other.provenance["bioimageio"]["foreign"] and other.config.dims == 3
+    assert main(["segment", str(tmp_path / "img.tif"), "--model", str(foreign), "--out",
+                 str(tmp_path / "foreign"), "-q"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "foreign" / "img_labels.tif"),
+                          tifffile.imread(tmp_path / "pt" / "img_labels.tif"))
     # --init accepts the package and continues its network
     assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "strokes.tif"),
                  "--init", str(tmp_path / "m3d.zip"), "--time-budget", "3", "--out",
