@@ -48,7 +48,8 @@ from paintseg.config import SegmentSettings, TrainConfig
 from paintseg.devices import describe_device, resolve_device
 from paintseg.inference import default_snap
 from paintseg.io import RawArray
-from paintseg.model import FilterBank, _body_forward, load_model
+from paintseg.model import load_model
+from paintseg.network import FilterBank, _body_forward
 from paintseg.normalize import percentile_range
 from paintseg.training import iter_train, prepare_training
 

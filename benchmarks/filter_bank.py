@@ -22,7 +22,7 @@ import time
 import torch
 
 from paintseg.devices import resolve_device
-from paintseg.model import _FFT_KERNEL, FilterBank
+from paintseg.network import _FFT_KERNEL, FilterBank
 
 
 class DirectShortKernels(FilterBank):

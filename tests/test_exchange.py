@@ -158,7 +158,9 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
                  str(tmp_path / "m2.pt"), "--device", "cpu", "-q"]) == 0
     m2 = load_model(tmp_path / "m2.pt")
     assert len(m2.provenance["training"]) == 2
-    assert m2.provenance["training"][0]["images"] == [
+    # the package shows the images by name, without their folders
+    assert m2.provenance["training"][0]["images"] == ["img.tif with labels strokes.tif"]
+    assert m2.provenance["training"][1]["images"] == [
         f"{tmp_path / 'img.tif'} with labels {tmp_path / 'strokes.tif'}"]
     readme = zipfile.ZipFile(tmp_path / "m3d.zip").read("README.md").decode()
     assert "img.tif with labels" in readme and "## Validation" in readme
@@ -391,3 +393,21 @@ def test_another_tools_state_dict_unet_fine_tunes_into_a_package(tmp_path: Path,
     assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "strokes4.tif"), "--init",
                  str(pkg), "--steps", "1", "--out", str(tmp_path / "x.zip"), "-q"]) == 2
     assert "paint only those" in capsys.readouterr().err and not (tmp_path / "x.zip").exists()
+
+
+def test_a_package_that_cannot_be_written_after_training_loses_nothing(tmp_path: Path,
+                                                                        capsys):
+    img = tifffile.imread(SAMPLE2D)[:64, :64]  # under the package's minimum test size
+    truth = tifffile.imread(SAMPLE2D.with_name("nuclei2d_instances.tif"))[:64, :64] > 0
+    strokes = np.zeros(truth.shape, np.uint8)
+    strokes[::4, ::4] = np.where(truth[::4, ::4], 2, 1)
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "s.tif", strokes)
+    (tmp_path / "m.pt").write_bytes(b"someone else's file")
+    assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "s.tif"), "--steps", "3",
+                 "--out", str(tmp_path / "m.zip"), "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "this model needs at least (72, 72)" in err and "m-1.pt" in err
+    assert not (tmp_path / "m.zip").exists()
+    assert (tmp_path / "m.pt").read_bytes() == b"someone else's file"
+    assert load_model(tmp_path / "m-1.pt").provenance["training"][0]["steps"] == 3

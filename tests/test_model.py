@@ -133,7 +133,7 @@ def test_the_cli_refuses_bad_segment_settings_before_any_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("dims,shape", [(2, (1, 1, 40, 33)), (3, (1, 1, 12, 20, 17))])
 def test_derivative_gain_scales_only_the_derivative_channels(dims, shape):
-    from paintseg.model import FilterBank
+    from paintseg.network import FilterBank
 
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     plain = FilterBank(1, (1.0, 2.0), dims)(x)
@@ -150,7 +150,7 @@ def test_the_whole_bank_through_shared_transforms_equals_direct_convolutions(dim
     """On the CPU one transform of each pass's input serves all the kernels applied to it
     (the derivatives of three orders): every channel of the bank is what one direct
     convolution per kernel gives, on the real cells3d stack."""
-    from paintseg.model import FilterBank
+    from paintseg.network import FilterBank
 
     stack = tifffile.imread(nuclei3d_path).astype(np.float32)
     stack /= stack.max()
@@ -169,7 +169,7 @@ def test_the_whole_bank_through_shared_transforms_equals_direct_convolutions(dim
 def test_filter_bank_fft_and_direct_convolution_agree(axis, sigma):
     """The CPU takes the FFT for every kernel, other devices a direct convolution for short
     ones: both paths give the same numbers along every axis of a 3D patch."""
-    from paintseg.model import FilterBank, _gaussian_kernels
+    from paintseg.network import FilterBank, _gaussian_kernels
 
     fb = FilterBank(1, (sigma,), 3)
     x = torch.rand((2, 1, 40, 37, 45), generator=torch.Generator().manual_seed(1))
@@ -182,7 +182,7 @@ def test_filter_bank_fft_and_direct_convolution_agree(axis, sigma):
 
 
 def test_feature_memo_gives_the_same_features_and_forgets_the_oldest():
-    from paintseg.model import FeatureMemo, FilterBank
+    from paintseg.network import FeatureMemo, FilterBank
 
     fb = FilterBank(1, (1.0, 2.0), 2)
     gen = torch.Generator().manual_seed(2)

@@ -388,12 +388,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = next(p for p in (out.parent, *out.parent.parents) if p.exists())
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
             raise PaintsegError(f"cannot write {out}: {base} is not a writable folder")
+        if out.suffix.lower() == ".zip":  # a package: the extra must be there before training
+            from .exchange import _spec
+
+            _spec()
         init = load_model(args.init) if args.init else None  # a path or a bundled name
         pairs, image_names, channels = [], [], None
         first_image = None
         for img_path, lab_path in zip(args.pairs[::2], args.pairs[1::2]):
             image = read_image(img_path, axes=args.axes, lazy=False)
-            first_image = first_image or image
+            if first_image is None:
+                first_image = image
             labels = read_image(lab_path, lazy=False)
             if "C" in image.axes:
                 data = np.moveaxis(np.asarray(image.data), image.axes.index("C"), -1)
@@ -464,6 +469,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                            sample_name=Path(args.pairs[0]).name)
         except PaintsegError as exc:
             print(f"paintseg: error: {exc}", file=sys.stderr)
+            if not (model.provenance.get("bioimageio") or {}).get("foreign"):
+                kept = out.with_suffix(".pt")  # the training is not lost (nor another file)
+                k = 1
+                while kept.exists():
+                    kept, k = out.with_name(f"{out.stem}-{k}.pt"), k + 1
+                save_model(model, kept)
+                print(f"paintseg: the trained model is in {kept}; 'paintseg export --sample' "
+                      "with a larger image makes a package of it", file=sys.stderr)
             return EXIT_FATAL
     else:
         save_model(model, out)

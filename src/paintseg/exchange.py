@@ -5,14 +5,16 @@ format 0.5) that deepImageJ, ilastik, QuPath and ``bioimageio.core`` run: TorchS
 and ``pytorch_state_dict`` weights with :mod:`paintseg.network` as their architecture source,
 the filter bank inside the network, paintseg's percentile normalisation declared as the
 spec's ``scale_range``, the tiling a consumer needs (halo, size step, minimum), test tensors,
-a cover and a README with the training provenance.
+a cover and a README with the training provenance; ONNX weights as well where ONNX Runtime
+reproduces them.
 
 :func:`load_package` reads a package back as a :class:`~paintseg.model.PaintsegModel`: a
 package written by paintseg is rebuilt as the model it came from (the same network, classes
 and settings); another tool's package with TorchScript or ``pytorch_state_dict`` weights,
 axes ``bcyx`` / ``bczyx``, percentile normalisation and per-class outputs runs through
-paintseg's tiled inference. Anything else is refused with one message saying what is not
-supported.
+paintseg's tiled inference, and fine-tunes where its architecture comes with it. Anything
+else is refused with one message saying what is not supported. The reasoning:
+``docs/model-exchange.md``.
 
 Both need the optional ``bioimageio`` extra (``pip install "napari-paintseg[bioimageio]"``);
 paintseg imports without it. Nothing here reaches the network.
@@ -20,14 +22,16 @@ paintseg imports without it. Nothing here reaches the network.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,8 @@ from .config import ModelConfig, NormConfig, from_json
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_path
 
-__all__ = ["export_package", "load_package", "is_package", "PackageNetwork", "EXTRA_HINT"]
+__all__ = ["export_package", "load_package", "is_package", "check_package", "sample_array",
+           "bundled_sample", "tiling_info", "PackageNetwork", "EXTRA_HINT"]
 
 #: What to tell a user whose installation lacks the optional dependencies.
 EXTRA_HINT = ('BioImage.IO packages need the optional dependencies: '
@@ -153,14 +158,26 @@ def _normalised(x: np.ndarray, norm: NormConfig, eps: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _probabilities(model: Any, x: np.ndarray) -> np.ndarray:
+def _exported_net(model: Any) -> nn.Module:
+    """``model``'s network as the package ships it (:class:`~paintseg.network.ExportedUNet`:
+    the same weights, class probabilities out), on the CPU in eval mode."""
     from .network import ExportedUNet
 
     net = ExportedUNet(**dataclasses.asdict(model.config))
-    net.load_state_dict(model.network.state_dict())
-    net.eval()
-    with torch.inference_mode():
-        return net(torch.from_numpy(x[None])).numpy()
+    net.load_state_dict({k: t.detach().cpu() for k, t in model.network.state_dict().items()})
+    return net.eval()
+
+
+def _public_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """``provenance`` as a package shows it: image names without their folders, and no record
+    of a package it was read from (a local path)."""
+    import re
+
+    out = {k: v for k, v in provenance.items() if k != "bioimageio"}
+    out["training"] = [
+        {**run, "images": [re.sub(r"\S*[/\\]", "", str(n)) for n in run.get("images") or []]}
+        if "images" in run else run for run in provenance.get("training") or []]
+    return _yaml_safe(out)
 
 
 def _cover(image: np.ndarray, probs: np.ndarray, path: Path) -> None:
@@ -194,8 +211,7 @@ def _cover(image: np.ndarray, probs: np.ndarray, path: Path) -> None:
 def _readme(model: Any, *, name: str, description: str,
             tiling: list[tuple[int, int, int]], sample_name: str) -> str:
     cfg = model.config
-    prov = model.provenance
-    runs = prov.get("training") or []
+    runs = _public_provenance(model.provenance)["training"]
     lines = [
         f"# {name}", "", description, "",
         "Trained in paintseg (a napari plugin and command line tool for interactive "
@@ -218,7 +234,7 @@ def _readme(model: Any, *, name: str, description: str,
         "## The network", "",
         model.describe().replace("\n", "  \n"), "",
         "The fixed filter bank (Gaussian smoothing, gradient magnitude, Laplacian and Hessian "
-        "eigenvalues at several scales) is part of the network in both weight formats.", "",
+        "eigenvalues at several scales) is part of the network in every weight format.", "",
         "## Training", "",
     ]
     if runs:
@@ -272,7 +288,9 @@ def export_package(
     Parameters
     ----------
     model : PaintsegModel
-        A paintseg model (not one loaded from another tool's package).
+        A paintseg model, or another tool's network fine-tuned in paintseg (written as its
+        package again, see :func:`load_package`; ``license``, ``cite``, ``cover`` and
+        ``onnx`` are then the original's).
     path : path-like
         The zip to write; written atomically (nothing is left behind on an error).
     sample : ndarray
@@ -320,7 +338,6 @@ def export_package(
     from bioimageio.spec.generic.v0_3 import Author, CiteEntry, Doi, HttpUrl
 
     from . import network as network_module
-    from .network import ExportedUNet
 
     path = Path(path)
     if isinstance(model.network, PackageNetwork):
@@ -345,7 +362,9 @@ def export_package(
     test_in = _test_crop(np.asarray(sample), cfg, name=sample_name)
     eps = 1e-6
     test_norm = _normalised(test_in, model.normalization, eps)
-    test_out = _probabilities(model, test_norm)
+    exported = _exported_net(model)
+    with torch.inference_mode():
+        test_out = exported(torch.from_numpy(test_norm[None])).numpy()
     tiling = tiling_info(cfg)
     space = _space_ids(cfg.dims)
 
@@ -355,18 +374,15 @@ def export_package(
         np.save(d / "test_output.npy", test_out)
         tifffile.imwrite(d / "sample_input.tif", test_in[None], compression="zlib")
         tifffile.imwrite(d / "sample_output.tif", test_out, compression="zlib")
-        state = {k: t.detach().cpu().clone() for k, t in model.network.state_dict().items()}
-        torch.save(state, d / "weights_state_dict.pt")
+        torch.save({k: t.clone() for k, t in exported.state_dict().items()},
+                   d / "weights_state_dict.pt")
         shutil.copyfile(network_module.__file__, d / "paintseg_network.py")
-        traced_net = ExportedUNet(**dataclasses.asdict(cfg))
-        traced_net.load_state_dict(state)
-        traced_net.eval()
         with torch.inference_mode(False), torch.no_grad(), _quiet_trace():
-            traced = torch.jit.trace(traced_net, torch.from_numpy(test_in[None]))
+            traced = torch.jit.trace(exported, torch.from_numpy(test_norm[None]))
         traced.save(str(d / "weights_torchscript.pt"))
         onnx_ok = False
         if onnx is not False:
-            onnx_ok = _onnx_weights(traced_net, test_norm, test_out, d / "weights.onnx",
+            onnx_ok = _onnx_weights(exported, test_norm, test_out, d / "weights.onnx",
                                     notes=notes)
             if onnx and not onnx_ok:
                 raise ConfigError(f"{path}: ONNX weights were asked for but " + notes[-1])
@@ -442,7 +458,7 @@ def export_package(
             "normalization": _yaml_safe(dataclasses.asdict(norm)),
             "class_values": [int(c) for c in model.class_values],
             "class_names": list(model.class_names),
-            "provenance": _yaml_safe(model.provenance),
+            "provenance": _public_provenance(model.provenance),
         }
         try:
             descr = v.ModelDescr(
@@ -492,11 +508,13 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
     test_in = _test_crop(np.asarray(sample), cfg, name=sample_name)
     inp, out = descr.inputs[0], descr.outputs[0]
     eps = float(next((p.kwargs.eps for p in inp.preprocessing if p.id == "scale_range"), 1e-6))
+    xn = torch.from_numpy(_normalised(test_in, model.normalization, eps)[None])
+    net.to_device("cpu").eval()
     with torch.inference_mode():
-        y = net.module.cpu().eval()(torch.from_numpy(
-            _normalised(test_in, model.normalization, eps)[None]))
+        y = net.module(xn)
+        probs = torch.softmax(net(xn), 1).numpy()  # for the cover
     y = (y[0] if isinstance(y, (tuple, list)) else y).float().numpy()
-    runs = model.provenance.get("training") or []
+    runs = _public_provenance(model.provenance)["training"]
     with tempfile.TemporaryDirectory(prefix="paintseg-export-") as tmp:
         d = Path(tmp)
         np.save(d / "test_input.npy", test_in[None])
@@ -521,12 +539,7 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
                 f"{'; '.join(r.get('images') or []) or 'images not recorded'}; validation "
                 f"IoU {r.get('validation_iou')}" for r in runs) + "\n\n## Validation\n\n"
             "Measured on held-out strokes during training (above).\n", encoding="utf-8")
-        covers = []
-        cover_path = d / "cover.png"
-        probs = torch.softmax(net(torch.from_numpy(_normalised(
-            test_in, model.normalization, eps)[None])), 1).detach().numpy()
-        _cover(test_in, probs, cover_path)
-        covers.append(v.FileDescr(source=cover_path))
+        _cover(test_in, probs, d / "cover.png")
         new_in = v.InputTensorDescr(**{**inp.model_dump(exclude={"test_tensor",
                                                                "sample_tensor"}),
                                        "test_tensor": v.FileDescr(source=d / "test_input.npy")})
@@ -538,11 +551,11 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
             new = v.ModelDescr(
                 name=name or descr.name, description=description or descr.description,
                 authors=[v.Author(name=a) for a in authors] or list(descr.authors),
-                cite=list(descr.cite), license=descr.license, covers=covers,
+                cite=list(descr.cite), license=descr.license,
+                covers=[v.FileDescr(source=d / "cover.png")],
                 documentation=v.FileDescr(source=doc), tags=list(descr.tags),
                 inputs=[new_in], outputs=[new_out], weights=weights,
-                config=v.Config(paintseg_finetune={"from": descr.name, "training":
-                                                   _yaml_safe(runs)}))
+                config=v.Config(paintseg_finetune={"from": descr.name, "training": runs}))
         except Exception as exc:  # noqa: BLE001 - pydantic's validation errors
             raise ConfigError(f"cannot describe the fine-tuned model: {_short(exc)}"
                               ) from None
@@ -560,7 +573,6 @@ def _onnx_weights(net: nn.Module, test_norm: np.ndarray, test_out: np.ndarray, p
     torch's FFT), and check it with ONNX Runtime on the normalised test input against the
     test output. False (with a note) where the packages are missing, the export fails or the
     outputs differ by more than 1e-4."""
-    import contextlib
     import importlib.util
     import io as _io
     import logging
@@ -572,6 +584,8 @@ def _onnx_weights(net: nn.Module, test_norm: np.ndarray, test_out: np.ndarray, p
         return False
     filters = getattr(net, "filters", None)
     before = filters.use_fft if filters is not None else None
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
     try:
         if filters is not None:
             filters.use_fft = False
@@ -580,15 +594,12 @@ def _onnx_weights(net: nn.Module, test_norm: np.ndarray, test_out: np.ndarray, p
         dyn = {0: torch.export.Dim("batch")}
         dyn.update({2 + i: torch.export.Dim(f"s{i}") for i in range(dims)})
         x2 = torch.cat([x, x])  # torch.export fixes an axis of size 1: batch 2 keeps it free
-        onnx_log = logging.getLogger("torch.onnx")
-        level = onnx_log.level
         onnx_log.setLevel(logging.ERROR)  # its notes on optional torchvision operators
         with _quiet_trace(), contextlib.redirect_stdout(_io.StringIO()), \
                 contextlib.redirect_stderr(_io.StringIO()):
             torch.onnx.export(net, (x2,), str(path), dynamo=True, opset_version=_ONNX_OPSET,
                               input_names=["raw"], output_names=["probabilities"],
                               dynamic_shapes=(dyn,), external_data=False)
-        onnx_log.setLevel(level)
         import onnxruntime
 
         sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -598,6 +609,7 @@ def _onnx_weights(net: nn.Module, test_norm: np.ndarray, test_out: np.ndarray, p
         notes.append(f"no ONNX weights (the export failed: {_short(exc, 200)})")
         return False
     finally:
+        onnx_log.setLevel(level)
         if filters is not None:
             filters.use_fft = before
     if err > 1e-4:
@@ -615,19 +627,13 @@ def _identifier(text: str, index: int) -> str:
     return ident
 
 
-class _quiet_trace:
-    """Silence torch.jit.trace's warnings (deprecation, and shape checks that concern
-    sizes off the pooling grid, which the package's declared step excludes)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
+@contextlib.contextmanager
+def _quiet_trace() -> Iterator[None]:
+    """Silence the tracers' warnings (deprecation, and shape checks that concern sizes off
+    the pooling grid, which the package's declared step excludes)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc: Any) -> None:
-        self._w.__exit__(*exc)
+        yield
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:
@@ -759,7 +765,7 @@ def load_package(path: str | os.PathLike[str], *, trainable: bool = False) -> An
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a zip file (damaged or not a BioImage.IO package)")
     try:
-        descr = load_model_description(path, perform_io_checks=False)
+        descr = load_model_description(path, perform_io_checks=False, format_version="latest")
     except Exception as exc:  # noqa: BLE001 - damaged zips fail in many ways
         raise CheckpointError(f"{path}: cannot read the BioImage.IO package: {_short(exc)}"
                               ) from None
@@ -772,10 +778,10 @@ def load_package(path: str | os.PathLike[str], *, trainable: bool = False) -> An
     own = (descr.config.model_extra or {}).get("paintseg") if descr.config else None
     if isinstance(own, dict) and "model_config" in own:
         return _load_own(path, descr, own)
-    rebuilt = _paintseg_architecture(path, descr, v)
+    rebuilt = _paintseg_architecture(path, descr)
     if rebuilt is not None:  # paintseg's U-Net in a package another tool rewrote
         return _load_own(path, descr, rebuilt)
-    network, config, names, norm = _load_foreign(path, descr, v, trainable=trainable)
+    network, config, names, norm = _load_foreign(path, descr, trainable=trainable)
     card = {**_package_card(descr, path), "foreign": True,
             "trainable": descr.weights.pytorch_state_dict is not None}
     tuned = (descr.config.model_extra or {}).get("paintseg_finetune") if descr.config else None
@@ -801,7 +807,7 @@ def _read_member(path: Path, source: Any) -> bytes:
     raise CheckpointError(f"{path}: the package lists {name} but does not hold it")
 
 
-def _paintseg_architecture(path: Path, descr: Any, v: Any) -> dict[str, Any] | None:
+def _paintseg_architecture(path: Path, descr: Any) -> dict[str, Any] | None:
     """What :func:`_load_own` needs, for a package whose state-dict weights are paintseg's
     U-Net (architecture ``ExportedUNet`` with a paintseg architecture's keywords) but which
     lacks paintseg's own record, or None."""
@@ -814,7 +820,7 @@ def _paintseg_architecture(path: Path, descr: Any, v: Any) -> dict[str, Any] | N
         return None
     if len(descr.inputs) != 1 or not descr.outputs:
         return None
-    norm = _supported_preprocessing(path, descr.inputs[0].preprocessing, v)
+    norm = _supported_preprocessing(path, descr.inputs[0].preprocessing)
     names = [str(n) for n in descr.outputs[0].axes[1].channel_names]
     if len(names) != config.classes:
         return None
@@ -853,7 +859,7 @@ def _load_own(path: Path, descr: Any, own: dict[str, Any]) -> Any:
                          class_names=tuple(own["class_names"]), provenance=provenance)
 
 
-def _load_foreign(path: Path, descr: Any, v: Any, *, trainable: bool = False
+def _load_foreign(path: Path, descr: Any, *, trainable: bool = False
                   ) -> tuple[Any, ModelConfig, tuple[str, ...], NormConfig]:
     if len(descr.inputs) != 1 or len(descr.outputs) < 1:
         raise _bad(path, f"it has {len(descr.inputs)} inputs (one image input is supported)")
@@ -873,7 +879,7 @@ def _load_foreign(path: Path, descr: Any, v: Any, *, trainable: bool = False
     dims = len(axes_in) - 2
     in_channels = len(inp.axes[1].channel_names)
     out_channels = len(out.axes[1].channel_names)
-    norm = _supported_preprocessing(path, inp.preprocessing, v)
+    norm = _supported_preprocessing(path, inp.preprocessing)
     for p in out.postprocessing:
         if p.id not in ("ensure_dtype", "sigmoid", "softmax"):
             raise _bad(path, f"its output postprocessing {p.id!r} is not supported")
@@ -907,7 +913,7 @@ def _axis_letter(axis: Any) -> str:
     return str(axis.id)[:1] if kind == "space" else "?"
 
 
-def _supported_preprocessing(path: Path, steps: Sequence[Any], v: Any) -> NormConfig:
+def _supported_preprocessing(path: Path, steps: Sequence[Any]) -> NormConfig:
     """The :class:`NormConfig` that reproduces a package's input processing."""
     norm = None
     for p in steps:

@@ -689,7 +689,7 @@ def default_snap(model: PaintsegModel) -> int:
     (their borders are undecided between the strokes), 0 for one trained on dense labels
     (every pixel of the painted planes labelled, :data:`~paintseg.config.DENSE_SHARE`), whose
     borders were learned. Models without a record of their training (the starter) count as
-    trained on strokes."""
+    trained on strokes; another tool's network from a BioImage.IO package gets 0."""
     if (model.provenance.get("bioimageio") or {}).get("foreign"):
         return 0  # another tool's network: its borders are its own
     runs = model.provenance.get("training") or [{}]

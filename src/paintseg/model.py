@@ -26,14 +26,7 @@ import torch
 from .config import ModelConfig, NormConfig, from_json
 from .errors import CheckpointError
 from .io import atomic_path
-from .network import (  # noqa: F401  (re-exported: the network's home used to be here)
-    ChannelNorm,
-    FeatureMemo,
-    FilterBank,
-    UNet,
-    _gaussian_kernels,
-    preferred_layout,
-)
+from .network import UNet, preferred_layout
 
 __all__ = [
     "model_bytes",

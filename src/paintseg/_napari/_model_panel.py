@@ -38,8 +38,10 @@ def model_summary(model: Any, source: str) -> str:
     prov = model.provenance
     card = prov.get("bioimageio") or {}
     if card.get("foreign"):
+        trains = ("fine-tunes on its own classes" if card.get("trainable")
+                  else "TorchScript only: does not train")
         head = (f"<b>{escape(source)}</b>: another tool's {c.dims}D network, "
-                f"{c.in_channels} channel(s) (segments; does not train)")
+                f"{c.in_channels} channel(s) ({trains})")
     else:
         head = (f"<b>{escape(source)}</b>: {c.network_name}, {c.in_channels} channel(s), "
                 f"depth {c.depth}, base {c.base_features}")

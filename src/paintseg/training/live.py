@@ -33,7 +33,8 @@ import torch
 from ..config import NormConfig, TrainConfig
 from ..devices import flush_denormals, resolve_device
 from ..errors import InputError
-from ..model import FeatureMemo, PaintsegModel, default_class_names, save_model
+from ..model import PaintsegModel, default_class_names, save_model
+from ..network import FeatureMemo
 from .data import TrainingData, _assemble, _normalised_range
 from .loop import TrainingRun
 from .losses import _NEW_OUTPUT_LAYER
