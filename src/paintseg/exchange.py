@@ -334,7 +334,6 @@ def export_package(
         The sample does not fit the model.
     """
     v = _spec()
-    from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.generic.v0_3 import Author, CiteEntry, Doi, HttpUrl
 
     from . import network as network_module
@@ -460,8 +459,7 @@ def export_package(
             "class_names": list(model.class_names),
             "provenance": _public_provenance(model.provenance),
         }
-        try:
-            descr = v.ModelDescr(
+        _write(path, check=check, what="the model", describe=lambda: v.ModelDescr(
                 name=name, description=description,
                 authors=[Author(name=a) for a in (authors or ["paintseg user"])],
                 cite=cites, license=license, covers=[v.FileDescr(source=cover_path)],
@@ -472,16 +470,23 @@ def export_package(
                     architecture_type="U-Net", task="semantic segmentation",
                     model_parameter_count=int(sum(p.numel() for p in
                                                   model.network.parameters()))),
-                    paintseg=paintseg_config),
-            )
-        except Exception as exc:  # noqa: BLE001 - pydantic's validation errors
-            raise ConfigError(f"cannot describe the model for BioImage.IO: {_short(exc)}"
-                              ) from None
-        if check:
-            _check(descr, what=str(path))
-        with atomic_path(path, suffix=".partial.zip") as out:
-            save_bioimageio_package(descr, output_path=out)
+                    paintseg=paintseg_config)))
     return path
+
+
+def _write(path: Path, *, describe: Any, check: bool, what: str) -> None:
+    """Build a model description with ``describe()`` (while its files exist), test it with
+    bioimageio.core if ``check``, and write its package to ``path`` atomically."""
+    from bioimageio.spec import save_bioimageio_package
+
+    try:
+        descr = describe()
+    except Exception as exc:  # noqa: BLE001 - pydantic's validation errors
+        raise ConfigError(f"cannot describe {what} for BioImage.IO: {_short(exc)}") from None
+    if check:
+        _check(descr, what=str(path))
+    with atomic_path(path, suffix=".partial.zip") as out:
+        save_bioimageio_package(descr, output_path=out)
 
 
 def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
@@ -491,7 +496,7 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
     (the TorchScript and ONNX of the original are stale) and a test output the new weights
     give; its architecture, processing and licence are the original's."""
     v = _spec()
-    from bioimageio.spec import load_model_description, save_bioimageio_package
+    from bioimageio.spec import load_model_description
 
     net = model.network
     card = model.provenance.get("bioimageio") or {}
@@ -547,22 +552,14 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
                                                                  "sample_tensor"}),
                                          "test_tensor": v.FileDescr(
                                              source=d / "test_output.npy")})
-        try:
-            new = v.ModelDescr(
+        _write(path, check=check, what="the fine-tuned model", describe=lambda: v.ModelDescr(
                 name=name or descr.name, description=description or descr.description,
                 authors=[v.Author(name=a) for a in authors] or list(descr.authors),
                 cite=list(descr.cite), license=descr.license,
                 covers=[v.FileDescr(source=d / "cover.png")],
                 documentation=v.FileDescr(source=doc), tags=list(descr.tags),
                 inputs=[new_in], outputs=[new_out], weights=weights,
-                config=v.Config(paintseg_finetune={"from": descr.name, "training": runs}))
-        except Exception as exc:  # noqa: BLE001 - pydantic's validation errors
-            raise ConfigError(f"cannot describe the fine-tuned model: {_short(exc)}"
-                              ) from None
-        if check:
-            _check(new, what=str(path))
-        with atomic_path(path, suffix=".partial.zip") as tmp_zip:
-            save_bioimageio_package(new, output_path=tmp_zip)
+                config=v.Config(paintseg_finetune={"from": descr.name, "training": runs})))
     return path
 
 
