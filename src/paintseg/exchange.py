@@ -371,8 +371,10 @@ def export_package(
         d = Path(tmp)
         np.save(d / "test_input.npy", test_in[None])
         np.save(d / "test_output.npy", test_out)
-        tifffile.imwrite(d / "sample_input.tif", test_in[None], compression="zlib")
-        tifffile.imwrite(d / "sample_output.tif", test_out, compression="zlib")
+        tifffile.imwrite(d / "sample_input.tif", test_in[None], compression="zlib",
+                         photometric="minisblack")
+        tifffile.imwrite(d / "sample_output.tif", test_out, compression="zlib",
+                         photometric="minisblack")
         torch.save({k: t.clone() for k, t in exported.state_dict().items()},
                    d / "weights_state_dict.pt")
         shutil.copyfile(network_module.__file__, d / "paintseg_network.py")
