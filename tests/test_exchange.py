@@ -70,9 +70,9 @@ def test_the_starter_exports_a_package_that_passes_bioimageio_test(starter_packa
     for fmt in ("pytorch_state_dict", "torchscript", "onnx"):
         assert f"Reproduce test outputs from test inputs ({fmt})" in tested, fmt
     rdf = zipfile.ZipFile(starter_package).read("rdf.yaml").decode()
-    for text in ("scale_range", "min_percentile: 1.0", "max_percentile: 99.8", "halo: 32",
-                 "step: 8", "ExportedUNet", "A. Biologist", "10.1038/s41592-020-01018-x",
-                 "background", "boundary"):
+    for text in ("scale_range", "min_percentile: 1.0", "max_percentile: 99.8", "halo: 104",
+                 "min: 216", "step: 8", "ExportedUNet", "A. Biologist",
+                 "10.1038/s41592-020-01018-x", "background", "boundary"):
         assert text in rdf, text
 
 
@@ -124,7 +124,7 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
                  "--sample", str(tmp_path / "img.tif"), "--name", "nuclei 3d test"]) == 0
     assert check_package(tmp_path / "m3d.zip").status == "passed"
     rdf = zipfile.ZipFile(tmp_path / "m3d.zip").read("rdf.yaml").decode()
-    assert "id: z" in rdf and "halo: 8" in rdf  # one pooling cell along z
+    assert "id: z" in rdf and "halo: 8" in rdf  # one pooling cell along z (3D)
     assert "weights.onnx" in zipfile.ZipFile(tmp_path / "m3d.zip").namelist()
     for d, m in (("pkg", tmp_path / "m3d.zip"), ("pt", tmp_path / "m.pt")):
         assert main(["segment", str(tmp_path / "img.tif"), "--model", str(m), "--out",
@@ -396,9 +396,16 @@ def test_another_tools_state_dict_unet_fine_tunes_into_a_package(tmp_path: Path,
 
 
 def test_a_package_that_cannot_be_written_after_training_loses_nothing(tmp_path: Path,
-                                                                        capsys):
-    img = tifffile.imread(SAMPLE2D)[:64, :64]  # under the package's minimum test size
-    truth = tifffile.imread(SAMPLE2D.with_name("nuclei2d_instances.tif"))[:64, :64] > 0
+                                                                        capsys, monkeypatch):
+    import paintseg.exchange
+    from paintseg.errors import ConfigError
+
+    def failing(descr, *, what):
+        raise ConfigError(f"{what}: the package fails bioimageio's test: (simulated)")
+
+    monkeypatch.setattr(paintseg.exchange, "_check", failing)
+    img = tifffile.imread(SAMPLE2D)[:192, :192]
+    truth = tifffile.imread(SAMPLE2D.with_name("nuclei2d_instances.tif"))[:192, :192] > 0
     strokes = np.zeros(truth.shape, np.uint8)
     strokes[::4, ::4] = np.where(truth[::4, ::4], 2, 1)
     tifffile.imwrite(tmp_path / "img.tif", img)
@@ -407,7 +414,8 @@ def test_a_package_that_cannot_be_written_after_training_loses_nothing(tmp_path:
     assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "s.tif"), "--steps", "3",
                  "--out", str(tmp_path / "m.zip"), "--device", "cpu", "-q"]) == 2
     err = capsys.readouterr().err
-    assert "this model needs at least (72, 72)" in err and "m-1.pt" in err
+    assert "fails bioimageio's test: (simulated)" in err and "m-1.pt" in err
     assert not (tmp_path / "m.zip").exists()
+    assert not list(tmp_path.glob("*partial*"))  # nothing half-written either
     assert (tmp_path / "m.pt").read_bytes() == b"someone else's file"
     assert load_model(tmp_path / "m-1.pt").provenance["training"][0]["steps"] == 3

@@ -475,8 +475,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 while kept.exists():
                     kept, k = out.with_name(f"{out.stem}-{k}.pt"), k + 1
                 save_model(model, kept)
-                print(f"paintseg: the trained model is in {kept}; 'paintseg export --sample' "
-                      "with a larger image makes a package of it", file=sys.stderr)
+                print(f"paintseg: the trained model is in {kept}; 'paintseg export' makes a "
+                      "package of it", file=sys.stderr)
             return EXIT_FATAL
     else:
         save_model(model, out)

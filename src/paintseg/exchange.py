@@ -90,22 +90,30 @@ def _space_ids(dims: int) -> list[str]:
 def tiling_info(config: ModelConfig) -> list[tuple[int, int, int]]:
     """``(halo, min_size, step)`` declared for each spatial axis of an exported model.
 
-    In y and x the halo is the overlap paintseg's own tiling uses
-    (:func:`~paintseg.inference.default_halo` in blend mode); along z of a 3D model it is one
-    cell of the pooling grid, so that stacks of a few dozen planes stay one tile deep. Sizes
-    are multiples of the pooling grid with at least one cell left once both halos are cut.
+    2D: the halo is the context a tile needs for its output to equal the untiled output
+    (:func:`~paintseg.model.exact_halo`, from the receptive field): a consumer that pads and
+    crops it gets paintseg's exact mode. 3D: a halo of the receptive field (72 voxels for the
+    fast preset) would make the smallest tile 152^3 voxels, and the package's test tensors
+    tens of megabytes; there the halo is the overlap paintseg's own tiles get in y and x
+    (:func:`~paintseg.inference.default_halo`, blended there) and one pooling cell along z.
+    Sizes are multiples of the pooling grid with at least one cell left once both halos are
+    cut.
     """
     from .inference import default_halo
+    from .model import exact_halo
 
     step = config.align
-    yx = default_halo(config, "blend")
-    halos = [step] * (config.dims - 2) + [yx, yx]
+    if config.dims == 2:
+        halos = [exact_halo(config)] * 2
+    else:
+        yx = default_halo(config, "blend")
+        halos = [step, yx, yx]
     return [(h, 2 * h + step, step) for h in halos]
 
 
 def _test_crop(sample: np.ndarray, config: ModelConfig, *, name: str) -> np.ndarray:
     """The centre of ``sample`` (C, *spatial), each axis cut to a multiple of the pooling grid
-    no larger than :data:`_TEST_EDGE`."""
+    no larger than :data:`_TEST_EDGE` (or the declared minimum, if larger)."""
     dims, step = config.dims, config.align
     if sample.ndim != dims + 1 or sample.shape[0] != config.in_channels:
         raise InputError(
@@ -118,8 +126,8 @@ def _test_crop(sample: np.ndarray, config: ModelConfig, *, name: str) -> np.ndar
         n = min(s, max(edge, least)) // step * step
         if n < least:
             raise InputError(
-                f"{name}: the sample is {tuple(sample.shape[1:])} pixels; this model needs "
-                f"at least {tuple(t[1] for t in tiling_info(config))}")
+                f"{name}: the sample is {tuple(sample.shape[1:])} pixels; this model's "
+                f"package needs at least {tuple(t[1] for t in tiling_info(config))}")
         start = (s - n) // 2
         key.append(slice(start, start + n))
     return np.ascontiguousarray(sample[tuple(key)], dtype=np.float32)
@@ -228,9 +236,12 @@ def _readme(model: Any, *, name: str, description: str,
         "class borders onto nearby image edges after training from strokes (its *snap*); "
         "consumers of this package get the network's probabilities only.",
         f"- Tiling: spatial sizes are multiples of {tiling[-1][2]}, at least "
-        f"{' x '.join(str(t[1]) for t in tiling)}; the declared halo, "
-        f"{' x '.join(str(t[0]) for t in tiling)} pixels on each side, is the overlap paintseg "
-        "itself gives its tiles.", "",
+        f"{' x '.join(str(t[1]) for t in tiling)}; the declared halo is "
+        f"{' x '.join(str(t[0]) for t in tiling)} pixels on each side"
+        + (" (the network's receptive field: tiles padded and cropped by it give the "
+           "untiled result)." if cfg.dims == 2 else
+           " (less than the receptive field, to keep 3D tiles small: tiles that overlap and "
+           "blend, as paintseg's do, hide their borders)."), "",
         "## The network", "",
         model.describe().replace("\n", "  \n"), "",
         "The fixed filter bank (Gaussian smoothing, gradient magnitude, Laplacian and Hessian "
