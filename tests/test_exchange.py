@@ -191,9 +191,11 @@ _OTHER_ARCH = textwrap.dedent('''
 ''')
 
 
-def _other_package(folder: Path, *, weights: str = "pytorch_state_dict") -> Path:
+def _other_package(folder: Path, *, weights: str = "pytorch_state_dict",
+                   scaling: str = "scale_range") -> Path:
     """A package written the way another tool writes one: bioimageio.spec's builders around
-    a small plain U-Net, percentiles 2-98, per-class probabilities."""
+    a small plain U-Net, percentiles 2-98 (or mean and standard deviation), per-class
+    probabilities."""
     import importlib.util
 
     from bioimageio.spec import save_bioimageio_package
@@ -207,9 +209,17 @@ def _other_package(folder: Path, *, weights: str = "pytorch_state_dict") -> Path
     torch.manual_seed(3)
     net = mod.TinyUNet(in_channels=1, classes=3).eval()
     x = tifffile.imread(SAMPLE2D)[128:256, 64:192].astype(np.float32)[None, None]
-    lo, hi = np.percentile(x, (2.0, 98.0))
+    if scaling == "scale_range":
+        lo, hi = np.percentile(x, (2.0, 98.0))
+        xn = (x - lo) / (hi - lo + 1e-6)
+        pre = v.ScaleRangeDescr(kwargs=v.ScaleRangeKwargs(
+            axes=[v.AxisId("y"), v.AxisId("x")], min_percentile=2.0, max_percentile=98.0))
+    else:
+        xn = (x - x.mean()) / (x.std() + 1e-5)
+        pre = v.ZeroMeanUnitVarianceDescr(kwargs=v.ZeroMeanUnitVarianceKwargs(
+            axes=[v.AxisId("y"), v.AxisId("x")], eps=1e-5))
     with torch.no_grad():
-        y = net(torch.from_numpy((x - lo) / (hi - lo + 1e-6)).float()).numpy()
+        y = net(torch.from_numpy(xn).float()).numpy()
     np.save(folder / "in.npy", x)
     np.save(folder / "out.npy", y)
     torch.save(net.state_dict(), folder / "w.pt")
@@ -249,9 +259,7 @@ def _other_package(folder: Path, *, weights: str = "pytorch_state_dict") -> Path
             axes=[v.BatchAxis(), v.ChannelAxis(channel_names=[v.Identifier("c")]),
                   *(v.SpaceInputAxis(id=v.AxisId(a), size=v.ParameterizedSize(min=16, step=2))
                     for a in "yx")],
-            preprocessing=[v.ScaleRangeDescr(kwargs=v.ScaleRangeKwargs(
-                axes=[v.AxisId("y"), v.AxisId("x")], min_percentile=2.0,
-                max_percentile=98.0))])],
+            preprocessing=[pre])],
         outputs=[v.OutputTensorDescr(
             id=v.TensorId("output0"), test_tensor=v.FileDescr(source=folder / "out.npy"),
             axes=[v.BatchAxis(), v.ChannelAxis(channel_names=[
@@ -259,7 +267,7 @@ def _other_package(folder: Path, *, weights: str = "pytorch_state_dict") -> Path
                 *(v.SpaceOutputAxisWithHalo(id=v.AxisId(a), halo=4, size=v.SizeReference(
                     tensor_id=v.TensorId("input0"), axis_id=v.AxisId(a))) for a in "yx")])],
         weights=w)
-    out = folder / f"other_{weights}.zip"
+    out = folder / f"other_{weights}_{scaling}.zip"
     save_bioimageio_package(descr, output_path=out)
     return out
 
@@ -419,3 +427,16 @@ def test_a_package_that_cannot_be_written_after_training_loses_nothing(tmp_path:
     assert not list(tmp_path.glob("*partial*"))  # nothing half-written either
     assert (tmp_path / "m.pt").read_bytes() == b"someone else's file"
     assert load_model(tmp_path / "m-1.pt").provenance["training"][0]["steps"] == 3
+
+
+def test_another_tools_package_with_mean_and_std_scaling(tmp_path: Path):
+    pkg = _other_package(tmp_path / "src", weights="torchscript",
+                         scaling="zero_mean_unit_variance")
+    assert check_package(pkg).status == "passed"  # bioimageio's own reading of it
+    model = load_model(pkg)
+    assert model.normalization.mode == "mean_std" and model.normalization.eps == 1e-5
+    assert "mean and standard deviation" in model.describe()
+    x = np.load(tmp_path / "src" / "in.npy")
+    want = np.load(tmp_path / "src" / "out.npy")[0]
+    got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True)
+    assert np.abs(got.probabilities - want).max() < 1e-4

@@ -411,3 +411,25 @@ def test_networks_with_norm_layers_keep_the_default_layout_on_the_cpu():
     net = UNet(ModelConfig(dims=2, depth=2, base_features=4, classes=2, norm="layer"))
     net.to_device("cpu")
     assert net.down[0][0].weight.is_contiguous()
+
+
+def test_normalisation_modes_in_checkpoints(tmp_path):
+    """Percentile models write the fields older paintseg versions read; a mean/std model
+    (another tool's scaling, rebuilt as a paintseg U-Net) keeps its mode and eps, and its
+    images are scaled to zero mean and unit variance."""
+    m = new_model(ModelConfig(dims=2, depth=1, base_features=4), seed=0)
+    save_model(m, tmp_path / "p.pt")
+    meta = json.loads(torch.load(tmp_path / "p.pt", weights_only=True)["metadata"])
+    assert set(meta["normalization"]) == {"low", "high", "max_samples"}
+    m.normalization = NormConfig(mode="mean_std", eps=1e-3)
+    save_model(m, tmp_path / "z.pt")
+    back = load_model(tmp_path / "z.pt")
+    assert back.normalization == NormConfig(mode="mean_std", eps=1e-3)
+    from paintseg.normalize import channel_scaling, percentile_range
+
+    img = np.random.default_rng(0).normal(300.0, 20.0, (1, 64, 64)).astype(np.float32)
+    lo, inv = channel_scaling(*percentile_range(img, back.normalization), img.ndim)
+    z = (img - lo) * inv
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
+    with pytest.raises(Exception, match="mode must be percentile or mean_std"):
+        NormConfig(mode="zscore")

@@ -167,20 +167,48 @@ class NormConfig:
 
     ``(x - p_low) / (p_high - p_low)`` per channel, where the percentiles are computed on the
     whole image (on a strided subsample of at most ``max_samples`` values for big stacks).
+    With ``mode="mean_std"``, ``(x - mean) / (std + eps)`` per channel instead (another
+    tool's BioImage.IO package that declares ``zero_mean_unit_variance``).
 
     Parameters
     ----------
     low, high : float
         Percentiles, ``0 <= low < high <= 100``.
     max_samples : int
-        Largest number of values per channel the percentiles are computed from.
+        Largest number of values per channel the statistics are computed from.
+    mode : str
+        ``"percentile"`` (paintseg's own models) or ``"mean_std"``.
+    eps : float
+        Added to the standard deviation in ``"mean_std"`` mode.
     """
 
     low: float = 1.0
     high: float = 99.8
     max_samples: int = 4_000_000
+    mode: str = "percentile"
+    eps: float = 1e-6
+
+    def describe(self) -> str:
+        """How images are scaled, in a few words."""
+        if self.mode == "mean_std":
+            return "mean and standard deviation of each channel"
+        return f"percentiles {self.low}-{self.high}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields for a checkpoint: ``mode`` and ``eps`` only where they are not the
+        defaults, so that percentile models stay readable by paintseg versions before them."""
+        out = dataclasses.asdict(self)
+        if self.mode == "percentile":
+            out.pop("mode")
+            out.pop("eps")
+        return out
 
     def __post_init__(self) -> None:
+        if self.mode not in ("percentile", "mean_std"):
+            raise ConfigError(f"normalisation mode must be percentile or mean_std, got "
+                              f"{self.mode!r}")
+        if not 0.0 < float(self.eps) <= 0.1:
+            raise ConfigError(f"eps must be in (0, 0.1], got {self.eps}")
         if not (0.0 <= float(self.low) < float(self.high) <= 100.0):
             raise ConfigError(
                 f"percentiles must satisfy 0 <= low < high <= 100, got low={self.low}, "

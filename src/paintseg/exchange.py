@@ -11,7 +11,8 @@ reproduces them.
 :func:`load_package` reads a package back as a :class:`~paintseg.model.PaintsegModel`: a
 package written by paintseg is rebuilt as the model it came from (the same network, classes
 and settings); another tool's package with TorchScript or ``pytorch_state_dict`` weights,
-axes ``bcyx`` / ``bczyx``, percentile normalisation and per-class outputs runs through
+axes ``bcyx`` / ``bczyx``, per-image scaling (``scale_range`` or ``zero_mean_unit_variance``)
+and per-class outputs runs through
 paintseg's tiled inference, and fine-tunes where its architecture comes with it. Anything
 else is refused with one message saying what is not supported. The reasoning:
 ``docs/model-exchange.md``.
@@ -158,12 +159,16 @@ def bundled_sample(dims: int) -> Path:
 
 
 def _normalised(x: np.ndarray, norm: NormConfig, eps: float) -> np.ndarray:
-    """``x`` (C, *spatial) scaled per channel as the declared ``scale_range`` does."""
+    """``x`` (C, *spatial) scaled per channel as the declared ``scale_range`` (or, in
+    ``"mean_std"`` mode, ``zero_mean_unit_variance``) does."""
     flat = x.reshape(x.shape[0], -1).astype(np.float64)
-    lo, hi = np.percentile(flat, (norm.low, norm.high), axis=1)
+    if norm.mode == "mean_std":
+        lo, scale = flat.mean(1), flat.std(1) + norm.eps
+    else:
+        lo, hi = np.percentile(flat, (norm.low, norm.high), axis=1)
+        scale = hi - lo + eps
     shape = (-1,) + (1,) * (x.ndim - 1)
-    out = (x - lo.reshape(shape)) / (hi - lo + eps).reshape(shape)
-    return out.astype(np.float32)
+    return ((x - lo.reshape(shape)) / scale.reshape(shape)).astype(np.float32)
 
 
 def _exported_net(model: Any) -> nn.Module:
@@ -429,6 +434,9 @@ def export_package(
             sample_tensor=v.FileDescr(source=d / "sample_input.tif"),
             preprocessing=[
                 v.EnsureDtypeDescr(kwargs=v.EnsureDtypeKwargs(dtype="float32")),
+                v.ZeroMeanUnitVarianceDescr(kwargs=v.ZeroMeanUnitVarianceKwargs(
+                    axes=[v.AxisId(a) for a in space], eps=float(norm.eps)))
+                if norm.mode == "mean_std" else
                 v.ScaleRangeDescr(kwargs=v.ScaleRangeKwargs(
                     axes=[v.AxisId(a) for a in space], min_percentile=float(norm.low),
                     max_percentile=float(norm.high), eps=eps)),
@@ -467,7 +475,7 @@ def export_package(
             "format_version": _PAINTSEG_CONFIG_VERSION,
             "paintseg_version": __version__,
             "model_config": kwargs,
-            "normalization": _yaml_safe(dataclasses.asdict(norm)),
+            "normalization": _yaml_safe(norm.to_json()),
             "class_values": [int(c) for c in model.class_values],
             "class_names": list(model.class_names),
             "provenance": _public_provenance(model.provenance),
@@ -525,7 +533,8 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
     cfg = model.config
     test_in = _test_crop(np.asarray(sample), cfg, name=sample_name)
     inp, out = descr.inputs[0], descr.outputs[0]
-    eps = float(next((p.kwargs.eps for p in inp.preprocessing if p.id == "scale_range"), 1e-6))
+    eps = float(next((p.kwargs.eps for p in inp.preprocessing
+                      if p.id in ("scale_range", "zero_mean_unit_variance")), 1e-6))
     xn = torch.from_numpy(_normalised(test_in, model.normalization, eps)[None])
     net.to_device("cpu").eval()
     with torch.inference_mode():
@@ -747,12 +756,13 @@ def load_package(path: str | os.PathLike[str], *, trainable: bool = False) -> An
     A package that paintseg exported comes back as the model it was made from (same network,
     normalisation, classes and training record); one whose state-dict weights are paintseg's
     U-Net without that record (another tool rewrote the description) is rebuilt from the
-    architecture's keywords, the declared ``scale_range`` and the output's channel names.
-    Both train further (``--init``). Another tool's network runs through paintseg's tiled
-    inference (it does not train) when the package has TorchScript or ``pytorch_state_dict``
-    weights, one input with axes ``bcyx`` or ``bczyx``, percentile scaling (``scale_range``,
-    per image and channel), and per-class outputs of the input's shape (probabilities,
-    logits, or one foreground channel).
+    architecture's keywords, the declared scaling and the output's channel names. Both
+    train further (``--init``). Another tool's network runs through paintseg's tiled
+    inference when the package has TorchScript or ``pytorch_state_dict`` weights, one input
+    with axes ``bcyx`` or ``bczyx``, scaling per image and channel (``scale_range`` or
+    ``zero_mean_unit_variance``), and per-class outputs of the input's shape (probabilities,
+    logits, or one foreground channel); it fine-tunes on its own classes where its
+    architecture comes with it.
 
     For inference another tool's TorchScript weights are preferred (no code from the
     package runs); ``trainable=True`` loads its ``pytorch_state_dict`` weights with their
@@ -835,7 +845,7 @@ def _paintseg_architecture(path: Path, descr: Any) -> dict[str, Any] | None:
     if len(names) != config.classes:
         return None
     return {"model_config": dataclasses.asdict(config), "normalization":
-            dataclasses.asdict(norm), "class_values": list(range(1, config.classes + 1)),
+            norm.to_json(), "class_values": list(range(1, config.classes + 1)),
             "class_names": names, "provenance": {"training": []}}
 
 
@@ -929,18 +939,21 @@ def _supported_preprocessing(path: Path, steps: Sequence[Any]) -> NormConfig:
     for p in steps:
         if p.id == "ensure_dtype":
             continue
-        if p.id == "scale_range" and norm is None:
+        if p.id in ("scale_range", "zero_mean_unit_variance") and norm is None:
             k = p.kwargs
             axes = [str(a) for a in (k.axes or [])]
             if "b" in axes or "batch" in axes or not axes or "c" in axes:
-                raise _bad(path, "its scale_range is not per image and channel")
-            norm = NormConfig(low=float(k.min_percentile), high=float(k.max_percentile))
+                raise _bad(path, f"its {p.id} is not per image and channel")
+            if p.id == "scale_range":
+                norm = NormConfig(low=float(k.min_percentile), high=float(k.max_percentile))
+            else:
+                norm = NormConfig(mode="mean_std", eps=float(k.eps))
             continue
-        raise _bad(path, f"its input preprocessing {p.id!r} is not supported (percentile "
-                         "scaling, scale_range, is)")
+        raise _bad(path, f"its input preprocessing {p.id!r} is not supported (scale_range "
+                         "and zero_mean_unit_variance per image are)")
     if norm is None:
-        raise _bad(path, "it declares no intensity scaling (paintseg scales every image by "
-                         "percentiles; a package with scale_range is supported)")
+        raise _bad(path, "it declares no intensity scaling (paintseg scales every image; "
+                         "scale_range and zero_mean_unit_variance per image are supported)")
     return norm
 
 

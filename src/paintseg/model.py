@@ -149,7 +149,7 @@ class PaintsegModel:
                 f"{c.dims}D, {c.in_channels} input channel(s), {c.classes} classes",
                 "classes: " + ", ".join(
                     f"{v}={n}" for v, n in zip(self.class_values, self.class_names)),
-                f"normalisation: percentiles {self.normalization.low}-{self.normalization.high}",
+                f"normalisation: {self.normalization.describe()}",
                 *_card_lines(card)])
         lines = [
             f"{c.network_name}, {c.in_channels} input channel(s), {c.classes} classes, "
@@ -163,7 +163,7 @@ class PaintsegModel:
             gain = "" if c.derivative_gain == 1 else f"; derivative channels x{c.derivative_gain:g}"
             lines.append(f"filter bank: scales {', '.join(f'{x:g}' for x in c.features)}{gain}")
         norm = self.normalization
-        lines.append(f"normalisation: percentiles {norm.low}-{norm.high}")
+        lines.append(f"normalisation: {norm.describe()}")
         prov = self.provenance
         if prov.get("object_diameter"):
             lines.append(f"object diameter: about {float(prov['object_diameter']):.0f} px, the "
@@ -286,7 +286,7 @@ def _is_foreign(model: PaintsegModel) -> bool:
 def _payload(model: PaintsegModel) -> dict[str, Any]:
     meta = {
         "model_config": dataclasses.asdict(model.config),
-        "normalization": dataclasses.asdict(model.normalization),
+        "normalization": model.normalization.to_json(),
         "class_values": list(model.class_values),
         "class_names": list(model.class_names),
         "provenance": model.provenance,
