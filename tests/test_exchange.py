@@ -385,6 +385,10 @@ def test_another_tools_state_dict_unet_fine_tunes_into_a_package(tmp_path: Path,
     before, after = load_model(pkg), load_model(tmp_path / "tuned.zip")
     assert after.class_names == before.class_names and "another tool's" in after.describe()
     assert after.provenance["training"][0]["steps"] == 100  # the record travels
+    # the fine-tuned package holds its architecture only: it exports again as it is
+    assert main(["export", str(tmp_path / "tuned.zip"), "--out", str(tmp_path / "again.zip"),
+                 "--sample", str(tmp_path / "img.tif"), "--name", "tuned again"]) == 0
+    assert load_model(tmp_path / "again.zip").provenance["bioimageio"]["name"] == "tuned again"
 
     def cell_iou(model):
         labels = segment(x, model, axes="YX", device="cpu").labels

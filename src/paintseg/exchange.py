@@ -920,7 +920,9 @@ def _load_foreign(path: Path, descr: Any, *, trainable: bool = False
     config = ModelConfig(dims=dims, in_channels=in_channels, classes=len(names), depth=depth,
                          base_features=1, norm="none")
     halo = max(int(getattr(a, "halo", 0) or 0) for a in out.axes[2:]) or None
-    return (PackageNetwork(module, config, outputs=outputs, trainable=trainable, halo=halo),
+    # without TorchScript the state dict was loaded with its architecture: it trains
+    trains = trainable or descr.weights.torchscript is None
+    return (PackageNetwork(module, config, outputs=outputs, trainable=trains, halo=halo),
             config, names, norm)
 
 
