@@ -389,9 +389,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
             raise PaintsegError(f"cannot write {out}: {base} is not a writable folder")
         if out.suffix.lower() == ".zip":  # a package: the extra must be there before training
-            from .exchange import _spec
+            from .exchange import require_extra
 
-            _spec()
+            require_extra()
         init = load_model(args.init) if args.init else None  # a path or a bundled name
         pairs, image_names, channels = [], [], None
         first_image = None
@@ -409,8 +409,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             image_names.append(f"{img_path} with labels {lab_path}")
         if init is not None:  # before any work
             check_channels(init, channels, model_name=args.init)
-            if (init.provenance.get("bioimageio") or {}).get("foreign") and \
-                    out.suffix.lower() != ".zip":
+            if init.foreign and out.suffix.lower() != ".zip":
                 raise PaintsegError(
                     f"{args.init} is another tool's network: a paintseg checkpoint cannot "
                     "hold it; write a BioImage.IO package instead (--out NAME.zip)")
@@ -469,7 +468,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            sample_name=Path(args.pairs[0]).name)
         except PaintsegError as exc:
             print(f"paintseg: error: {exc}", file=sys.stderr)
-            if not (model.provenance.get("bioimageio") or {}).get("foreign"):
+            if not model.foreign:
                 kept = out.with_suffix(".pt")  # the training is not lost (nor another file)
                 k = 1
                 while kept.exists():

@@ -45,7 +45,8 @@ from .config import ModelConfig, NormConfig, from_json
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_path
 
-__all__ = ["export_package", "load_package", "is_package", "check_package", "sample_array",
+__all__ = ["export_package", "load_package", "is_package", "check_package", "require_extra",
+           "sample_array",
            "bundled_sample", "tiling_info", "PackageNetwork", "EXTRA_HINT"]
 
 #: What to tell a user whose installation lacks the optional dependencies.
@@ -58,6 +59,12 @@ _ONNX_OPSET = 18
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+- ()")
 # the largest test tensor (per spatial axis) cut from the sample image
 _TEST_EDGE = {2: (256, 256), 3: (32, 128, 128)}
+
+
+def require_extra() -> None:
+    """Raise :class:`ConfigError` with :data:`EXTRA_HINT` unless the ``bioimageio`` extra is
+    installed (before work whose result would be a package)."""
+    _spec()
 
 
 def _spec() -> Any:
@@ -520,7 +527,7 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
     from bioimageio.spec import load_model_description
 
     net = model.network
-    card = model.provenance.get("bioimageio") or {}
+    card = model.package
     if not net.trainable:
         raise ConfigError("only a network loaded with its architecture (fine-tuned in "
                           "paintseg) is written again: share the original package itself")
@@ -807,8 +814,7 @@ def load_package(path: str | os.PathLike[str], *, trainable: bool = False) -> An
     tuned = (descr.config.model_extra or {}).get("paintseg_finetune") if descr.config else None
     runs = list(tuned.get("training") or []) if isinstance(tuned, dict) else []
     return PaintsegModel(network=network, config=config, normalization=norm,
-                         class_values=tuple(range(1, len(names) + 1)), class_names=names,
-                         provenance={"bioimageio": card, "training": runs})
+                         class_names=names, provenance={"bioimageio": card, "training": runs})
 
 
 def _package_card(descr: Any, path: Path) -> dict[str, Any]:

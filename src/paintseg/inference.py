@@ -280,7 +280,7 @@ def resolve_tiles(
         e.g. for the blocks of one image run on different machines.
     """
     tiles = tiles or TileConfig()
-    if tiles.halo is None and getattr(model.network, "halo", None):
+    if tiles.halo is None:  # the default, or the halo another tool's package declares
         tiles = dataclasses.replace(tiles, halo=model_halo(model, tiles.mode))
     cfg = model.config
     dev = resolve_device(device)
@@ -690,7 +690,7 @@ def default_snap(model: PaintsegModel) -> int:
     (every pixel of the painted planes labelled, :data:`~paintseg.config.DENSE_SHARE`), whose
     borders were learned. Models without a record of their training (the starter) count as
     trained on strokes; another tool's network from a BioImage.IO package gets 0."""
-    if (model.provenance.get("bioimageio") or {}).get("foreign"):
+    if model.foreign:
         return 0  # another tool's network: its borders are its own
     runs = model.provenance.get("training") or [{}]
     share = runs[-1].get("painted_share", 0.0)

@@ -139,11 +139,22 @@ class PaintsegModel:
         if len(set(self.class_values)) != k or min(self.class_values) < 1:
             raise ValueError(f"class values must be distinct and >= 1, got {self.class_values}")
 
+    @property
+    def package(self) -> dict[str, Any]:
+        """The BioImage.IO package the model was read from (name, authors, licence, cite,
+        file; ``foreign`` for another tool's network), or an empty dict."""
+        return self.provenance.get("bioimageio") or {}
+
+    @property
+    def foreign(self) -> bool:
+        """Whether the network is another tool's, from a BioImage.IO package."""
+        return bool(self.package.get("foreign"))
+
     def describe(self) -> str:
         """A few human-readable lines saying what this model is."""
         c = self.config
-        card = self.provenance.get("bioimageio") or {}
-        if card.get("foreign"):
+        card = self.package
+        if self.foreign:
             return "\n".join([
                 f"BioImage.IO package {card.get('name', '')!r} (another tool's network), "
                 f"{c.dims}D, {c.in_channels} input channel(s), {c.classes} classes",
@@ -263,7 +274,7 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
         The path written.
     """
     path = Path(path)
-    if _is_foreign(model):
+    if model.foreign:
         raise CheckpointError(
             f"cannot save {path}: this model came from another tool's BioImage.IO package "
             f"({model.provenance['bioimageio'].get('name', '')}), which a paintseg checkpoint "
@@ -276,11 +287,6 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     return path
-
-
-def _is_foreign(model: PaintsegModel) -> bool:
-    """Whether ``model`` runs another tool's network from a BioImage.IO package."""
-    return bool((model.provenance.get("bioimageio") or {}).get("foreign"))
 
 
 def _payload(model: PaintsegModel) -> dict[str, Any]:
@@ -304,8 +310,8 @@ def model_bytes(model: PaintsegModel | str | os.PathLike[str]) -> bytes:
     """A checkpoint as bytes (to send to other processes): of an in-memory model, or the
     file of a path or bundled name (checked by loading it first)."""
     if isinstance(model, PaintsegModel):
-        if _is_foreign(model):  # the package itself travels
-            return Path(model.provenance["bioimageio"]["file"]).read_bytes()
+        if model.foreign:  # the package itself travels
+            return Path(model.package["file"]).read_bytes()
         buf = io.BytesIO()
         torch.save(_payload(model), buf)
         return buf.getvalue()

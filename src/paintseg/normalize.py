@@ -48,11 +48,14 @@ def percentile_range(
         If the sample contains NaN or infinite values.
     """
     values = sample_values(image, max_samples=norm.max_samples)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise InputError(
+            f"{name}: contains NaN or infinite values ({bad} found in a sample of "
+            f"{values.size:,}); replace them before segmenting"
+        )
     if norm.mode == "mean_std":  # (x - mean) / (std + eps) written as (x - lo) / (hi - lo)
         v = values.astype(np.float64)
-        if not np.isfinite(v).all():
-            raise InputError(f"{name}: contains NaN or infinite values; replace them before "
-                             "segmenting")
         mean, std = v.mean(1), v.std(1)
         return mean.astype(np.float32), (mean + std + norm.eps).astype(np.float32)
     if values.dtype.kind in "iub" and values.dtype.itemsize <= 2:
@@ -62,12 +65,6 @@ def percentile_range(
         both = np.stack([_histogram_percentiles(v, qs) for v in values])
         return both[:, 0].astype(np.float32), both[:, 1].astype(np.float32)
     values = values.astype(np.float32, copy=False)
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise InputError(
-            f"{name}: contains NaN or infinite values ({bad} found in a sample of "
-            f"{values.size:,}); replace them before segmenting"
-        )
     lo, hi = np.percentile(values, (norm.low, norm.high), axis=1).astype(np.float32)
     return lo, hi
 

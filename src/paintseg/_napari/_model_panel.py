@@ -36,8 +36,8 @@ def model_summary(model: Any, source: str) -> str:
     c = model.config
     classes = ", ".join(f"{v} {n}" for v, n in zip(model.class_values, model.class_names))
     prov = model.provenance
-    card = prov.get("bioimageio") or {}
-    if card.get("foreign"):
+    card = model.package
+    if model.foreign:
         trains = ("fine-tunes on its own classes" if card.get("trainable")
                   else "TorchScript only: does not train")
         head = (f"<b>{escape(source)}</b>: another tool's {c.dims}D network, "

@@ -138,9 +138,8 @@ class TrainTab(QWidget):
         from ..training import continue_by_default
 
         model = self.session.model
-        card = (model.provenance.get("bioimageio") or {}) if model is not None else {}
         # another tool's network without its architecture (TorchScript only) cannot train
-        frozen = bool(card.get("foreign")) and not card.get("trainable")
+        frozen = model is not None and model.foreign and not model.package.get("trainable")
         self.form["continue_model"].value = not frozen and continue_by_default(
             bundled=self.session.bundled, labels_kind=self.form["labels_kind"].value)
 

@@ -32,8 +32,7 @@ def adapt_model(
     count differs (the encoder and decoder are kept: warm start)."""
     class_values = tuple(int(v) for v in class_values)
     names = tuple(class_names) if class_names else None
-    card = model.provenance.get("bioimageio") or {}
-    if card.get("foreign"):
+    if model.foreign:
         return _foreign_for_training(model, class_values, names)
     if tuple(model.class_values) == class_values:
         out = copy.deepcopy(model)
@@ -65,7 +64,7 @@ def _foreign_for_training(model: PaintsegModel, class_values: tuple[int, ...],
         raise InputError(
             f"another tool's network has the classes {listed}: paint only those (paintseg "
             "cannot add an output to it)")
-    out = load_package(model.provenance["bioimageio"]["file"], trainable=True)
+    out = load_package(model.package["file"], trainable=True)
     out.provenance["training"] = copy.deepcopy(model.provenance.get("training") or [])
     if names:
         out.class_names = names
