@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "normalised units (default: %s on strokes, 0 on dense labels and "
                          "when continuing an --init model anchored to its predictions; 0: "
                          "none)" % STROKES_INTENSITY_SHIFT)
+    tr.add_argument("--smoothness", type=float, default=0.0, metavar="WEIGHT",
+                    help="weight of a term that pulls class borders between the strokes onto "
+                         "the image's edges, e.g. 8 for thin vessels on a flat background "
+                         "(default 0: none; docs/beyond-nuclei.md)")
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--validation-fraction", type=float, default=0.15)
@@ -380,6 +384,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, patch_size=args.patch_size,
                              learning_rate=args.learning_rate, augment=args.augment,
                              intensity_shift=args.intensity_shift,
+                             smoothness=args.smoothness,
                              validation_fraction=args.validation_fraction, seed=args.seed)
         device = resolve_device(args.device)
         out = Path(args.out)

@@ -367,6 +367,10 @@ STROKES_INTENSITY_SHIFT = 0.05
 """``TrainConfig.intensity_shift`` when training on strokes: 5% of the normalised range (by
 default the span from the 1st to the 99.8th percentile of the image's intensities)."""
 
+SMOOTHNESS_RAMP_STEPS = 300
+"""Training steps over which the smoothness term's weight grows linearly from 0 to its full
+value: the network first fits the strokes, then their borders are pulled onto edges."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -421,6 +425,14 @@ class TrainConfig:
         starting weights: correction strokes then change the result where they must and
         little elsewhere (0: none). Has no effect on a new model, a new output layer, or
         labels that leave no pixel unpainted (dense instance labels).
+    smoothness : float
+        Weight of a contrast-weighted smoothness term on every pixel of each patch, painted
+        or not (0, the default: none): the predictions of two neighbouring pixels are pulled
+        together, strongly where their intensities are alike and little across an edge, so
+        that class borders between the strokes settle on the image's edges. Its weight grows
+        from 0 over the first :data:`SMOOTHNESS_RAMP_STEPS` steps of a run. Off by default:
+        it helped thin structures on a flat background and cost other kinds of data
+        (docs/beyond-nuclei.md, "Borders on edges").
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """
@@ -438,6 +450,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     ema: float = 0.98
     anchor: float = 1.0
+    smoothness: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -463,6 +476,8 @@ class TrainConfig:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not self.anchor >= 0:
             raise ConfigError(f"anchor must be >= 0, got {self.anchor}")
+        if not self.smoothness >= 0:
+            raise ConfigError(f"smoothness must be >= 0, got {self.smoothness}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
 

@@ -43,6 +43,7 @@ from .losses import (
     holds_to_predictions,
     intensity_shift,
     masked_loss,
+    smoothness_loss,
 )
 from .messages import (
     COLLAPSED,
@@ -84,6 +85,7 @@ __all__ = [
     "anchor_loss",
     "continues_training",
     "intensity_shift",
+    "smoothness_loss",
     "iter_train",
     "TrainingRun",
     "LiveSession",

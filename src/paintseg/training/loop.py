@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import SMOOTHNESS_RAMP_STEPS, TrainConfig
 from ..devices import flush_denormals, resolve_device
 from ..errors import InputError
 from ..model import PaintsegModel
@@ -35,6 +35,7 @@ from .losses import (
     holds_to_predictions,
     intensity_shift,
     masked_loss,
+    smoothness_loss,
 )
 from .targets import IGNORE
 
@@ -290,6 +291,10 @@ class TrainingRun:
                                        dice_weight=cfg.dice_weight)
                            for logits in members) / len(members)
         loss = painted_loss
+        if cfg.smoothness > 0:  # on the patch as it is (a brightness offset cancels)
+            weight = cfg.smoothness * min(1.0, self.step / SMOOTHNESS_RAMP_STEPS)
+            loss = loss + weight * sum(smoothness_loss(logits, xb)
+                                       for logits in members) / len(members)
         if self.teacher is not None:
             with torch.no_grad():
                 start_probs = torch.softmax(self.teacher(xb), 1)
@@ -345,6 +350,7 @@ class TrainingRun:
             "painted_share": round(painted_share(self.data), 4),
             "anchor": self.config.anchor if self.teacher is not None else 0.0,
             "intensity_shift": self.shift,
+            "smoothness": self.config.smoothness,
             "validation_iou": (round(self.history[self.best_step][0], 4)
                                if self.best_step in self.history else None),
         }
