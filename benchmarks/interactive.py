@@ -498,7 +498,8 @@ def add_corrections(plane: np.ndarray, pred: np.ndarray, truth: np.ndarray, *, p
 
 
 def axes_of(img: np.ndarray) -> str:
-    """The axes of a task's image: a plane, an RGB plane (the retina), or a stack."""
+    """The axes of a task's image: a plane, an RGB plane (the retina: 3 or 4 last), or a stack
+    (no task's stack has 3 or 4 planes, which would be taken for colour)."""
     if img.ndim == 3 and img.shape[-1] in (3, 4):
         return "YXC"
     return "YX" if img.ndim == 2 else "ZYX"
