@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -191,8 +192,6 @@ def _exported_net(model: Any) -> nn.Module:
 def _public_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
     """``provenance`` as a package shows it: image names without their folders, and no record
     of a package it was read from (a local path)."""
-    import re
-
     out = {k: v for k, v in provenance.items() if k != "bioimageio"}
     out["training"] = [
         {**run, "images": [re.sub(r"\S*[/\\]", "", str(n)) for n in run.get("images") or []]}
@@ -545,9 +544,9 @@ def _repackage(model: Any, path: Path, *, sample: np.ndarray, sample_name: str,
     xn = torch.from_numpy(_normalised(test_in, model.normalization, eps)[None])
     net.to_device("cpu").eval()
     with torch.inference_mode():
-        y = net.module(xn)
-        probs = torch.softmax(net(xn), 1).numpy()  # for the cover
-    y = (y[0] if isinstance(y, (tuple, list)) else y).float().numpy()
+        raw = net.module(xn)  # one pass: the test output, and the cover's probabilities
+        probs = torch.softmax(net.log_probabilities(raw), 1).numpy()
+    y = (raw[0] if isinstance(raw, (tuple, list)) else raw).float().numpy()
     runs = _public_provenance(model.provenance)["training"]
     with tempfile.TemporaryDirectory(prefix="paintseg-export-") as tmp:
         d = Path(tmp)
@@ -738,7 +737,11 @@ class PackageNetwork(nn.Module):
         return self.to(torch.device(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x)
+        return self.log_probabilities(self.module(x))
+
+    def log_probabilities(self, y: Any) -> torch.Tensor:
+        """What :meth:`forward` returns, from the module's own output ``y`` (a tensor, or a
+        tuple whose first item is one)."""
         if isinstance(y, (tuple, list)):
             y = y[0]
         y = y.float()

@@ -150,6 +150,12 @@ class PaintsegModel:
         """Whether the network is another tool's, from a BioImage.IO package."""
         return bool(self.package.get("foreign"))
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the network is another tool's without its architecture (TorchScript
+        weights only): it segments but cannot train."""
+        return self.foreign and not self.package.get("trainable")
+
     def describe(self) -> str:
         """A few human-readable lines saying what this model is."""
         c = self.config
@@ -277,7 +283,7 @@ def save_model(model: PaintsegModel, path: str | os.PathLike[str]) -> Path:
     if model.foreign:
         raise CheckpointError(
             f"cannot save {path}: this model came from another tool's BioImage.IO package "
-            f"({model.provenance['bioimageio'].get('name', '')}), which a paintseg checkpoint "
+            f"({model.package.get('name', '')}), which a paintseg checkpoint "
             "cannot hold; write a package (Export…, or paintseg train --out NAME.zip)")
     payload = _payload(model)
     if not path.parent.is_dir():

@@ -38,8 +38,8 @@ def model_summary(model: Any, source: str) -> str:
     prov = model.provenance
     card = model.package
     if model.foreign:
-        trains = ("fine-tunes on its own classes" if card.get("trainable")
-                  else "TorchScript only: does not train")
+        trains = ("TorchScript only: does not train" if model.frozen
+                  else "fine-tunes on its own classes")
         head = (f"<b>{escape(source)}</b>: another tool's {c.dims}D network, "
                 f"{c.in_channels} channel(s) ({trains})")
     else:

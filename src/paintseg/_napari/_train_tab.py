@@ -139,7 +139,7 @@ class TrainTab(QWidget):
 
         model = self.session.model
         # another tool's network without its architecture (TorchScript only) cannot train
-        frozen = model is not None and model.foreign and not model.package.get("trainable")
+        frozen = model is not None and model.frozen
         self.form["continue_model"].value = not frozen and continue_by_default(
             bundled=self.session.bundled, labels_kind=self.form["labels_kind"].value)
 

@@ -352,7 +352,7 @@ def check_channels(model: PaintsegModel, channels: int, *, model_name: str = "th
         3 from the images", or is another tool's network whose package holds no
         architecture to train (TorchScript weights only).
     """
-    if model.foreign and not model.package.get("trainable"):
+    if model.frozen:
         raise InputError(
             f"{model_name} is another tool's network with TorchScript weights only: paintseg "
             "fine-tunes packages whose pytorch_state_dict weights come with their "
