@@ -714,7 +714,7 @@ def test_fast_preset_damps_derivatives_for_strokes_only():
     strokes = preset_config("auto", dims=2, in_channels=1, classes=2)
     dense = preset_config("auto", dims=2, in_channels=1, classes=3, labels_kind="instances")
     assert strokes.derivative_gain == 0.1 and dense.derivative_gain == 1.0
-    assert (strokes.members, strokes.base_features) == (3, 8)  # 3 small U-Nets, averaged
+    assert (strokes.members, strokes.base_features) == (3, 8)  # 2 classes: 3 small U-Nets, averaged
     # no normalisation layer: leaky ReLUs, so that no member can go silent for good
     assert strokes.activation == "leaky_relu" and dense.activation == "relu"
     assert (dense.members, dense.base_features) == (1, 16)
@@ -723,6 +723,33 @@ def test_fast_preset_damps_derivatives_for_strokes_only():
     assert strokes.depth == dense.depth
     with pytest.raises(ValueError, match="labels_kind must be"):
         preset_config("fast", dims=2, in_channels=1, classes=2, labels_kind="dense")
+
+
+def test_many_classes_from_strokes_train_one_u_net(real_pair):
+    """Three or more painted classes share one budget of steps: a new 2D U-Net for strokes is
+    then one U-Net of base 8 (more steps a second) instead of 3 averaged; two classes keep the
+    average, dense labels and 3D their own presets. The rule holds where a user's strokes
+    make the model (prepare_training: the CLI, napari and live mode)."""
+    from paintseg.training import STROKES_ONE_MEMBER_FROM, prepare_training, preset_config
+
+    assert STROKES_ONE_MEMBER_FROM == 3
+    for k in (2, 3, 6):
+        cfg = preset_config("auto", dims=2, in_channels=1, classes=k)
+        assert cfg.members == (3 if k == 2 else 1)
+        assert (cfg.base_features, cfg.activation, cfg.features) == (
+            8, "leaky_relu", (1.0, 2.0, 4.0, 8.0))
+    dense = preset_config("auto", dims=2, in_channels=1, classes=3, labels_kind="instances")
+    assert (dense.members, dense.base_features) == (1, 16)
+    assert preset_config("auto", dims=3, in_channels=1, classes=2).members == 1
+    assert preset_config("accurate", dims=2, in_channels=1, classes=2).members == 1
+
+    img, gt = real_pair
+    two = strokes(gt)
+    three = two.copy()
+    three[:, :40][two[:, :40] == 1] = 3  # a third class: the background of the left edge
+    for lab, classes, name in ((two, 2, "3 averaged 2D U-Nets"), (three, 3, "2D U-Net")):
+        data, model = prepare_training([(img, lab)], base=None, dims=2, in_channels=1, seed=0)
+        assert len(data.class_values) == classes and model.config.network_name == name
 
 
 def test_a_run_records_how_densely_it_was_painted(real_pair):
@@ -1163,5 +1190,6 @@ def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes
                             ("outlines", dense_outlines(gt), 1.0)):
         data, scribbled = prepare_training([(img, lab.astype(np.uint8))], base=None, dims=2,
                                            in_channels=1, seed=0)
-        assert painted_share(data) == 1.0 and scribbled.config.members == 3
+        assert painted_share(data) == 1.0
+        assert scribbled.config.members == (3 if name == "nuclei" else 1)  # 2 or 3 classes
         assert scribbled.config.derivative_gain == gain, name

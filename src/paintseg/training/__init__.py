@@ -70,6 +70,7 @@ from .presets import (
     PRESETS_3D,
     STROKES_2D,
     STROKES_DERIVATIVE_GAIN,
+    STROKES_ONE_MEMBER_FROM,
     preset_config,
 )
 from .targets import IGNORE, INSTANCE_CLASSES, INSTANCE_NAMES, instance_targets, scribble_targets
@@ -95,6 +96,7 @@ __all__ = [
     "PRESETS_3D",
     "STROKES_2D",
     "STROKES_DERIVATIVE_GAIN",
+    "STROKES_ONE_MEMBER_FROM",
     "BRIGHTNESS_SEPARATES",
     "preset_config",
     "classes_to_continue",

@@ -44,6 +44,13 @@ STROKES_2D: dict[str, dict[str, Any]] = {
     "fast": {"derivative_gain": STROKES_DERIVATIVE_GAIN[0], "base_features": 8, "members": 3,
              "features": (1.0, 2.0, 4.0, 8.0), "activation": "leaky_relu"},
 }
+# From this many painted classes on, the 2D fast preset for strokes trains one U-Net of base 8
+# instead of 3 averaged: the classes share one budget of steps, and one U-Net runs about 2.3x
+# the steps of three. Paired, draws 1-2 of the suite: 3 to 5 classes gained on all 6 pairs
+# (five EM classes +0.10/+0.13, three +0.05/+0.03, phase-contrast boundaries +0.01/+0.02),
+# two classes lost on 6 of 8 (mean -0.012; cells3d -0.03/-0.01), where the average's
+# steadiness is worth more than the steps (benchmarks/RESULTS.md, "One U-Net for many classes").
+STROKES_ONE_MEMBER_FROM = 3
 # 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
 # 128^3), so filter scales stop at 4; base 8. A step on 4 patches of 32^3 takes ~0.3 s on
 # 2 CPU cores (was 4.4 s with the 2D preset on 16 patches).
@@ -58,7 +65,8 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     """Architecture of a new model: ``"fast"``, ``"accurate"`` or ``"auto"`` (= fast).
 
     For strokes, the 2D fast preset damps the filter bank's derivative channels (x0.1),
-    averages 3 U-Nets of base 8 with leaky ReLUs and stops its filter scales at sigma 8
+    averages 3 U-Nets of base 8 with leaky ReLUs (one U-Net of base 8 from
+    :data:`STROKES_ONE_MEMBER_FROM` classes on) and stops its filter scales at sigma 8
     (:data:`STROKES_2D`).
     ``labels_kind="instances"`` (dense labels) keeps one U-Net of base 16 with the derivative
     channels at full strength and scales up to sigma 16. The 3D fast preset keeps its
@@ -73,12 +81,17 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
         raise ValueError(f"unknown preset {preset!r}; use fast, accurate or auto")
     _check_labels_kind(labels_kind)
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
-    arch.update(_strokes_2d(preset, dims=dims, labels_kind=labels_kind))
+    arch.update(_strokes_2d(preset, dims=dims, labels_kind=labels_kind, classes=classes))
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
-def _strokes_2d(preset: str, *, dims: int, labels_kind: str) -> dict[str, Any]:
-    """What :data:`STROKES_2D` changes in ``preset`` (``auto`` = fast) for these labels."""
+def _strokes_2d(preset: str, *, dims: int, labels_kind: str, classes: int = 2
+                ) -> dict[str, Any]:
+    """What :data:`STROKES_2D` changes in ``preset`` (``auto`` = fast) for these labels and
+    this many classes (one member from :data:`STROKES_ONE_MEMBER_FROM` classes on)."""
     if labels_kind != "scribbles" or dims != 2:
         return {}
-    return STROKES_2D.get("fast" if preset == "auto" else preset, {})
+    arch = dict(STROKES_2D.get("fast" if preset == "auto" else preset, {}))
+    if "members" in arch and classes >= STROKES_ONE_MEMBER_FROM:
+        arch["members"] = 1
+    return arch
