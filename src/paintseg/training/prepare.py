@@ -134,13 +134,15 @@ def model_for_training(
     :data:`BRIGHTNESS_SEPARATES`: nuclei), and by x0.3 elsewhere (cells in phase contrast,
     membranes, boundaries), or not at all (x1) where such scribbles cover their planes (dense
     labels: :func:`painted_share` at least :data:`~paintseg.config.DENSE_SHARE`): shape and
-    texture then have pixels enough to be learned from."""
+    texture then have pixels enough to be learned from. With three or more painted classes it
+    is one U-Net instead of three averaged (:func:`preset_config`)."""
     if base is not None:
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
     else:
         cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
                             classes=len(data.class_values), labels_kind=labels_kind)
-        if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
+        if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind,
+                                            classes=len(data.class_values)):
             damped, shaped = STROKES_DERIVATIVE_GAIN
             if brightness_separability(data) >= BRIGHTNESS_SEPARATES:
                 gain = damped

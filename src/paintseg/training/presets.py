@@ -85,8 +85,7 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
-def _strokes_2d(preset: str, *, dims: int, labels_kind: str, classes: int = 2
-                ) -> dict[str, Any]:
+def _strokes_2d(preset: str, *, dims: int, labels_kind: str, classes: int) -> dict[str, Any]:
     """What :data:`STROKES_2D` changes in ``preset`` (``auto`` = fast) for these labels and
     this many classes (one member from :data:`STROKES_ONE_MEMBER_FROM` classes on)."""
     if labels_kind != "scribbles" or dims != 2:
