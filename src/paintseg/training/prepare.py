@@ -141,8 +141,7 @@ def model_for_training(
     else:
         cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
                             classes=len(data.class_values), labels_kind=labels_kind)
-        if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind,
-                                            classes=len(data.class_values)):
+        if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
             damped, shaped = STROKES_DERIVATIVE_GAIN
             if brightness_separability(data) >= BRIGHTNESS_SEPARATES:
                 gain = damped

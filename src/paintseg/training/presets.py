@@ -81,16 +81,15 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
         raise ValueError(f"unknown preset {preset!r}; use fast, accurate or auto")
     _check_labels_kind(labels_kind)
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
-    arch.update(_strokes_2d(preset, dims=dims, labels_kind=labels_kind, classes=classes))
+    strokes = _strokes_2d(preset, dims=dims, labels_kind=labels_kind)
+    arch.update(strokes)
+    if "members" in strokes and classes >= STROKES_ONE_MEMBER_FROM:
+        arch["members"] = 1  # many classes: one U-Net, more steps
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
-def _strokes_2d(preset: str, *, dims: int, labels_kind: str, classes: int) -> dict[str, Any]:
-    """What :data:`STROKES_2D` changes in ``preset`` (``auto`` = fast) for these labels and
-    this many classes (one member from :data:`STROKES_ONE_MEMBER_FROM` classes on)."""
+def _strokes_2d(preset: str, *, dims: int, labels_kind: str) -> dict[str, Any]:
+    """What :data:`STROKES_2D` changes in ``preset`` (``auto`` = fast) for these labels."""
     if labels_kind != "scribbles" or dims != 2:
         return {}
-    arch = dict(STROKES_2D.get("fast" if preset == "auto" else preset, {}))
-    if "members" in arch and classes >= STROKES_ONE_MEMBER_FROM:
-        arch["members"] = 1
-    return arch
+    return STROKES_2D.get("fast" if preset == "auto" else preset, {})
