@@ -1184,12 +1184,16 @@ def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes
     _, dense = prepare_training([(img, gt)], base=None, dims=2, in_channels=1,
                                 labels_kind="instances", seed=0)
     assert dense.config.derivative_gain == 1.0
-    # every pixel painted as scribbles: nuclei (brightness separates them) stay damped x0.1;
-    # outlines, the thin class between nuclei and background, at full strength
-    for name, lab, gain in (("nuclei", np.where(gt > 0, 2, 1), 0.1),
-                            ("outlines", dense_outlines(gt), 1.0)):
+    # every pixel painted as scribbles: nuclei (brightness separates them) stay damped x0.1
+    # and 3 averaged U-Nets; outlines, the thin class between nuclei and background, at full
+    # strength and one U-Net, for two classes (outlines and the rest) as for three
+    outlines = dense_outlines(gt)
+    for name, lab, gain, members in (
+            ("nuclei", np.where(gt > 0, 2, 1), 0.1, 3),
+            ("outlines", outlines, 1.0, 1),
+            ("outlines, 2 classes", np.where(outlines == 3, 2, 1), 1.0, 1)):
         data, scribbled = prepare_training([(img, lab.astype(np.uint8))], base=None, dims=2,
                                            in_channels=1, seed=0)
-        assert painted_share(data) == 1.0
-        assert scribbled.config.members == (3 if name == "nuclei" else 1)  # 2 or 3 classes
+        assert painted_share(data) == 1.0 and len(data.class_values) == lab.max(), name
+        assert scribbled.config.members == members, name
         assert scribbled.config.derivative_gain == gain, name
