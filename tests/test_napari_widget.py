@@ -187,6 +187,34 @@ def test_six_named_classes_in_the_legend_and_the_paint_layer(viewer_widget):
                                            "glia", "synapse", "vesicle"]
 
 
+def test_the_new_unet_row_follows_a_trained_or_opened_model(viewer_widget):
+    """After a model of 3 named classes becomes the current one (trained or opened), the New
+    U-Net row shows its 3 classes and names; classes named there but not in the model stay;
+    the bundled starter leaves the row as it is."""
+    from paintseg.config import ModelConfig
+    from paintseg.model import new_model
+
+    viewer, w = viewer_widget
+    mp = w.model_panel
+    assert w.model_source == "nuclei" and mp.classes.value() == 2 and mp.names.text() == ""
+    three = new_model(ModelConfig(depth=2, base_features=4, classes=3), class_values=(1, 2, 3),
+                      class_names=("rest", "membrane", "mitochondria"), seed=0)
+    w.session.set_model(three, "em3.pt")
+    assert mp.classes.value() == 3 and mp.names.text() == "rest, membrane, mitochondria"
+    w.tabs.setCurrentIndex(1)
+    w.train_tab.form["continue_model"].value = False  # the legend of a new U-Net
+    assert "3 = mitochondria" in w.train_tab.legend.text(), w.train_tab.legend.text()
+    mp.load_model("nuclei")
+    assert w.jobs.wait(60_000)
+    assert w.model_source == "nuclei" and mp.classes.value() == 3
+    # five classes named, three of them painted and trained: the other two stay
+    mp.classes.setValue(5)
+    mp.names.setText("cytoplasm, membrane, mitochondria, glia, synapse")
+    w.session.set_model(three, "em3.pt")
+    assert mp.classes.value() == 5
+    assert mp.names.text() == "rest, membrane, mitochondria, glia, synapse"
+
+
 def test_paint_train_stop_save_reopen(viewer_widget, gt2d, tmp_path):
     viewer, w = viewer_widget
     w.tabs.setCurrentIndex(1)

@@ -165,7 +165,22 @@ class ModelPanel(QGroupBox):
         self.device_info.setText(text)
 
     def _show_model(self) -> None:
-        self.info.setText(model_summary(self.session.model, self.session.source))
+        s = self.session
+        self.info.setText(model_summary(s.model, s.source))
+        model = s.model
+        if model is None or s.bundled:  # the starter's classes are not a new U-Net's
+            return
+        # a trained or opened model's classes (1..k) and names become the New U-Net's first
+        # ones, so that the panel never shows 2 classes beside a model of 3; never fewer
+        # classes or names than were set (classes typed but not painted yet stay)
+        values = tuple(int(v) for v in model.class_values)
+        k = len(values)
+        if values != tuple(range(1, k + 1)) or k > self.classes.maximum():
+            return
+        text = self.names.text()
+        typed = [n.strip() for n in text.split(",")] if text.strip() else []
+        self.names.setText(", ".join([str(n) for n in model.class_names] + typed[k:]))
+        self.classes.setValue(max(k, self.classes.value()))
 
     def new_dims(self) -> int:
         return 3 if self.dims.currentText() == "3D" else 2
