@@ -15,17 +15,20 @@ labels agree.
 Inputs (``--data``): ``em``, a 32x768x1024 EM stack (the ``vnc-sstem`` sections of
 ``../shared/datasets``, forwards then backwards), membranes painted; ``phase``, 10 phase-contrast
 images of 1022x1024 (``usiigaci-phase``), cells painted (blob-like: the snap moves borders);
-``nuclei3d``, the sample cells3d stack as 64x512x512 (2x2 in XY) with a 3D fast-preset model
-trained from dots on two planes; ``starter``, a 2048x2048 mosaic of the sample nuclei image
-segmented by the bundled starter with instances (the last two run without ``../shared``);
+``nuclei3d``, the sample cells3d stack as 64x512x512 (2x2 in XY; ``--side 1024``: 4x4) with a
+3D fast-preset model trained from dots on two planes; ``starter``, a 2048x2048 mosaic of the
+sample nuclei image segmented by the bundled starter with instances (the last two run without
+``../shared``);
 ``mosaic`` (not run by default), ``--planes`` planes of that mosaic (64: 64x2048x2048, the
-GPU stack of issue 41), a fast-preset model trained from dots on the first.
+GPU stack of issue 41; ``--side 1024``: 64x1024x1024, its CPU stack), a fast-preset model
+trained from dots on the first. ``--no-before`` leaves out the run of the path as it was.
 ``--device cuda`` runs the same on a GPU (training steps per second reported too).
 
 Usage::
 
     python benchmarks/end_to_end.py [--data em phase nuclei3d starter mosaic] [--seconds 20]
-                                    [--device cpu|cuda|mps|auto]
+                                    [--device cpu|cuda|mps|auto] [--planes 64] [--side N]
+                                    [--no-before]
 """
 
 from __future__ import annotations
@@ -70,9 +73,10 @@ def dot_strokes(truth: np.ndarray, planes: tuple[int, ...], rng: np.random.Gener
     return strokes
 
 
-def inputs(names: list[str], *, planes: int = 64
+def inputs(names: list[str], *, planes: int = 64, side: int | None = None
            ) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(name, stack, strokes or None for the starter); ``planes``: the mosaic's."""
+    """(name, stack, strokes or None for the starter); ``planes``: the mosaic's; ``side``:
+    the mosaic's and the cells3d stack's planes (default 2048 and 512)."""
     rng = np.random.default_rng(0)
     out = []
     for name in names:
@@ -89,16 +93,18 @@ def inputs(names: list[str], *, planes: int = 64
             truth = tifffile.imread(folder / "labels.tif")[:10] > 0
             out.append((name, stack, dot_strokes(truth, (0, 1), rng)))
         elif name == "nuclei3d":
-            stack = np.tile(tifffile.imread(SAMPLES / "nuclei3d.tif"), (1, 2, 2))
-            truth = np.tile(tifffile.imread(SAMPLES / "nuclei3d_labels.tif") > 0, (1, 2, 2))
+            n = (side or 512) // 256
+            stack = np.tile(tifffile.imread(SAMPLES / "nuclei3d.tif"), (1, n, n))
+            truth = np.tile(tifffile.imread(SAMPLES / "nuclei3d_labels.tif") > 0, (1, n, n))
             stack = np.concatenate([stack, stack[::-1][: 64 - len(stack)]])
             truth = np.concatenate([truth, truth[::-1][: 64 - len(truth)]])
             out.append((name, stack, dot_strokes(truth, (20, 40), rng)))
         elif name == "mosaic":
             # issue 41's GPU stack: the sample nuclei image as a 2048^2 mosaic, shifted per
             # plane, dots on the first plane
-            tile = np.tile(tifffile.imread(SAMPLES / "nuclei2d.tif"), (4, 4))
-            truth = np.tile(tifffile.imread(SAMPLES / "nuclei2d_instances.tif") > 0, (4, 4))
+            n = (side or 2048) // 512
+            tile = np.tile(tifffile.imread(SAMPLES / "nuclei2d.tif"), (n, n))
+            truth = np.tile(tifffile.imread(SAMPLES / "nuclei2d_instances.tif") > 0, (n, n))
             stack = np.stack([np.roll(tile, 37 * k, axis=(0, 1)) for k in range(planes)])
             out.append((name, stack, dot_strokes(truth[None], (0,), rng)
                         if planes == 1 else np.concatenate(
@@ -213,11 +219,16 @@ def main() -> None:
     parser.add_argument("--planes", type=int, default=64, help="planes of the mosaic stack")
     parser.add_argument("--seconds", type=float, default=20.0, help="training budget")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--side", type=int, default=None,
+                        help="side of the mosaic's planes (a multiple of 512; default 2048) "
+                             "and of the cells3d stack's (a multiple of 256; default 512)")
+    parser.add_argument("--no-before", action="store_true",
+                        help="leave out the run of the path as it was (b3825ff)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{describe_device(device)}")
-    for name, stack, strokes in inputs(args.data, planes=args.planes):
+    for name, stack, strokes in inputs(args.data, planes=args.planes, side=args.side):
         if strokes is None:
             model = load_model("nuclei")
             settings = SegmentSettings(axes="YX")
@@ -239,14 +250,16 @@ def main() -> None:
             tifffile.imwrite(path, stack)
             floor = floor_seconds(model, stack, device)
             total, shares, labels = profiled(model, path, Path(tmp) / "out", settings, device)
-            # the path as it was before: the snap of b3825ff, CPU batches of up to 4 Mpx
-            saved = postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS
-            postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = snap_before, 4e6
-            try:
-                before = profiled(model, path, Path(tmp) / "before", settings, device)
-            finally:
-                postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = saved
-            same = float(np.mean(before[2] == labels))
+            before = None
+            if not args.no_before:
+                # the path as it was before: the snap of b3825ff, CPU batches of up to 4 Mpx
+                saved = postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS
+                postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = snap_before, 4e6
+                try:
+                    before = profiled(model, path, Path(tmp) / "before", settings, device)
+                finally:
+                    postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = saved
+                same = float(np.mean(before[2] == labels))
         mpx = stack.size / 1e6
         output = ("instances" if strokes is None else "not snapped (3D)"
                   if model.config.dims == 3 else f"snap {default_snap(model)}")
@@ -260,6 +273,8 @@ def main() -> None:
                 print(f"    {stage:<14} {s:6.1f} s  {100 * s / total:4.0f}%")
         other = total - sum(shares.values())
         print(f"    {'other':<14} {other:6.1f} s  {100 * other / total:4.0f}%")
+        if before is None:
+            continue
         snap = (f", the snap {shares['snap'] / before[1]['snap']:.2f}x"
                 if before[1]["snap"] else "")
         nets = [s["U-Nets"] + s["filter bank"] for s in (shares, before[1])]
