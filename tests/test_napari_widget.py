@@ -207,6 +207,14 @@ def test_the_new_unet_row_follows_a_trained_or_opened_model(viewer_widget):
     mp.load_model("nuclei")
     assert w.jobs.wait(60_000)
     assert w.model_source == "nuclei" and mp.classes.value() == 3
+    # a model with the default names: written over typed names, never into an empty box
+    w.session.set_model(new_model(ModelConfig(depth=2, base_features=4, classes=3), seed=0),
+                        "new U-Net")
+    assert mp.classes.value() == 3 and mp.names.text() == "background, class 2, class 3"
+    mp.names.setText("")
+    w.session.set_model(new_model(ModelConfig(depth=2, base_features=4, classes=3), seed=0),
+                        "new U-Net")
+    assert mp.names.text() == ""
     # five classes named, three of them painted and trained: the other two stay
     mp.classes.setValue(5)
     mp.names.setText("cytoplasm, membrane, mitochondria, glia, synapse")

@@ -177,9 +177,13 @@ class ModelPanel(QGroupBox):
         k = len(values)
         if values != tuple(range(1, k + 1)) or k > self.classes.maximum():
             return
+        from ..model import default_class_names
+
         text = self.names.text()
         typed = [n.strip() for n in text.split(",")] if text.strip() else []
-        self.names.setText(", ".join([str(n) for n in model.class_names] + typed[k:]))
+        names = [str(n) for n in model.class_names]
+        if typed or names != list(default_class_names(values)):  # defaults stay unwritten
+            self.names.setText(", ".join(names + typed[k:]))
         self.classes.setValue(max(k, self.classes.value()))
 
     def new_dims(self) -> int:
