@@ -313,18 +313,23 @@ def test_averaged_weights_are_the_ones_returned(real_pair):
         assert not torch.equal(v, raw[-1][k]) or torch.equal(v, start[k]), k
 
 
-@pytest.mark.parametrize("members", [1, 2])
+@pytest.mark.parametrize("members", [1, 3])
 def test_warm_start_with_another_class_count(real_pair, members):
+    """A third class painted: the output layer is new, the encoder kept; three averaged
+    U-Nets go on as their first one alone (as a new U-Net for 3 classes is one)."""
     img, gt = real_pair
     base = new_model(ModelConfig(depth=2, base_features=8, members=members), seed=0)
     lab = strokes(gt)
     lab[200:203, 200:230] = 3  # a third class
     data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
     model = adapt_model(base, data.class_values, seed=0)
-    assert model.config.classes == 3 and model.config.members == members
-    kept = ["down.0.0.weight", *(f"extra_members.{i}.down.0.0.weight" for i in range(members - 1))]
-    for enc in kept:  # every member keeps its encoder; every output layer is new
-        assert torch.equal(model.network.state_dict()[enc], base.network.state_dict()[enc])
+    assert model.config.classes == 3 and model.config.members == 1
+    state, before = model.network.state_dict(), base.network.state_dict()
+    assert not any(k.startswith("extra_members") for k in state)
+    assert torch.equal(state["down.0.0.weight"], before["down.0.0.weight"])  # the first's
+    assert state["head.weight"].shape[0] == 3
+    assert ("the first of 3 averaged U-Nets kept" in model.provenance["notes"][-1]) == (
+        members == 3)
     list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
 
 

@@ -18,7 +18,13 @@ from .data import TrainingData, check_channels, painted_share, prepare_data
 from .events import EventKind, TrainEvent
 from .loop import iter_train
 from .losses import _NEW_OUTPUT_LAYER
-from .presets import BRIGHTNESS_SEPARATES, STROKES_DERIVATIVE_GAIN, _strokes_2d, preset_config
+from .presets import (
+    BRIGHTNESS_SEPARATES,
+    STROKES_DERIVATIVE_GAIN,
+    STROKES_ONE_MEMBER_FROM,
+    _strokes_2d,
+    preset_config,
+)
 
 
 def adapt_model(
@@ -29,7 +35,9 @@ def adapt_model(
     seed: int | None = None,
 ) -> PaintsegModel:
     """A copy of ``model`` for other classes: same weights, a new output layer if the class
-    count differs (the encoder and decoder are kept: warm start)."""
+    count differs (the encoder and decoder are kept: warm start). Averaged U-Nets that now
+    have :data:`~.presets.STROKES_ONE_MEMBER_FROM` classes or more go on as their first U-Net
+    alone, as a new U-Net for that many classes would be one."""
     class_values = tuple(int(v) for v in class_values)
     names = tuple(class_names) if class_names else None
     if model.foreign:
@@ -39,7 +47,11 @@ def adapt_model(
         if names:
             out.class_names = names
         return out
-    cfg = ModelConfig(**{**model.config.__dict__, "classes": len(class_values)})
+    members = model.config.members
+    if len(class_values) >= STROKES_ONE_MEMBER_FROM:
+        members = 1  # the first member's weights go on (the others' are not loaded)
+    cfg = ModelConfig(**{**model.config.__dict__, "classes": len(class_values),
+                         "members": members})
     fresh = new_model(cfg, class_values=class_values, class_names=names,
                       normalization=model.normalization, seed=seed)
     state = {k: v for k, v in model.network.state_dict().items()
@@ -48,7 +60,8 @@ def adapt_model(
     fresh.provenance = copy.deepcopy(model.provenance)
     fresh.provenance.setdefault("notes", []).append(
         f"output layer re-initialised for classes {list(class_values)}"
-    )
+        + (f"; the first of {model.config.members} averaged U-Nets kept"
+           if members < model.config.members else ""))
     fresh.provenance[_NEW_OUTPUT_LAYER] = True  # until it is trained: nothing to anchor to
     return fresh
 
@@ -134,9 +147,9 @@ def model_for_training(
     :data:`BRIGHTNESS_SEPARATES`: nuclei), and by x0.3 elsewhere (cells in phase contrast,
     membranes, boundaries), or not at all (x1) where such scribbles cover their planes (dense
     labels: :func:`painted_share` at least :data:`~paintseg.config.DENSE_SHARE`): shape and
-    texture then have pixels enough to be learned from, and one U-Net instead of three
-    averaged has 2.3x the steps to learn them in. With three or more painted classes it is one
-    U-Net too (:func:`preset_config`)."""
+    texture then have pixels enough to be learned from, and it is one U-Net instead of three
+    averaged (more steps a second to learn them in). With three or more painted classes it is
+    one U-Net too (:func:`preset_config`)."""
     if base is not None:
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
     else:
