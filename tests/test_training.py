@@ -330,6 +330,7 @@ def test_warm_start_with_another_class_count(real_pair, members):
     assert state["head.weight"].shape[0] == 3
     assert ("the first of 3 averaged U-Nets kept" in model.provenance["notes"][-1]) == (
         members == 3)
+    assert "note: output layer re-initialised for classes [1, 2, 3]" in model.describe()
     list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
 
 

@@ -192,6 +192,8 @@ class PaintsegModel:
             )
         if prov.get("note"):
             lines.append(f"note: {prov['note']}")
+        for note in prov.get("notes", []):  # what adapting the model changed
+            lines.append(f"note: {note}")
         for entry in prov.get("training", []):
             lines.append(f"trained: {json.dumps(entry, sort_keys=True)}")
         if card:
