@@ -179,8 +179,7 @@ class ModelPanel(QGroupBox):
             return
         from ..model import default_class_names
 
-        text = self.names.text()
-        typed = [n.strip() for n in text.split(",")] if text.strip() else []
+        typed = self._typed_names()
         names = [str(n) for n in model.class_names]
         if typed or names != list(default_class_names(values)):  # defaults stay unwritten
             self.names.setText(", ".join(names + typed[k:]))
@@ -189,11 +188,16 @@ class ModelPanel(QGroupBox):
     def new_dims(self) -> int:
         return 3 if self.dims.currentText() == "3D" else 2
 
+    def _typed_names(self) -> list[str]:
+        """The names typed in the Class names box, in order ([] when it is empty)."""
+        text = self.names.text()
+        return [n.strip() for n in text.split(",")] if text.strip() else []
+
     def class_names(self, k: int) -> list[tuple[int, str]]:
         """Values 1..k of a new U-Net's classes with the names typed (or the defaults)."""
         from ..model import default_class_names
 
-        typed = [n.strip() for n in self.names.text().split(",")]
+        typed = self._typed_names()
         names = [t or d for t, d in zip(typed + [""] * k, default_class_names(range(1, k + 1)))]
         return list(zip(range(1, k + 1), names))
 

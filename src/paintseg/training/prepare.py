@@ -21,8 +21,8 @@ from .losses import _NEW_OUTPUT_LAYER
 from .presets import (
     BRIGHTNESS_SEPARATES,
     STROKES_DERIVATIVE_GAIN,
-    STROKES_ONE_MEMBER_FROM,
     _strokes_2d,
+    members_for_classes,
     preset_config,
 )
 
@@ -37,7 +37,7 @@ def adapt_model(
     """A copy of ``model`` for other classes: same weights, a new output layer if the class
     count differs (the encoder and decoder are kept: warm start). Averaged U-Nets that now
     have :data:`~.presets.STROKES_ONE_MEMBER_FROM` classes or more go on as their first U-Net
-    alone, as a new U-Net for that many classes would be one."""
+    alone, as a new U-Net for that many classes would be one (:func:`~.presets.members_for_classes`)."""
     class_values = tuple(int(v) for v in class_values)
     names = tuple(class_names) if class_names else None
     if model.foreign:
@@ -47,9 +47,8 @@ def adapt_model(
         if names:
             out.class_names = names
         return out
-    members = model.config.members
-    if len(class_values) >= STROKES_ONE_MEMBER_FROM:
-        members = 1  # the first member's weights go on (the others' are not loaded)
+    # the first member's weights go on where it is one now (the others' are not loaded)
+    members = members_for_classes(model.config.members, classes=len(class_values))
     cfg = ModelConfig(**{**model.config.__dict__, "classes": len(class_values),
                          "members": members})
     fresh = new_model(cfg, class_values=class_values, class_names=names,

@@ -83,9 +83,17 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
     strokes = _strokes_2d(preset, dims=dims, labels_kind=labels_kind)
     arch.update(strokes)
-    if "members" in strokes and classes >= STROKES_ONE_MEMBER_FROM:
-        arch["members"] = 1  # many classes: one U-Net, more steps
+    if "members" in strokes:
+        arch["members"] = members_for_classes(strokes["members"], classes=classes)
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
+
+
+def members_for_classes(members: int, *, classes: int) -> int:
+    """How many averaged U-Nets a network of ``members`` keeps for ``classes`` classes: one
+    from :data:`STROKES_ONE_MEMBER_FROM` classes on (the classes share one budget of steps,
+    and one U-Net takes more steps a second), ``members`` below. A new U-Net for strokes
+    (:func:`preset_config`) and a model adapted to more classes (``adapt_model``) follow it."""
+    return 1 if classes >= STROKES_ONE_MEMBER_FROM else members
 
 
 def _strokes_2d(preset: str, *, dims: int, labels_kind: str) -> dict[str, Any]:
