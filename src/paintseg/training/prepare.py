@@ -37,7 +37,8 @@ def adapt_model(
     """A copy of ``model`` for other classes: same weights, a new output layer if the class
     count differs (the encoder and decoder are kept: warm start). Averaged U-Nets that now
     have :data:`~.presets.STROKES_ONE_MEMBER_FROM` classes or more go on as their first U-Net
-    alone, as a new U-Net for that many classes would be one (:func:`~.presets.members_for_classes`)."""
+    alone, as a new U-Net for that many classes would be one
+    (:func:`~.presets.members_for_classes`)."""
     class_values = tuple(int(v) for v in class_values)
     names = tuple(class_names) if class_names else None
     if model.foreign:
