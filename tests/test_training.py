@@ -1057,7 +1057,9 @@ def ndi_dilate(mask: np.ndarray) -> np.ndarray:
 
 def test_a_thin_class_with_few_strokes_is_learnt_and_a_miss_is_named(real_pair):
     """The collapse-prone case: a thin class (nuclei outlines, 2 px) with few strokes, beside
-    background and nucleus, a new U-Net of the default preset for 150 steps. It does not
+    background and nucleus, a new U-Net of the default preset for 300 steps (a 60 s run on 2
+    cores makes about 1,000; at 150 the thin class's share swung from 0.36 to 0.66 with the
+    seed, at 300 it was 0.59-0.72 on two seeds and either derivative gain). It does not
     return its starting weights, and it predicts the thin class on most of the pixels painted
     with it, so nothing is said; the untrained network misses a class, and the warning names
     it."""
@@ -1068,7 +1070,7 @@ def test_a_thin_class_with_few_strokes_is_learnt_and_a_miss_is_named(real_pair):
     data, model = prepare_training([(img, lab)], base=None, dims=2, in_channels=1, seed=0)
     assert data.class_values == (1, 2, 3) and 0 < data.counts[2] < 1000
     untrained = copy.deepcopy(model)
-    done = list(iter_train(model, data, TrainConfig(steps=150, seed=0), device="cpu"))[-1]
+    done = list(iter_train(model, data, TrainConfig(steps=300, seed=0), device="cpu"))[-1]
     assert done.best_step > 0
     agree = painted_agreement(model, data, device="cpu")
     assert min(agree.values()) >= 0.5, agree
@@ -1172,7 +1174,8 @@ def test_cli_names_a_missed_class(tmp_path, nuclei2d_path, real_pair, capsys):
 def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes(real_pair):
     """Nuclei strokes: brightness alone tells them from the background, the derivative
     channels are damped x0.1. Outline strokes (a thin class between bright nuclei and dark
-    background): brightness does not, x0.3, and with every pixel painted x1."""
+    background): brightness does not; x0.3 for two classes (outlines and the rest: 3 averaged
+    U-Nets), x1 for three (one U-Net), and x1 with every pixel painted."""
     from paintseg.training import (
         BRIGHTNESS_SEPARATES,
         brightness_separability,
@@ -1182,11 +1185,18 @@ def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes
 
     img, gt = real_pair
     gains = {}
-    for name, lab in (("nuclei", strokes(gt, n=120)), ("outlines", outline_strokes(gt, n=25))):
+    three = outline_strokes(gt, n=25)
+    two = np.where(three == 3, 2, np.where(three > 0, 1, 0)).astype(np.uint8)
+    for name, lab in (("nuclei", strokes(gt, n=120)), ("outlines", three),
+                      ("outlines, 2 classes", two)):
         data, model = prepare_training([(img, lab)], base=None, dims=2, in_channels=1, seed=0)
-        gains[name] = (brightness_separability(data), model.config.derivative_gain)
-    assert gains["nuclei"][0] >= BRIGHTNESS_SEPARATES > gains["outlines"][0], gains
-    assert gains["nuclei"][1] == 0.1 and gains["outlines"][1] == 0.3
+        gains[name] = (brightness_separability(data), model.config.derivative_gain,
+                       model.config.members)
+    assert gains["nuclei"][0] >= BRIGHTNESS_SEPARATES > max(
+        gains["outlines"][0], gains["outlines, 2 classes"][0]), gains
+    assert gains["nuclei"][1:] == (0.1, 3), gains
+    assert gains["outlines, 2 classes"][1:] == (0.3, 3), gains
+    assert gains["outlines"][1:] == (1.0, 1), gains
     _, dense = prepare_training([(img, gt)], base=None, dims=2, in_channels=1,
                                 labels_kind="instances", seed=0)
     assert dense.config.derivative_gain == 1.0

@@ -144,12 +144,12 @@ def model_for_training(
 
     A new 2D fast U-Net for strokes damps its derivative channels by x0.1 where brightness
     alone separates the painted classes (:func:`brightness_separability` at least
-    :data:`BRIGHTNESS_SEPARATES`: nuclei), and by x0.3 elsewhere (cells in phase contrast,
-    membranes, boundaries), or not at all (x1) where such scribbles cover their planes (dense
-    labels: :func:`painted_share` at least :data:`~paintseg.config.DENSE_SHARE`): shape and
-    texture then have pixels enough to be learned from, and it is one U-Net instead of three
-    averaged (more steps a second to learn them in). With three or more painted classes it is
-    one U-Net too (:func:`preset_config`)."""
+    :data:`BRIGHTNESS_SEPARATES`: nuclei). Elsewhere (cells in phase contrast, membranes,
+    boundaries) it trains one U-Net at full strength (x1) where it trains one U-Net anyway:
+    three or more painted classes (:func:`preset_config`), and scribbles that cover their
+    planes (dense labels: :func:`painted_share` at least :data:`~paintseg.config.DENSE_SHARE`;
+    one U-Net instead of three averaged then, more steps a second to learn shape and texture
+    from every pixel). Two classes of strokes keep three averaged U-Nets damped x0.3."""
     if base is not None:
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
     else:
@@ -163,6 +163,10 @@ def model_for_training(
                 # shape and texture from every pixel: full strength, and one U-Net (more
                 # steps; no unpainted pixels for the average to be steady on)
                 cfg = dataclasses.replace(cfg, derivative_gain=1.0, members=1)
+            elif cfg.members == 1:
+                # many classes: shape and texture tell the dark (or bright) ones apart; damped,
+                # one U-Net could leave a thin class unlearnt, even on its own strokes
+                cfg = dataclasses.replace(cfg, derivative_gain=1.0)
             else:
                 cfg = dataclasses.replace(cfg, derivative_gain=shaped)
         model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,

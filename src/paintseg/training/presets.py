@@ -21,7 +21,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # kinds of data of benchmarks/interactive.py, at most 0.89 (EM membranes).
 BRIGHTNESS_SEPARATES = 0.92
 # The fast preset's derivative gain for strokes where brightness separates the classes, and
-# where it does not (shape and texture then tell them apart).
+# where it does not (shape and texture then tell them apart) for 3 averaged U-Nets (two
+# classes); one U-Net there (3 or more classes, dense scribbles) has them at full strength:
+# damped x0.3, one U-Net left EM membranes unlearnt among five classes, even on their own
+# strokes (benchmarks/RESULTS.md, "Full-strength derivatives for one U-Net").
 STROKES_DERIVATIVE_GAIN = (0.1, 0.3)
 
 # What the 2D presets change for strokes (sparse labels; dense labels keep the preset as is).
