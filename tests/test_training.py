@@ -334,6 +334,47 @@ def test_warm_start_with_another_class_count(real_pair, members):
     list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64), device="cpu"))
 
 
+def test_a_class_added_to_averaged_unets_goes_on_at_full_strength(real_pair):
+    """Averaged U-Nets damped x0.3 (two classes where brightness does not separate them) that
+    go on as one for a third class get their derivative channels at full strength, as a new
+    U-Net for three such classes has them: the same function (set_derivative_gain rescales
+    the first layer), noted in the checkpoint. Nuclei strokes keep their damping."""
+    from paintseg.training import (
+        BRIGHTNESS_SEPARATES,
+        brightness_separability,
+        model_for_training,
+    )
+
+    img, gt = real_pair
+    cfg = ModelConfig(depth=2, base_features=8, members=3, features=(1.0, 2.0),
+                      derivative_gain=0.3)
+    net = new_model(cfg, seed=0).network.eval()
+    x = torch.from_numpy(img[None, None, :64, :64].astype(np.float32) / img.max())
+    with torch.no_grad():
+        before = net(x)
+        net.set_derivative_gain(1.0)
+        after = net(x)
+    assert net.filters.gain == 1.0 and net.config.derivative_gain == 1.0
+    assert torch.allclose(before, after, atol=1e-5), float((before - after).abs().max())
+
+    # a third class brighter than the nuclei: brightness alone separates the three
+    bright = img.astype(np.float32)
+    bright[:40, :40] = 3 * img.max()
+    nuclei = strokes(gt)
+    nuclei[5:35, 5:35] = 3
+    for image, lab, gain in ((img, outline_strokes(gt, n=25), 1.0), (bright, nuclei, 0.3)):
+        base = new_model(cfg, seed=0)
+        data = prepare_data([(image, lab)], dims=2, seed=0, validation_fraction=0)
+        assert (brightness_separability(data) >= BRIGHTNESS_SEPARATES) == (gain < 1)
+        model = model_for_training(base, data, in_channels=1, seed=0)
+        assert model.config.members == 1 and model.config.derivative_gain == gain
+        assert model.network.filters.gain == gain
+        assert ("derivative channels at full strength" in model.provenance["notes"][-1]) == (
+            gain == 1.0)
+        list(iter_train(model, data, TrainConfig(steps=2, seed=0, patch_size=64),
+                        device="cpu"))
+
+
 def test_each_member_fits_the_targets_on_its_own(real_pair):
     """The first member of a 3-member network trains as the one-member network of the same
     seed does (same starting weights, same patches): its gradient comes from its own loss

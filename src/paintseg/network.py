@@ -7,6 +7,7 @@ own: a BioImage.IO package exported by paintseg ships it as the architecture sou
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from collections.abc import Sequence
@@ -140,6 +141,13 @@ class FilterBank(nn.Module):
         #: Convolve through the FFT (True), directly (False), or as suits the device (None).
         #: An ONNX export takes direct convolutions: ONNX's DFT is less exact.
         self.use_fft: bool | None = None
+
+    def derivative_channels(self) -> list[int]:
+        """Indices of the output channels that ``derivative_gain`` multiplies (gradient
+        magnitude, Laplacian and the two Hessian features of every channel and scale)."""
+        per = 1 + 5 * len(self.sigmas)
+        return [c * per + 1 + 5 * i + j for c in range(self.out_channels // per)
+                for i in range(len(self.sigmas)) for j in (1, 2, 3, 4)]
 
     def _along(self, x: torch.Tensor, k: torch.Tensor, axis: int, *,
                fft: bool | None = None, fx: torch.Tensor | None = None) -> torch.Tensor:
@@ -302,6 +310,19 @@ class UNet(nn.Module):
         _build_body(self, cin, config)
         self.extra_members = nn.ModuleList(
             [_Member(cin, config) for _ in range(config.members - 1)])
+
+    def set_derivative_gain(self, gain: float) -> None:
+        """Give the filter bank derivative gain ``gain``, with the first layer of every member
+        rescaled on the derivative channels so that the network computes the same function
+        (what changes is how fast training moves the weights on those channels)."""
+        if self.filters is None or not gain > 0:
+            raise ValueError(f"a filter bank and a gain > 0 expected, got {gain}")
+        idx = self.filters.derivative_channels()
+        with torch.no_grad():
+            for member in (self, *self.extra_members):
+                member.down[0][0].weight[:, idx] *= self.filters.gain / gain
+        self.filters.gain = float(gain)
+        self.config = dataclasses.replace(self.config, derivative_gain=float(gain))
 
     def to_device(self, device: str | torch.device) -> UNet:
         """Move the network to ``device`` in the memory layout of :func:`preferred_layout`

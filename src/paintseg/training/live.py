@@ -39,7 +39,7 @@ from .data import TrainingData, _assemble, _normalised_range
 from .loop import TrainingRun
 from .losses import _NEW_OUTPUT_LAYER
 from .messages import agreement_in, missed_text
-from .prepare import adapt_model, classes_to_continue, model_for_training
+from .prepare import classes_to_continue, model_for_training
 from .targets import _check_labels
 
 T = TypeVar("T")
@@ -424,8 +424,8 @@ class LiveSession:
                                        preset=self._preset, seed=self._config.seed)
         else:  # the base model, or the current one, for the classes painted now
             start = self._base if run is None else self._snapshot()
-            model = adapt_model(start, data.class_values, data.class_names,
-                                seed=self._config.seed)
+            model = model_for_training(start, data, in_channels=self._channels,
+                                       preset=self._preset, seed=self._config.seed)
         steps = 0 if run is None else run.step
         self._run = TrainingRun(model, data, self._config, device=self._device)
         self._run.step = steps  # steps count on over the session

@@ -149,9 +149,20 @@ def model_for_training(
     three or more painted classes (:func:`preset_config`), and scribbles that cover their
     planes (dense labels: :func:`painted_share` at least :data:`~paintseg.config.DENSE_SHARE`;
     one U-Net instead of three averaged then, more steps a second to learn shape and texture
-    from every pixel). Two classes of strokes keep three averaged U-Nets damped x0.3."""
+    from every pixel). Two classes of strokes keep three averaged U-Nets damped x0.3; when a
+    class added to such a model leaves its first U-Net to go on alone (:func:`adapt_model`),
+    that U-Net goes on at full strength too (:meth:`~paintseg.network.UNet.set_derivative_gain`:
+    the same function, its first layer rescaled)."""
     if base is not None:
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
+        if (model.config.members < base.config.members and model.config.derivative_gain != 1
+                and model.config.dims == 2 and labels_kind == "scribbles"
+                and brightness_separability(data) < BRIGHTNESS_SEPARATES):
+            # averaged U-Nets gone on as one (a class added): full strength, as a new U-Net
+            # for these classes would have; the same function, trained faster on shape
+            model.network.set_derivative_gain(1.0)
+            model.config = model.network.config
+            model.provenance["notes"][-1] += "; derivative channels at full strength"
     else:
         cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
                             classes=len(data.class_values), labels_kind=labels_kind)
