@@ -135,7 +135,8 @@ class FilterBank(nn.Module):
             self.register_buffer(f"d1_{i}", d1, persistent=False)
             self.register_buffer(f"d2_{i}", d2, persistent=False)
         # raw + per scale: smooth, gradient magnitude, LoG, two Hessian features
-        self.out_channels = in_channels * (1 + 5 * len(self.sigmas))
+        self._per_channel = 1 + 5 * len(self.sigmas)
+        self.out_channels = in_channels * self._per_channel
         #: Outputs to reuse for inputs seen before (None: every input is filtered).
         self.memo: FeatureMemo | None = None
         #: Convolve through the FFT (True), directly (False), or as suits the device (None).
@@ -145,7 +146,7 @@ class FilterBank(nn.Module):
     def derivative_channels(self) -> list[int]:
         """Indices of the output channels that ``derivative_gain`` multiplies (gradient
         magnitude, Laplacian and the two Hessian features of every channel and scale)."""
-        per = 1 + 5 * len(self.sigmas)
+        per = self._per_channel
         return [c * per + 1 + 5 * i + j for c in range(self.out_channels // per)
                 for i in range(len(self.sigmas)) for j in (1, 2, 3, 4)]
 

@@ -157,7 +157,7 @@ def model_for_training(
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
         if (model.config.members < base.config.members and model.config.derivative_gain != 1
                 and model.config.dims == 2 and labels_kind == "scribbles"
-                and brightness_separability(data) < BRIGHTNESS_SEPARATES):
+                and _strokes_gain(data, members=1) == (1.0, 1)):
             # averaged U-Nets gone on as one (a class added): full strength, as a new U-Net
             # for these classes would have; the same function, trained faster on shape
             model.network.set_derivative_gain(1.0)
@@ -167,24 +167,29 @@ def model_for_training(
         cfg = preset_config(preset, dims=data.dims, in_channels=in_channels,
                             classes=len(data.class_values), labels_kind=labels_kind)
         if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
-            damped, shaped = STROKES_DERIVATIVE_GAIN
-            if brightness_separability(data) >= BRIGHTNESS_SEPARATES:
-                cfg = dataclasses.replace(cfg, derivative_gain=damped)
-            elif painted_share(data) >= DENSE_SHARE:
-                # shape and texture from every pixel: full strength, and one U-Net (more
-                # steps; no unpainted pixels for the average to be steady on)
-                cfg = dataclasses.replace(cfg, derivative_gain=1.0, members=1)
-            elif cfg.members == 1:
-                # many classes: shape and texture tell the dark (or bright) ones apart; damped,
-                # one U-Net could leave a thin class unlearnt, even on its own strokes
-                cfg = dataclasses.replace(cfg, derivative_gain=1.0)
-            else:
-                cfg = dataclasses.replace(cfg, derivative_gain=shaped)
+            gain, members = _strokes_gain(data, members=cfg.members)
+            cfg = dataclasses.replace(cfg, derivative_gain=gain, members=members)
         model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
                           seed=seed)
     if labels_kind == "instances":
         model.provenance["output"] = "instances"
     return model
+
+
+def _strokes_gain(data: TrainingData, *, members: int) -> tuple[float, int]:
+    """The derivative gain and the number of averaged U-Nets of a 2D fast U-Net of ``members``
+    for the scribbles of ``data`` (see :func:`model_for_training`)."""
+    damped, shaped = STROKES_DERIVATIVE_GAIN
+    if brightness_separability(data) >= BRIGHTNESS_SEPARATES:
+        return damped, members
+    if painted_share(data) >= DENSE_SHARE:
+        # shape and texture from every pixel: full strength, and one U-Net (more steps; no
+        # unpainted pixels for the average to be steady on)
+        return 1.0, 1
+    # many classes (one U-Net): shape and texture tell the dark (or bright) ones apart;
+    # damped, one U-Net could leave a thin class unlearnt, even on its own strokes
+    return (1.0, 1) if members == 1 else (shaped, members)
+
 
 def prepare_training(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
