@@ -257,3 +257,18 @@ def test_a_prediction_that_must_not_run_here_waits_for_the_loop_or_is_cancelled(
     assert late.cancelled() and len(threads) == 1
     here = s.predict_async((slice(0, 64), slice(0, 64)))
     assert here.result().labels.shape == (64, 64) and threads[-1] is threading.current_thread()
+
+
+def test_the_live_learning_rate_warms_up_falls_to_its_floor_and_stays():
+    """A run's rate rises over the warm-up, falls by a cosine to the floor, then holds there
+    for as long as the session trains; a new run (a new class) starts again at the peak."""
+    from paintseg.training.live import LIVE_DECAY_STEPS, LIVE_FLOOR, live_learning_rate
+
+    rates = [live_learning_rate(3e-3, i) for i in range(3 * LIVE_DECAY_STEPS)]
+    assert rates[0] < rates[5] < rates[9]  # warm-up
+    assert max(rates) == pytest.approx(3e-3, rel=0.01)
+    falling = rates[9:LIVE_DECAY_STEPS + 1]
+    assert all(a >= b for a, b in zip(falling, falling[1:]))
+    assert rates[LIVE_DECAY_STEPS // 2] == pytest.approx(3e-3 * (1 + LIVE_FLOOR) / 2, rel=0.02)
+    assert rates[LIVE_DECAY_STEPS:] == pytest.approx([3e-3 * LIVE_FLOOR] * (2 * LIVE_DECAY_STEPS))
+    assert live_learning_rate(3e-3, 9) == pytest.approx(rates[9])  # a new run: from the peak

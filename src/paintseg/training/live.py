@@ -17,6 +17,7 @@ own team of OpenMP helper threads; see docs/architecture.md).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import queue
 import threading
@@ -53,12 +54,21 @@ MISSED_AFTER_STEPS = 100
 
 # learning-rate warm-up of a new run, in steps (as in iter_train)
 _WARMUP = 10
+#: A live run's learning rate falls from its peak to ``LIVE_FLOOR`` times the peak over its
+#: first ``LIVE_DECAY_STEPS`` steps (a cosine, as a normal run's over its budget), then stays:
+#: at the peak throughout, a new U-Net on hard strokes (phase-contrast cells) never fitted them.
+LIVE_DECAY_STEPS = 300
+LIVE_FLOOR = 0.1
 
 
 def live_learning_rate(peak: float, run_step: int) -> float:
     """The learning rate of a live session's step ``run_step`` of its current run: the
-    warm-up of :func:`~.loop.iter_train`, then ``peak`` for as long as the session trains."""
-    return peak * min(1.0, (run_step + 1) / _WARMUP)
+    warm-up of :func:`~.loop.iter_train`, a cosine from ``peak`` down to ``LIVE_FLOOR *
+    peak`` at step ``LIVE_DECAY_STEPS``, then that floor for as long as the session trains
+    (a new run, for a new class, starts again from the peak)."""
+    warm = min(1.0, (run_step + 1) / _WARMUP)
+    done = min(1.0, max(0, run_step) / LIVE_DECAY_STEPS)
+    return peak * warm * (LIVE_FLOOR + (1 - LIVE_FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 @dataclass(frozen=True)
