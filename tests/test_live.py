@@ -199,7 +199,17 @@ def test_a_refresh_of_the_same_view_filters_nothing_again(crop):
         np.where(fresh[view] == 1, 0, fresh[view]), again.labels)
 
 
-def test_it_waits_for_two_classes_and_grows_with_a_new_one(crop):
+def test_it_waits_for_two_classes_and_grows_with_a_new_one(crop, monkeypatch):
+    """Nothing trains before two classes are painted; a third class painted later grows the
+    model and starts a new run, its learning rate again from the peak."""
+    import paintseg.training.live as live
+    from paintseg.training.loop import TrainingRun
+
+    monkeypatch.setattr(live, "LIVE_DECAY_STEPS", 40)  # at the floor within the test
+    rates: list[float] = []
+    step = TrainingRun.train_step
+    monkeypatch.setattr(TrainingRun, "train_step",
+                        lambda run, lr: (rates.append(lr), step(run, lr))[1])
     img, sem = crop
     lab = strokes(sem, slice(0, 256))
     only_bg = np.where(lab == 1, 1, 0).astype(np.uint8)
@@ -211,12 +221,15 @@ def test_it_waits_for_two_classes_and_grows_with_a_new_one(crop):
         time.sleep(0.5)
         assert s.step == 0
         assert s.update_labels(lab)
-        wait_for(lambda: s.step >= 5)
+        wait_for(lambda: s.step >= 45)
+        peak = TrainConfig().learning_rate
+        assert rates[-1] == pytest.approx(peak * live.LIVE_FLOOR)
         third = lab.copy()
         third[100:110, 100:140] = 3
         s.update_labels(third)
-        n = s.step
-        wait_for(lambda: s.step >= n + 5)
+        n, k = s.step, len(rates)  # the new classes are taken in before the next step
+        wait_for(lambda: s.step >= n + 14)
+        assert max(rates[k:k + 14]) > 0.8 * peak  # warmed up again, near the peak (floor 0.1)
         model = s.model()
         assert model.class_values == (1, 2, 3)
         assert s.predict((slice(0, 64), slice(0, 64))).labels.max() <= 3
@@ -261,7 +274,8 @@ def test_a_prediction_that_must_not_run_here_waits_for_the_loop_or_is_cancelled(
 
 def test_the_live_learning_rate_warms_up_falls_to_its_floor_and_stays():
     """A run's rate rises over the warm-up, falls by a cosine to the floor, then holds there
-    for as long as the session trains; a new run (a new class) starts again at the peak."""
+    for as long as the session trains (a new class restarts it: see
+    test_it_waits_for_two_classes_and_grows_with_a_new_one)."""
     from paintseg.training.live import LIVE_DECAY_STEPS, LIVE_FLOOR, live_learning_rate
 
     rates = [live_learning_rate(3e-3, i) for i in range(3 * LIVE_DECAY_STEPS)]
@@ -271,4 +285,3 @@ def test_the_live_learning_rate_warms_up_falls_to_its_floor_and_stays():
     assert all(a >= b for a, b in zip(falling, falling[1:]))
     assert rates[LIVE_DECAY_STEPS // 2] == pytest.approx(3e-3 * (1 + LIVE_FLOOR) / 2, rel=0.02)
     assert rates[LIVE_DECAY_STEPS:] == pytest.approx([3e-3 * LIVE_FLOOR] * (2 * LIVE_DECAY_STEPS))
-    assert live_learning_rate(3e-3, 9) == pytest.approx(rates[9])  # a new run: from the peak
