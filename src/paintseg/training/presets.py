@@ -42,7 +42,7 @@ STROKES_DERIVATIVE_GAIN = (0.1, 0.3)
 # layer's 8 channels negative everywhere; it then predicts one constant), which capped the
 # average's confidence at about 0.86, so that the snap re-decided every border pixel and a
 # third of the work was lost (cells3d draw 1: one member's logits had std 0.16, the others'
-# 11 and 13; benchmarks/RESULTS.md, "A silent member").
+# 11 and 13; benchmarks/RESULTS-archive.md, "A silent member").
 STROKES_2D: dict[str, dict[str, Any]] = {
     "fast": {"derivative_gain": STROKES_DERIVATIVE_GAIN[0], "base_features": 8, "members": 3,
              "features": (1.0, 2.0, 4.0, 8.0), "activation": "leaky_relu"},
