@@ -17,7 +17,6 @@ own team of OpenMP helper threads; see docs/architecture.md).
 from __future__ import annotations
 
 import copy
-import math
 import os
 import queue
 import threading
@@ -37,7 +36,7 @@ from ..errors import InputError
 from ..model import PaintsegModel, default_class_names, save_model
 from ..network import FeatureMemo
 from .data import TrainingData, _assemble, _normalised_range
-from .loop import TrainingRun
+from .loop import TrainingRun, cosine_rate
 from .losses import _NEW_OUTPUT_LAYER
 from .messages import agreement_in, missed_text
 from .prepare import classes_to_continue, model_for_training
@@ -52,8 +51,6 @@ AGREEMENT_MIN_PIXELS = 20
 #: on: over the first steps a new U-Net predicts one class everywhere.
 MISSED_AFTER_STEPS = 100
 
-# learning-rate warm-up of a new run, in steps (as in iter_train)
-_WARMUP = 10
 #: A live run's learning rate falls from its peak to ``LIVE_FLOOR`` times the peak over its
 #: first ``LIVE_DECAY_STEPS`` steps (a cosine, as a normal run's over its budget), then stays:
 #: at the peak throughout, a new U-Net on hard strokes (phase-contrast cells) never fitted them.
@@ -66,9 +63,8 @@ def live_learning_rate(peak: float, run_step: int) -> float:
     warm-up of :func:`~.loop.iter_train`, a cosine from ``peak`` down to ``LIVE_FLOOR *
     peak`` at step ``LIVE_DECAY_STEPS``, then that floor for as long as the session trains
     (a new run, for a new class, starts again from the peak)."""
-    warm = min(1.0, (run_step + 1) / _WARMUP)
     done = min(1.0, max(0, run_step) / LIVE_DECAY_STEPS)
-    return peak * warm * (LIVE_FLOOR + (1 - LIVE_FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
+    return cosine_rate(peak, run_step, done, floor=LIVE_FLOOR)
 
 
 @dataclass(frozen=True)

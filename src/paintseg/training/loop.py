@@ -47,6 +47,17 @@ _BEST_TOLERANCE = 0.05
 
 
 
+#: Steps over which a run's learning rate rises to its peak (a normal run and a live one).
+WARMUP_STEPS = 10
+
+
+def cosine_rate(peak: float, step: int, fraction: float, *, floor: float = 0.0) -> float:
+    """The learning rate of step ``step``: ``peak`` reached over :data:`WARMUP_STEPS`, times
+    a cosine from 1 at ``fraction`` 0 down to ``floor`` at ``fraction`` 1."""
+    warm = min(1.0, (step + 1) / WARMUP_STEPS)
+    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * fraction)))
+
+
 def _val_batches(data: TrainingData, size: tuple[int, ...], rng: np.random.Generator,
                  max_patches: int = 16) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """Fixed patches over the held-out pixels (targets outside the hold-out ignored), their
@@ -395,7 +406,6 @@ def _train(
     t0 = time.perf_counter()
     last_report = last_val = t0
     stopped = False
-    warmup = 10
 
     def fraction() -> float:
         parts = []
@@ -419,8 +429,7 @@ def _train(
             if should_stop is not None and should_stop():
                 stopped = True
                 break
-            lr = (cfg.learning_rate * min(1.0, (run.step + 1) / warmup)
-                  * 0.5 * (1 + math.cos(math.pi * fraction())))
+            lr = cosine_rate(cfg.learning_rate, run.step, fraction())
             run.train_step(max(lr, cfg.learning_rate * 0.02))
             now = time.perf_counter()
             if now - last_report >= step_every:
