@@ -73,14 +73,17 @@ def snap_to_edges(
 
     Pixels at most ``snap`` pixels from a border of the arg-max classes whose class
     probability is below ``confidence`` are decided again: by a seeded watershed on the
-    image's gradient magnitude, flooded from every other pixel (its arg-max class). A border
-    thus moves by at most ``snap`` pixels, to where the image changes most, and the confident
-    parts of the result stay as they are. Thin classes (:func:`thin_classes`: membranes,
-    boundaries, fibres: lines narrower than twice ``snap``) are never moved, nor any border
-    within ``snap`` pixels of them: the watershed pulled them onto neighbouring edges, or
-    erased them where no pixel of theirs was confident. A network trained on strokes learns
-    nothing about the pixels between the strokes, so its arg-max border lies anywhere in the
-    unpainted gap around an object; the image's edge is where a user would put it.
+    image's gradient magnitude, flooded from every other pixel (its arg-max class) and from
+    the innermost pixel of each region wider than ``snap`` that lies wholly among them. A
+    border thus moves by at most ``snap`` pixels, to where the image changes most, the
+    confident parts of the result stay as they are, and no region of the arg-max wider than
+    ``snap`` is erased (an unsure model's small nuclei lie wholly in the band); narrower
+    specks may be. Thin classes (:func:`thin_classes`: membranes, boundaries, fibres: lines
+    narrower than twice ``snap``) are never moved, nor any border within ``snap`` pixels of
+    them: the watershed pulled them onto neighbouring edges, or erased them where no pixel of
+    theirs was confident. A network trained on strokes learns nothing about the pixels
+    between the strokes, so its arg-max border lies anywhere in the unpainted gap around an
+    object; the image's edge is where a user would put it.
 
     Parameters
     ----------
@@ -127,10 +130,31 @@ def snap_to_edges(
             band &= ndi.distance_transform_edt(index != k) > snap
     if not band.any():
         return index
+    # a region lying wholly in the band keeps its innermost pixel as a seed if it is wider
+    # than the snap distance: the snap moves borders and may clear specks, never erases an
+    # object the network found
+    band &= ~_seeds_of_enclosed_regions(index, band, distance, wider_than=snap)
     grad = np.zeros(index.shape, np.float32)
     for channel in np.asarray(image, dtype=np.float32):
         grad += sobel(gaussian(channel, sigma=sigma, preserve_range=True))
     return _flood_band(grad, index, band)
+
+
+def _seeds_of_enclosed_regions(index: np.ndarray, band: np.ndarray, distance: np.ndarray,
+                               *, wider_than: float) -> np.ndarray:
+    """The innermost pixel (largest ``distance`` to another class) of each connected region
+    of ``index``'s classes that lies wholly in ``band`` and is wider than ``wider_than``
+    pixels (its innermost pixel more than half that from another class), as a mask."""
+    seeds = np.zeros(index.shape, bool)
+    for k in np.unique(index[band & (distance > wider_than / 2)]):
+        regions, n = ndi.label(index == k)
+        outside = np.bincount(regions[~band], minlength=n + 1)
+        enclosed = np.flatnonzero(outside[1:] == 0) + 1
+        if len(enclosed):
+            at = np.transpose(ndi.maximum_position(distance, regions, enclosed))
+            wide = distance[tuple(at)] > wider_than / 2
+            seeds[tuple(at[:, wide])] = True
+    return seeds
 
 
 def _flood_band(grad: np.ndarray, index: np.ndarray, band: np.ndarray) -> np.ndarray:
