@@ -150,10 +150,18 @@ def _seeds_of_enclosed_regions(index: np.ndarray, band: np.ndarray, distance: np
         regions, n = ndi.label(index == k)
         outside = np.bincount(regions[~band], minlength=n + 1)
         enclosed = np.flatnonzero(outside[1:] == 0) + 1
-        if len(enclosed):
-            at = np.transpose(ndi.maximum_position(distance, regions, enclosed))
-            wide = distance[tuple(at)] > wider_than / 2
-            seeds[tuple(at[:, wide])] = True
+        if not len(enclosed):
+            continue
+        # each enclosed region's first pixel (raster order) of largest distance, from its
+        # own pixels only (ndi.maximum_position visits the whole plane per call)
+        chosen = np.zeros(n + 1, bool)
+        chosen[enclosed] = True
+        at = np.flatnonzero(chosen[regions])
+        owner, far = regions.ravel()[at], distance.ravel()[at]
+        order = np.lexsort((-far, owner))  # stable: ties keep raster order
+        first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]
+        first = first[far[first] > wider_than / 2]
+        seeds.ravel()[at[first]] = True
     return seeds
 
 
