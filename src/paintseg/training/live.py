@@ -63,7 +63,7 @@ def live_learning_rate(peak: float, run_step: int) -> float:
     warm-up of :func:`~.loop.iter_train`, a cosine from ``peak`` down to ``LIVE_FLOOR *
     peak`` at step ``LIVE_DECAY_STEPS``, then that floor for as long as the session trains
     (a new run, for a new class, starts again from the peak)."""
-    done = min(1.0, max(0, run_step) / LIVE_DECAY_STEPS)
+    done = min(1.0, run_step / LIVE_DECAY_STEPS)
     return cosine_rate(peak, run_step, done, floor=LIVE_FLOOR)
 
 

@@ -45,8 +45,6 @@ from .targets import IGNORE
 # step 28 of 159 (IoU 0.64 on the unpainted half, against 0.76 for the final weights).
 _BEST_TOLERANCE = 0.05
 
-
-
 #: Steps over which a run's learning rate rises to its peak (a normal run and a live one).
 WARMUP_STEPS = 10
 
