@@ -116,7 +116,7 @@ def test_model_errors(tmp_path, nuclei2d_path, nuclei3d_path):
     assert main(["segment", image, "--model", missing, "--out", str(out), "-q"]) == 2
     # a 3D model does run on a 3D stack
     assert main(["segment", str(nuclei3d_path), "--model", str(m3), "--out", str(out), "-q",
-                 "--tile", "32"]) == 0
+                 "--tile", "64"]) == 0
 
 
 def test_unwritable_output(tmp_path, model_file, nuclei2d_path, capsys):

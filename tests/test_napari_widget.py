@@ -28,7 +28,7 @@ SAMPLES = os.path.join(os.path.dirname(__file__), "..", "src", "paintseg", "samp
 # a new U-Net's training in the GUI tests, in steps: a time budget trains fewer steps under
 # load (15 s gave 42-48 steps, and the held-out IoU then ranged 0.37-0.73 between runs, with
 # random initial weights); by 100 steps the network has learned the strokes
-TRAIN_STEPS = 100
+TRAIN_STEPS = 60  # IoU 0.85 and 0.93, RGB agreement 0.83 at 2x (0.82, 0.93, 0.92 at 100)
 
 
 @pytest.fixture
@@ -611,7 +611,7 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     assert live.live.step == 0
     _paint_strokes(lab, gt2d, np.random.default_rng(0))  # the brush's paint events
     painted = lab.data.copy()
-    qtbot.waitUntil(lambda: live.live.step >= 150, timeout=120_000)
+    qtbot.waitUntil(lambda: live.live.step >= 90, timeout=120_000)  # IoU about 0.77
     step = live.live.step
     qtbot.waitUntil(lambda: "nuclei2d live" in viewer.layers
                     and live._layer("live") is not None and not live._inflight
@@ -633,11 +633,11 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     qtbot.waitUntil(lambda: "nuclei2d paint next" in viewer.layers, timeout=30_000)
     assert len(viewer.layers["nuclei2d paint next"].data) == 1
     # a prediction that misses a painted class in view is named under the status line
-    from paintseg.training.live import LivePrediction
+    from paintseg.training.live import MISSED_AFTER_STEPS, LivePrediction
 
     shape = tuple(sl.stop - sl.start for sl in region)
     missing = LivePrediction(np.zeros(shape, np.uint8), np.zeros(shape, np.float32), region,
-                             live.live.step, {1: 0.9, 2: 0.1})
+                             max(live.live.step, MISSED_AFTER_STEPS), {1: 0.9, 2: 0.1})
     live._show(missing, region)
     assert "The live model predicts" in w.train_tab.info.text()
     assert "(value 2) on only 10% of its painted pixels in view" in w.train_tab.info.text()
@@ -688,9 +688,15 @@ def test_closing_the_viewer_stops_a_live_session(make_napari_viewer, nuclei2d, g
     assert session.step == step  # stopped, not paused
 
 
-def test_export_a_bioimageio_package_and_open_it_again(viewer_widget, tmp_path):
+def test_export_a_bioimageio_package_and_open_it_again(viewer_widget, tmp_path, monkeypatch):
     pytest.importorskip("bioimageio.core")
+    import paintseg.exchange
     from paintseg._napari._model_panel import ExportDialog
+
+    # as where onnx is not installed (its export is tested in test_exchange.py, and costs
+    # more than the rest of this test)
+    monkeypatch.setattr(paintseg.exchange, "_onnx_weights",
+                        lambda *a, notes, **k: notes.append("no ONNX weights (test)") or False)
 
     viewer, w = viewer_widget
     panel = w.model_panel
