@@ -433,3 +433,45 @@ def test_normalisation_modes_in_checkpoints(tmp_path):
     assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
     with pytest.raises(Exception, match="mode must be percentile or mean_std"):
         NormConfig(mode="zscore")
+
+
+
+_HEAP = """
+import ctypes, sys
+import numpy as np
+if sys.argv[1] == "keep":
+    from paintseg.devices import keep_freed_memory
+    assert keep_freed_memory()
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+a = np.ones(64 * 2**20, np.uint8)  # a forward pass's activation
+mapped = libc.mallinfo2().hblkhd  # bytes in blocks mapped apart from the heap
+del a
+print(mapped, libc.mallinfo2().fordblks)  # and the free bytes the heap keeps
+"""
+
+
+def test_freed_memory_is_kept_for_the_next_allocation():
+    """By default glibc maps a 64 MB block apart from its heap and returns it to the kernel
+    when it is freed (the next one is mapped and zeroed again); once paintseg has kept freed
+    memory (its first segmentation or training does), the block comes from the heap and
+    stays there, free, for the next."""
+    import ctypes
+    import platform
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or \
+            not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("the allocator is tuned on Linux with glibc only (mallinfo2: 2.33+)")
+    seen = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", _HEAP, mode], capture_output=True,
+                             text=True, check=True).stdout
+        seen[mode] = [int(v) for v in out.split()]
+    block = 64 * 2**20
+    assert seen["default"][0] >= block and seen["default"][1] < block, seen
+    assert seen["keep"][0] < block and seen["keep"][1] >= block, seen

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from .config import DENSE_SHARE, OUTPUTS, SNAP_PIXELS, ModelConfig, SegmentSettings, TileConfig
-from .devices import amp_dtype, flush_denormals, memory_available, resolve_device
+from .devices import (
+    amp_dtype,
+    flush_denormals,
+    keep_freed_memory,
+    memory_available,
+    resolve_device,
+)
 from .errors import ConfigError, InputError
 from .io import ImageData, guess_axes, label_dtype, label_values
 from .model import PaintsegModel, class_argmax, exact_halo
@@ -476,6 +482,9 @@ def segment(
 ) -> SegmentResult:
     """Segment an image (2D, 2D + channels, 3D, time series) with a model.
 
+    The first call in a process keeps the memory it frees for its next allocations (Linux
+    with glibc; :func:`~paintseg.devices.keep_freed_memory`).
+
     Parameters
     ----------
     image : ImageData or numpy.ndarray
@@ -526,6 +535,7 @@ def segment(
         The image does not fit the model (channels, dimensionality) or contains NaN.
     """
     t_start = time.perf_counter()
+    keep_freed_memory()
     tiles = tiles or TileConfig()
     if not isinstance(image, ImageData):
         arr = image

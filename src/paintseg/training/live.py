@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import NormConfig, TrainConfig
-from ..devices import flush_denormals, resolve_device
+from ..devices import flush_denormals, keep_freed_memory, resolve_device
 from ..errors import InputError
 from ..model import PaintsegModel, default_class_names, save_model
 from ..network import FeatureMemo
@@ -374,6 +374,7 @@ class LiveSession:
             self._stop.clear()
         t0 = time.perf_counter()
         done = self._seconds
+        keep_freed_memory()
         try:
             with flush_denormals():
                 spent = self.spent

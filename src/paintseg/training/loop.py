@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import SMOOTHNESS_RAMP_STEPS, TrainConfig
-from ..devices import flush_denormals, resolve_device
+from ..devices import flush_denormals, keep_freed_memory, resolve_device
 from ..errors import InputError
 from ..model import PaintsegModel
 from .augment import _augment, _shift_intensity
@@ -152,7 +152,8 @@ def iter_train(
     should_stop: Callable[[], bool] | None = None,
     step_every: float = 0.5,
 ) -> Iterator[TrainEvent]:
-    """Train ``model`` in place on ``data``, yielding progress events.
+    """Train ``model`` in place on ``data``, yielding progress events. The first call in a
+    process keeps the memory it frees (:func:`~paintseg.devices.keep_freed_memory`).
 
     Parameters
     ----------
@@ -175,6 +176,7 @@ def iter_train(
     TrainEvent
         STEP and VALIDATION events, then one DONE event.
     """
+    keep_freed_memory()
     with flush_denormals():
         yield from _train(model, data, config, device=device, should_stop=should_stop,
                           step_every=step_every)
