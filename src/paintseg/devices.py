@@ -124,13 +124,14 @@ def keep_freed_memory() -> bool:
     (Linux with glibc); True where it does. Called once per process, by the first
     segmentation or training; later calls change nothing.
 
-    glibc serves blocks over 128 KB to 32 MB (it adapts) from fresh pages of the operating
-    system and returns them when freed, so every forward pass over a large plane pays again
-    for the kernel to map and zero its activations. Here blocks up to 512 MB come from the
-    heap, and up to 1 GB of free memory at its top stays in the process (reused by the next
-    plane, window or training step, not returned to the system). The peak is what the largest
-    step needs, as before; the process keeps that much between jobs. Elsewhere (macOS,
-    Windows, musl) nothing changes.
+    By default glibc maps each block above its threshold (128 KB at first, rising to at
+    most 32 MB) as fresh pages of the operating system and returns them when freed, and
+    trims the heap's top once 128 KB lie free there, so every forward pass over a large
+    plane pays again for the kernel to map and zero its activations. Here blocks up to
+    512 MB come from the heap, and up to 1 GB of free memory at its top stays in the process
+    (reused by the next plane, window or training step, not returned to the system). The
+    peak is what the largest step needs, as before; the process keeps that much between
+    jobs. Elsewhere (macOS, Windows, musl) nothing changes.
     """
     global _allocator_tuned
     with _allocator_lock:
