@@ -125,15 +125,16 @@ def floor_seconds(model, stack: np.ndarray, device: torch.device) -> float:
     net = model.network.to_device(device).eval()
     dims = model.config.dims
     parts = stack.reshape(-1, *stack.shape[-dims:])
-    with torch.inference_mode(), flush_denormals():
-        warm = parts[0] if dims == 2 else parts[0][:32, :256, :256]
-        x = torch.from_numpy(((warm - lo[0]) / (hi[0] - lo[0])).astype(np.float32))
+
+    def forward(part: np.ndarray) -> None:
+        x = torch.from_numpy(((part - lo[0]) / (hi[0] - lo[0])).astype(np.float32))
         net(x[None, None].to(device))
-    t = time.perf_counter()
+
     with torch.inference_mode(), flush_denormals():
+        forward(parts[0] if dims == 2 else parts[0][:32, :256, :256])
+        t = time.perf_counter()
         for part in parts:
-            x = torch.from_numpy(((part - lo[0]) / (hi[0] - lo[0])).astype(np.float32))
-            net(x[None, None].to(device))
+            forward(part)
         if device.type == "cuda":
             torch.cuda.synchronize()
     seconds = time.perf_counter() - t

@@ -68,3 +68,13 @@ def balls3d(tmp_path_factory) -> tuple[Path, np.ndarray]:
     path = tmp_path_factory.mktemp("balls") / "balls.tif"
     tifffile.imwrite(path, image, metadata={"axes": "ZYX"})
     return path, labels
+
+
+@pytest.fixture
+def without_onnx(monkeypatch):
+    """Packages written without ONNX weights, as where onnx is not installed (their export
+    is most of a package's time; the starter's package in test_exchange.py tests them)."""
+    import paintseg.exchange
+
+    monkeypatch.setattr(paintseg.exchange, "_onnx_weights",
+                        lambda *a, notes, **k: notes.append("no ONNX weights (test)") or False)

@@ -110,13 +110,8 @@ def test_a_package_round_trips_to_the_same_labels_and_model(starter_package: Pat
 
 
 def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_path: Path,
-                                                                           monkeypatch):
-    import paintseg.exchange
-
-    # no ONNX weights (their export is most of this test's time; the 2D starter's package
-    # tests them, and benchmarks/exchange.py a 3D model's)
-    monkeypatch.setattr(paintseg.exchange, "_onnx_weights",
-                        lambda *a, notes, **k: notes.append("no ONNX weights (test)") or False)
+                                                                           without_onnx):
+    # (a 3D model's ONNX weights: benchmarks/exchange.py)
     stack = tifffile.imread(bundled_sample(3))[:32, :96, :96]
     truth = tifffile.imread(bundled_sample(3).with_name("nuclei3d_labels.tif"))[:32, :96, :96]
     strokes = np.zeros(truth.shape, np.uint8)
@@ -416,7 +411,8 @@ def test_another_tools_state_dict_unet_fine_tunes_into_a_package(tmp_path: Path,
 
 
 def test_a_package_that_cannot_be_written_after_training_loses_nothing(tmp_path: Path,
-                                                                        capsys, monkeypatch):
+                                                                        capsys, monkeypatch,
+                                                                        without_onnx):
     import paintseg.exchange
     from paintseg.errors import ConfigError
 
@@ -424,9 +420,6 @@ def test_a_package_that_cannot_be_written_after_training_loses_nothing(tmp_path:
         raise ConfigError(f"{what}: the package fails bioimageio's test: (simulated)")
 
     monkeypatch.setattr(paintseg.exchange, "_check", failing)
-    # no ONNX export (about half the cost of a package): the failure comes after it anyway
-    monkeypatch.setattr(paintseg.exchange, "_onnx_weights",
-                        lambda *a, notes, **k: notes.append("no ONNX weights (test)") or False)
     img = tifffile.imread(SAMPLE2D)[:192, :192]
     truth = tifffile.imread(SAMPLE2D.with_name("nuclei2d_instances.tif"))[:192, :192] > 0
     strokes = np.zeros(truth.shape, np.uint8)

@@ -435,7 +435,6 @@ def test_normalisation_modes_in_checkpoints(tmp_path):
         NormConfig(mode="zscore")
 
 
-
 _HEAP = """
 import ctypes, sys
 import numpy as np
@@ -459,13 +458,13 @@ def test_freed_memory_is_kept_for_the_next_allocation():
     when it is freed (the next one is mapped and zeroed again); once paintseg has kept freed
     memory (its first segmentation or training does), the block comes from the heap and
     stays there, free, for the next."""
-    import ctypes
-    import platform
     import subprocess
     import sys
 
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or \
-            not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+    from paintseg.devices import glibc
+
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
         pytest.skip("the allocator is tuned on Linux with glibc only (mallinfo2: 2.33+)")
     seen = {}
     for mode in ("default", "keep"):

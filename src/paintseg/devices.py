@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from .errors import PaintsegError
 
 __all__ = ["resolve_device", "describe_device", "memory_available", "amp_dtype", "flush_denormals",
-           "keep_freed_memory"]
+           "keep_freed_memory", "glibc"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -115,10 +117,9 @@ def flush_denormals() -> Iterator[None]:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _HEAP_BLOCKS_UP_TO = 512 * 2**20  # allocations up to this size come from the heap
 _KEEP_FREE_UP_TO = 2**30  # free memory at the heap's top kept for the next allocations
-_allocator_lock = threading.Lock()
-_allocator_tuned: bool | None = None
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Have the C allocator keep the memory the process frees for its next allocations
     (Linux with glibc); True where it does. Called once per process, by the first
@@ -133,24 +134,21 @@ def keep_freed_memory() -> bool:
     peak is what the largest step needs, as before; the process keeps that much between
     jobs. Elsewhere (macOS, Windows, musl) nothing changes.
     """
-    global _allocator_tuned
-    with _allocator_lock:
-        if _allocator_tuned is None:
-            _allocator_tuned = _set_glibc_thresholds()
-        return _allocator_tuned
+    libc = glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS_UP_TO)) \
+        and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE_UP_TO))
 
 
-def _set_glibc_thresholds() -> bool:
+def glibc() -> Any:
+    """The C library as a :class:`ctypes.CDLL` where it is glibc on Linux, else None."""
     import platform
     import sys
 
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        import ctypes
+        return None
+    import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS_UP_TO)) and \
-            bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE_UP_TO))
-    except (OSError, AttributeError):
-        return False
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
