@@ -185,7 +185,10 @@ def snap_before(probabilities, image, *, snap=8, confidence=postprocess.SNAP_CON
     present = np.unique(index)
     if snap == 0 or len(present) < 2:
         return index
-    distance = postprocess._distance_to_other_classes(index, present)  # (was float32)
+    distance = np.zeros(index.shape, np.float32)
+    for k in present:
+        inside = index == k
+        distance[inside] = ndi.distance_transform_edt(inside)[inside]
     band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
     thin = thin_before(index, snap=snap) if band.any() else []
     if thin:

@@ -224,6 +224,69 @@ def test_a_thin_class_is_never_moved():
     assert (snapped != inner).any()
 
 
+def _distances_by_class(index: np.ndarray) -> np.ndarray:
+    """Each pixel's distance to another class by one distance transform per class."""
+    distance = np.zeros(index.shape)
+    for k in np.unique(index):
+        distance[index == k] = ndi.distance_transform_edt(index == k)[index == k]
+    return distance
+
+
+def test_distances_up_to_a_cap_are_exact():
+    """The snap's distances to another class (one pass over rows, then the rows within the
+    cap) equal a distance transform of each class wherever they are at most the cap, and are
+    infinite beyond it: on the real DSB2018 and cells3d nuclei with their outlines as a third
+    class, and on speckle of 2 to 5 classes."""
+    from paintseg.postprocess import _distance_at, _distance_up_to, _row_distance
+
+    truth = tifffile.imread(SAMPLES / "nuclei2d_instances.tif")
+    cells3d = tifffile.imread(SAMPLES / "nuclei3d_labels.tif")[30]
+    rng = np.random.default_rng(0)
+    maps = [(truth > 0).astype(np.int64),
+            np.where(ndi.morphological_gradient(truth, size=3) > 0, 2, truth > 0),
+            (cells3d > 0).astype(np.int64)]
+    maps += [rng.integers(0, k, (37, 53)) for k in (2, 3, 5)]
+    maps += [np.kron(rng.integers(0, 3, (9, 12)), np.ones((7, 5), np.int64))]
+    for index in maps:
+        exact = _distances_by_class(index)
+        classes = index.astype(np.uint8)
+        rows = _row_distance(classes)
+        for cap in (1, 4, 8, 16):
+            near = exact <= cap
+            got = _distance_up_to(classes, rows, cap=cap)
+            np.testing.assert_array_equal(got[near], exact[near])
+            assert np.isinf(got[~near]).all()
+            mask = rng.random(index.shape) < 0.1
+            np.testing.assert_array_equal(_distance_at(classes, rows, mask, cap=cap),
+                                          got[mask])
+
+
+def test_a_median_width_across_the_snap_distance_is_measured_exactly():
+    """Two strips, 10 and 19 px wide, whose skeletons have as many pixels each: the median of
+    their widths lies between their middle values, one under the snap distance (5 px from
+    another class) and one beyond it (9 px), measured only in that case. Both strips are
+    one thin class at snap 8 (width 14), as with exact distances everywhere; with the second
+    strip 18 px wide and 1 px longer, the middle values are 8 and 9: not thin (width 17)."""
+    from skimage.morphology import skeletonize
+
+    from paintseg.postprocess import thin_classes
+
+    index = np.zeros((100, 160), np.int64)
+    index[10:20, 10:110] = 1
+    index[50:69, 10:119] = 1
+    skeleton = skeletonize(index == 1)
+    half = np.sort(_distances_by_class(index)[skeleton])
+    assert len(half) % 2 == 0
+    assert (half[len(half) // 2 - 1], half[len(half) // 2]) == (5, 9)
+    assert thin_classes(index, snap=8) == [1]
+    assert thin_classes(index, snap=8, distance=_distances_by_class(index)) == [1]
+    index[50:69, 10:119] = 0
+    index[50:68, 10:120] = 1
+    half = np.sort(_distances_by_class(index)[skeletonize(index == 1)])
+    assert (half[len(half) // 2 - 1], half[len(half) // 2]) == (8, 9)
+    assert thin_classes(index, snap=8) == []
+
+
 @pytest.mark.parametrize("plane", [0, 1, 2, 3])
 def test_the_band_is_flooded_as_from_the_whole_plane(dsb_crop, small_model, plane):
     """The snap floods only the band and its ring of seeds, and tests classes for thin lines
@@ -253,9 +316,7 @@ def test_the_band_is_flooded_as_from_the_whole_plane(dsb_crop, small_model, plan
         probs = segment(img, small_model, axes="YX", return_probabilities=True,
                         snap=0).probabilities
     index = probs.argmax(0)
-    distance = np.zeros(index.shape)
-    for k in np.unique(index):
-        distance[index == k] = ndi.distance_transform_edt(index == k)[index == k]
+    distance = _distances_by_class(index)
     band = (distance <= 8) & (probs.max(0) < 0.98)
     assert 0.02 < band.mean() < 0.9  # borders to decide, and seeds
     grad = sobel(image[0])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -52,7 +52,7 @@ def semantic_labels(
             raise ValueError("snapping borders to edges needs the image")
         index = snap_planes(probabilities, image, snap=snap)
     else:
-        index = np.argmax(probabilities, axis=0)
+        index = _arg_max(probabilities)[0]
     return lut[index].astype(label_dtype(int(lut.max())))
 
 
@@ -112,22 +112,32 @@ def snap_to_edges(
             probabilities.shape[1:] != np.shape(image)[1:]:
         raise ValueError(f"probabilities (K, Y, X) and image (C, Y, X) of one plane expected, "
                          f"got {probabilities.shape} and {np.shape(image)}")
-    index = np.argmax(probabilities, axis=0)
-    present = np.unique(index)
+    index, top = _arg_max(probabilities)
+    sizes = np.bincount(index.ravel(), minlength=len(probabilities))
+    present = np.flatnonzero(sizes)
     if snap == 0 or len(present) < 2:
         return index
-    distance = _distance_to_other_classes(index, present)
-    band = (distance <= snap) & (probabilities.max(axis=0) < confidence)
+    classes = _small_labels(index)
+    rows = _row_distance(classes)
+    # each pixel's distance to another class, where it is at most the snap distance
+    distance = _distance_up_to(classes, rows, cap=snap)
+    band = (distance <= snap) & (top < confidence)
     # thin classes (thin_classes), smallest first, until no band is left: every border of
     # two classes lies next to the thin one, so there one thin class ends the snap
-    sizes = np.bincount(index.ravel())
+    def distance_at(mask, cap):
+        if cap <= snap:
+            return np.where(distance[mask] <= cap, distance[mask], np.inf)
+        return _distance_at(classes, rows, mask, cap=cap)
+
     for k in sorted(present, key=lambda c: sizes[c]):
         if not band.any():
             return index
-        if _is_thin(index == k, distance, snap=snap):
+        if _is_thin(index == k, distance_at, snap=snap):
             if len(present) == 2:
                 return index
-            band &= ndi.distance_transform_edt(index != k) > snap
+            is_k = (classes == k).view(np.uint8)
+            band &= (is_k == 0) & ~(_distance_up_to(is_k, _row_distance(is_k), cap=snap)
+                                    <= snap)
     if not band.any():
         return index
     # a region lying wholly in the band keeps its innermost pixel as a seed if it is wider
@@ -140,13 +150,85 @@ def snap_to_edges(
     return _flood_band(grad, index, band)
 
 
+def _arg_max(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's arg-max class (the first of equal largest, as :func:`numpy.argmax` for
+    finite values) and its probability, a class at a time (several times faster than
+    :func:`numpy.argmax` along the first axis)."""
+    top = np.array(probabilities[0], dtype=probabilities.dtype)
+    index = np.zeros(top.shape, np.int64)
+    for k in range(1, len(probabilities)):
+        larger = probabilities[k] > top
+        index[larger] = k
+        np.maximum(top, probabilities[k], out=top)
+    return index, top
+
+
+def _small_labels(index: np.ndarray) -> np.ndarray:
+    """``index`` in the smallest unsigned integer type that holds it."""
+    return index.astype(np.min_scalar_type(max(int(index.max()), 0)))
+
+
+def _row_distance(classes: np.ndarray) -> np.ndarray:
+    """Each pixel's distance along its row (last axis) to the nearest pixel of another class,
+    exact (int64; 2**31 or more where the row holds one class only)."""
+    h, w = classes.shape
+    big = np.int64(1) << 31
+    change = classes[:, 1:] != classes[:, :-1]  # between x and x + 1
+    cols = np.arange(w - 1)
+    distance = np.full((h, w), big)
+    # the first change at or right of x, b: the pixel b + 1 is of another class
+    distance[:, :-1] = np.minimum.accumulate(np.where(change, cols, big)[:, ::-1],
+                                             axis=1)[:, ::-1] + 1 - cols
+    # the last change left of x, b (b + 1 <= x): the pixel b is of another class
+    left = np.maximum.accumulate(np.where(change, cols, -big), axis=1)
+    np.minimum(distance[:, 1:], cols + 1 - left, out=distance[:, 1:])
+    return distance
+
+
+def _distance_up_to(classes: np.ndarray, rows: np.ndarray, *, cap: int) -> np.ndarray:
+    """Each pixel's Euclidean distance to the nearest pixel of another class (the image's
+    edge does not count) where it is at most ``cap``, infinity elsewhere; ``rows``:
+    :func:`_row_distance`. The nearest pixel of another class within ``cap`` lies in one of
+    the ``2 cap + 1`` rows around the pixel, at its row distance there (or right above or
+    below, where that pixel is of another class): the minimum over those rows is exact."""
+    dtype = np.int16 if (cap + 1) ** 2 + cap**2 < np.iinfo(np.int16).max else np.int64
+    row2 = (np.minimum(rows, cap + 1) ** 2).astype(dtype)
+    d2 = row2.copy()
+    for dy in range(1, cap + 1):
+        same = classes[dy:] == classes[:-dy]
+        step = dtype(dy * dy)
+        np.minimum(d2[:-dy], np.where(same, row2[dy:], 0) + step, out=d2[:-dy])
+        np.minimum(d2[dy:], np.where(same, row2[:-dy], 0) + step, out=d2[dy:])
+    distance = np.sqrt(d2, dtype=np.float64)
+    distance[d2 > cap**2] = np.inf
+    return distance
+
+
+def _distance_at(classes: np.ndarray, rows: np.ndarray, mask: np.ndarray, *,
+                 cap: int) -> np.ndarray:
+    """:func:`_distance_up_to` at the pixels of ``mask`` only (raster order)."""
+    ys, xs = np.nonzero(mask)
+    own = classes[ys, xs]
+    row2 = np.minimum(rows, cap + 1) ** 2
+    d2 = row2[ys, xs]
+    for dy in range(1, cap + 1):
+        for y in (ys - dy, ys + dy):
+            ok = np.flatnonzero((y >= 0) & (y < len(classes)))
+            yy, xx = y[ok], xs[ok]
+            cand = np.where(classes[yy, xx] == own[ok], row2[yy, xx], 0) + dy * dy
+            d2[ok] = np.minimum(d2[ok], cand)
+    distance = np.sqrt(d2, dtype=np.float64)
+    distance[d2 > cap**2] = np.inf
+    return distance
+
+
 def _seeds_of_enclosed_regions(index: np.ndarray, band: np.ndarray, distance: np.ndarray,
                                *, wider_than: float) -> np.ndarray:
     """The innermost pixel (largest ``distance`` to another class) of each connected region
     of ``index``'s classes that lies wholly in ``band`` and is wider than ``wider_than``
     pixels (its innermost pixel more than half that from another class), as a mask."""
     seeds = np.zeros(index.shape, bool)
-    for k in np.unique(index[band & (distance > wider_than / 2)]):
+    for k in np.flatnonzero(np.bincount(index[band & (distance > wider_than / 2)])):
         regions, n = ndi.label(index == k)
         outside = np.bincount(regions[~band], minlength=n + 1)
         enclosed = np.flatnonzero(outside[1:] == 0) + 1
@@ -198,8 +280,8 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS,
     snap : int
         The snap distance (pixels).
     distance : ndarray, shape (Y, X), optional
-        Each pixel's distance to the nearest pixel of another class, where the caller has it
-        (:func:`snap_to_edges` does); computed here otherwise.
+        Each pixel's distance to the nearest pixel of another class (exact at least up to
+        ``2 snap``), where the caller has it; computed here otherwise.
 
     Returns
     -------
@@ -209,34 +291,43 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS,
     index = np.asarray(index)
     if index.ndim != 2:
         raise ValueError(f"a 2D class map expected, got shape {index.shape}")
-    present = np.unique(index)
+    present = np.flatnonzero(np.bincount(index.ravel()))
     if distance is None:
-        distance = _distance_to_other_classes(index, present)
-    return [int(c) for c in present if _is_thin(index == c, distance, snap=snap)]
+        classes = _small_labels(index)
+        rows = _row_distance(classes)
+
+        def distance_at(mask, cap):
+            return _distance_at(classes, rows, mask, cap=cap)
+    else:
+        def distance_at(mask, cap):
+            return np.where(distance[mask] <= cap, distance[mask], np.inf)
+    return [int(c) for c in present if _is_thin(index == c, distance_at, snap=snap)]
 
 
-def _distance_to_other_classes(index: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Each pixel's distance to the nearest pixel of another class (the image's edge does
-    not count); ``present``: the classes in ``index``."""
-    distance = np.zeros(index.shape)
-    for k in present:
-        inside = index == k
-        distance[inside] = ndi.distance_transform_edt(inside)[inside]
-    return distance
-
-
-def _is_thin(inside: np.ndarray, distance: np.ndarray, *, snap: int) -> bool:
+def _is_thin(inside: np.ndarray, distance_at: Callable[[np.ndarray, int], np.ndarray], *,
+             snap: int) -> bool:
     """Whether the class of mask ``inside`` is a thin line (see :func:`thin_classes`);
-    ``distance``: each pixel's distance to the nearest pixel of another class."""
+    ``distance_at(mask, cap)``: the distance from each pixel of ``mask`` (raster order) to
+    the nearest pixel of another class, exact up to ``cap`` and infinite beyond. Distances up
+    to ``snap`` decide the median width unless its two middle values straddle ``snap``; only
+    then is the nearer of those beyond it measured (up to ``2 snap``: a larger one makes the
+    width ``2 snap`` or more, not thin either way)."""
     from skimage.morphology import skeletonize
 
     if inside.all():
         return False
     skeleton = skeletonize(inside)
-    widths = 2 * distance[skeleton]
-    if not len(widths):
+    half = np.sort(distance_at(skeleton, snap))
+    if not len(half):
         return False
-    width = float(np.median(widths))
+    low, high = half[(len(half) - 1) // 2], half[len(half) // 2]
+    if np.isinf(low):
+        return False
+    if np.isinf(high):
+        beyond = skeleton.copy()
+        beyond[skeleton] = np.isinf(distance_at(skeleton, snap))
+        high = distance_at(beyond, 2 * snap).min()
+    width = float(np.mean([2 * low, 2 * high]))  # the median of the widths
     if width >= 2 * snap:
         return False
     # length: skeleton pixels per region, over the regions of at least width x width
