@@ -122,22 +122,23 @@ def snap_to_edges(
     # each pixel's distance to another class, where it is at most the snap distance
     distance = _distance_up_to(classes, rows, cap=snap)
     band = (distance <= snap) & (top < confidence)
-    # thin classes (thin_classes), smallest first, until no band is left: every border of
-    # two classes lies next to the thin one, so there one thin class ends the snap
-    def distance_at(mask, cap):
+
+    def distance_at(mask, cap):  # for _is_thin
         if cap <= snap:
             return np.where(distance[mask] <= cap, distance[mask], np.inf)
         return _distance_at(classes, rows, mask, cap=cap)
 
+    # thin classes (thin_classes), smallest first, until no band is left: every border of
+    # two classes lies next to the thin one, so there one thin class ends the snap
     for k in sorted(present, key=lambda c: sizes[c]):
         if not band.any():
             return index
         if _is_thin(index == k, distance_at, snap=snap):
             if len(present) == 2:
                 return index
+            # nothing within the snap distance of the thin class moves
             is_k = (classes == k).view(np.uint8)
-            band &= (is_k == 0) & ~(_distance_up_to(is_k, _row_distance(is_k), cap=snap)
-                                    <= snap)
+            band &= (is_k == 0) & (_distance_up_to(is_k, _row_distance(is_k), cap=snap) > snap)
     if not band.any():
         return index
     # a region lying wholly in the band keeps its innermost pixel as a seed if it is wider
