@@ -859,6 +859,32 @@ def test_intensity_shift_reaches_the_network(real_pair, monkeypatch):
     assert d[:, 0].std() > 0.05  # offsets that differ from patch to patch
 
 
+def test_the_gradient_is_clipped_to_its_limit(real_pair, monkeypatch):
+    """With ``grad_clip`` the gradient that reaches the optimiser's step is never longer than
+    the limit; without it, the same steps' gradients are (so the limit bounded them)."""
+    img, gt = real_pair
+    data = prepare_data([(img, strokes(gt))], dims=2, seed=0, validation_fraction=0)
+    real_step = torch.optim.AdamW.step
+    norms: list[float] = []
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = {}
+    for clip in (0.0, 0.05):
+        norms.clear()
+        list(iter_train(tiny(class_values=data.class_values), data,
+                        TrainConfig(steps=5, seed=0, grad_clip=clip), device="cpu"))
+        seen[clip] = list(norms)
+    assert len(seen[0.05]) == 5 and max(seen[0.05]) <= 0.05 * (1 + 1e-5)
+    assert min(seen[0.0]) > 0.05
+    with pytest.raises(Exception, match="gradient clip must be >= 0"):
+        TrainConfig(grad_clip=-1.0)
+
+
 def test_intensity_shift_defaults_to_strokes_only(real_pair):
     """By default strokes get the brightness offset, dense labels none, and a run that
     continues a model anchored to its predictions (a correction round) none; a set width is

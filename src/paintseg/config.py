@@ -433,6 +433,12 @@ class TrainConfig:
         from 0 over the first :data:`SMOOTHNESS_RAMP_STEPS` steps of a run. Off by default:
         it helped thin structures on a flat background and cost other kinds of data
         (docs/beyond-nuclei.md, "Borders on edges").
+    grad_clip : float
+        Largest norm of a step's gradient (over all the network's weights) before the
+        optimiser's step; a larger one is scaled down to it (0: no limit). At the peak
+        learning rate single steps' gradients can be tens of times the usual, and a network
+        thrown off by one sat near chance for a hundred steps on phase-contrast cells
+        (docs/training.md, "Why the training defaults").
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """
@@ -451,6 +457,7 @@ class TrainConfig:
     ema: float = 0.98
     anchor: float = 1.0
     smoothness: float = 0.0
+    grad_clip: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -478,6 +485,8 @@ class TrainConfig:
             raise ConfigError(f"anchor must be >= 0, got {self.anchor}")
         if not self.smoothness >= 0:
             raise ConfigError(f"smoothness must be >= 0, got {self.smoothness}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"gradient clip must be >= 0, got {self.grad_clip}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
 

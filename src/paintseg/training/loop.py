@@ -313,6 +313,8 @@ class TrainingRun:
                                            for logits in members) / len(members)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         self.opt.step()
         if self.ema_net is not None:
             with torch.no_grad():
