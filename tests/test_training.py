@@ -860,29 +860,42 @@ def test_intensity_shift_reaches_the_network(real_pair, monkeypatch):
 
 
 def test_the_gradient_is_clipped_to_its_limit(real_pair, monkeypatch):
-    """With ``grad_clip`` the gradient that reaches the optimiser's step is never longer than
-    the limit; without it, the same steps' gradients are (so the limit bounded them)."""
+    """With ``grad_clip`` the gradient of each member (one U-Net, or each of three averaged,
+    whose losses count a third each) that reaches the optimiser's step is never longer than
+    its share of the limit; without it, the same steps' gradients are (so the limit bounded
+    them). The limit is recorded with the run; 1 by default."""
     img, gt = real_pair
     data = prepare_data([(img, strokes(gt))], dims=2, seed=0, validation_fraction=0)
     real_step = torch.optim.AdamW.step
-    norms: list[float] = []
+    norms: list[list[float]] = []
+    groups: list = []
 
     def spy(self, *args, **kwargs):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        norms.append([float(torch.nn.utils.get_total_norm([p.grad for p in g]))
+                      for g in groups])
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    seen = {}
-    for clip in (0.0, 0.05):
-        norms.clear()
-        list(iter_train(tiny(class_values=data.class_values), data,
-                        TrainConfig(steps=5, seed=0, grad_clip=clip), device="cpu"))
-        seen[clip] = list(norms)
-    assert len(seen[0.05]) == 5 and max(seen[0.05]) <= 0.05 * (1 + 1e-5)
-    assert min(seen[0.0]) > 0.05
-    with pytest.raises(Exception, match="gradient clip must be >= 0"):
+    for members in (1, 3):
+        seen = {}
+        for clip in (0.0, 0.05):
+            norms.clear()
+            model = new_model(ModelConfig(depth=2, base_features=8, members=members),
+                              class_values=data.class_values, seed=0)
+            groups[:] = model.network.member_parameters()
+            assert len(groups) == members
+            assert sum(len(g) for g in groups) == len(list(model.network.parameters()))
+            list(iter_train(model, data, TrainConfig(steps=5, seed=0, grad_clip=clip),
+                            device="cpu"))
+            seen[clip] = np.array(norms)
+            assert model.provenance["training"][-1]["grad_clip"] == clip
+        # each member's share of the loss is 1 / members, and so is its limit
+        limit = 0.05 / members
+        assert seen[0.05].shape == (5, members) and seen[0.05].max() <= limit * (1 + 1e-5)
+        assert seen[0.0].min() > limit
+    with pytest.raises(ValueError, match="gradient clip must be >= 0"):
         TrainConfig(grad_clip=-1.0)
+    assert TrainConfig().grad_clip == 1.0
 
 
 def test_intensity_shift_defaults_to_strokes_only(real_pair):

@@ -434,8 +434,9 @@ class TrainConfig:
         it helped thin structures on a flat background and cost other kinds of data
         (docs/beyond-nuclei.md, "Borders on edges").
     grad_clip : float
-        Largest norm of a step's gradient (over all the network's weights) before the
-        optimiser's step; a larger one is scaled down to it (0: no limit). At the peak
+        Largest norm of a step's gradient (over each member's weights: the averaged U-Nets
+        train as each would alone) before the optimiser's step; a larger one is scaled down
+        to it (0: no limit). At the peak
         learning rate single steps' gradients can be tens of times the usual, and a network
         thrown off by one sat near chance for a hundred steps on phase-contrast cells
         (docs/training.md, "Why the training defaults").

@@ -312,6 +312,13 @@ class UNet(nn.Module):
         self.extra_members = nn.ModuleList(
             [_Member(cin, config) for _ in range(config.members - 1)])
 
+    def member_parameters(self) -> list[list[nn.Parameter]]:
+        """Each member's weights: the first member's are the network's own (with the filter
+        bank's, if it has any), the others' those of ``extra_members``."""
+        extra = {id(p) for p in self.extra_members.parameters()}
+        first = [p for p in self.parameters() if id(p) not in extra]
+        return [first, *(list(m.parameters()) for m in self.extra_members)]
+
     def set_derivative_gain(self, gain: float) -> None:
         """Give the filter bank derivative gain ``gain``, with the first layer of every member
         rescaled on the derivative channels so that the network computes the same function

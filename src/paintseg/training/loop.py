@@ -238,6 +238,9 @@ class TrainingRun:
         self.fresh = not continues_training(model)
         self.best_state = copy.deepcopy({kk: v.detach().cpu()
                                          for kk, v in net.state_dict().items()})
+        # the weights whose gradient is clipped as one (grad_clip): each member's
+        self.member_weights = (net.member_parameters() if hasattr(net, "member_parameters")
+                               else [list(net.parameters())])
         self.ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
         # continuing a trained model: its own predictions on the unpainted pixels are a soft
         # target, so that new strokes change the result where they must and little elsewhere;
@@ -314,7 +317,11 @@ class TrainingRun:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            # each member's gradient on its own, as if it trained alone: its loss above is
+            # divided by the number of members, and so is the limit
+            limit = cfg.grad_clip / len(self.member_weights)
+            for weights in self.member_weights:
+                torch.nn.utils.clip_grad_norm_(weights, limit)
         self.opt.step()
         if self.ema_net is not None:
             with torch.no_grad():
@@ -364,6 +371,7 @@ class TrainingRun:
             "anchor": self.config.anchor if self.teacher is not None else 0.0,
             "intensity_shift": self.shift,
             "smoothness": self.config.smoothness,
+            "grad_clip": self.config.grad_clip,
             "validation_iou": (round(self.history[self.best_step][0], 4)
                                if self.best_step in self.history else None),
         }
