@@ -434,12 +434,10 @@ class TrainConfig:
         it helped thin structures on a flat background and cost other kinds of data
         (docs/beyond-nuclei.md, "Borders on edges").
     grad_clip : float
-        Largest norm of a step's gradient (over each member's weights: the averaged U-Nets
-        train as each would alone) before the optimiser's step; a larger one is scaled down
-        to it (0: no limit). At the peak
-        learning rate single steps' gradients can be tens of times the usual, and a network
-        thrown off by one sat near chance for a hundred steps on phase-contrast cells
-        (docs/training.md, "Why the training defaults").
+        Largest norm of each member's gradient before the optimiser's step, a longer one
+        scaled down to it (0: no limit): for one U-Net this limit, for averaged U-Nets the
+        limit over their number (each member's share of the loss), so that each trains as it
+        would alone. Why: docs/training.md, "Why the training defaults".
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """
