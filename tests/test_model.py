@@ -444,7 +444,8 @@ if sys.argv[1] == "keep":
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
+from paintseg.devices import glibc
+libc = glibc()
 libc.mallinfo2.restype = Info
 a = np.ones(64 * 2**20, np.uint8)  # a forward pass's activation
 mapped = libc.mallinfo2().hblkhd  # bytes in blocks mapped apart from the heap

@@ -117,16 +117,14 @@ def snap_to_edges(
     present = np.flatnonzero(sizes)
     if snap == 0 or len(present) < 2:
         return index
-    classes = _small_labels(index)
+    classes = index.astype(np.min_scalar_type(present[-1]))
     rows = _row_distance(classes)
     # each pixel's distance to another class, where it is at most the snap distance
     distance = _distance_up_to(classes, rows, cap=snap)
     band = (distance <= snap) & (top < confidence)
 
-    def distance_at(mask, cap):  # for _is_thin
-        if cap <= snap:
-            return np.where(distance[mask] <= cap, distance[mask], np.inf)
-        return _distance_at(classes, rows, mask, cap=cap)
+    def distance_at(mask, cap):  # for _is_thin, which asks up to snap or 2 snap
+        return distance[mask] if cap <= snap else _distance_at(classes, rows, mask, cap=cap)
 
     # thin classes (thin_classes), smallest first, until no band is left: every border of
     # two classes lies next to the thin one, so there one thin class ends the snap
@@ -164,11 +162,6 @@ def _arg_max(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, top
 
 
-def _small_labels(index: np.ndarray) -> np.ndarray:
-    """``index`` in the smallest unsigned integer type that holds it."""
-    return index.astype(np.min_scalar_type(max(int(index.max()), 0)))
-
-
 def _row_distance(classes: np.ndarray) -> np.ndarray:
     """Each pixel's distance along its row (last axis) to the nearest pixel of another class,
     exact (int64; 2**31 or more where the row holds one class only)."""
@@ -200,6 +193,12 @@ def _distance_up_to(classes: np.ndarray, rows: np.ndarray, *, cap: int) -> np.nd
         step = dtype(dy * dy)
         np.minimum(d2[:-dy], np.where(same, row2[dy:], 0) + step, out=d2[:-dy])
         np.minimum(d2[dy:], np.where(same, row2[:-dy], 0) + step, out=d2[dy:])
+    return _root_up_to(d2, cap)
+
+
+def _root_up_to(d2: np.ndarray, cap: int) -> np.ndarray:
+    """The square roots of squared distances ``d2`` (float64) up to ``cap``, infinity
+    beyond."""
     distance = np.sqrt(d2, dtype=np.float64)
     distance[d2 > cap**2] = np.inf
     return distance
@@ -218,9 +217,7 @@ def _distance_at(classes: np.ndarray, rows: np.ndarray, mask: np.ndarray, *,
             yy, xx = y[ok], xs[ok]
             cand = np.where(classes[yy, xx] == own[ok], row2[yy, xx], 0) + dy * dy
             d2[ok] = np.minimum(d2[ok], cand)
-    distance = np.sqrt(d2, dtype=np.float64)
-    distance[d2 > cap**2] = np.inf
-    return distance
+    return _root_up_to(d2, cap)
 
 
 def _seeds_of_enclosed_regions(index: np.ndarray, band: np.ndarray, distance: np.ndarray,
@@ -294,14 +291,15 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS,
         raise ValueError(f"a 2D class map expected, got shape {index.shape}")
     present = np.flatnonzero(np.bincount(index.ravel()))
     if distance is None:
-        classes = _small_labels(index)
+        classes = index.astype(np.min_scalar_type(present[-1]))
         rows = _row_distance(classes)
 
         def distance_at(mask, cap):
             return _distance_at(classes, rows, mask, cap=cap)
     else:
         def distance_at(mask, cap):
-            return np.where(distance[mask] <= cap, distance[mask], np.inf)
+            near = distance[mask]
+            return np.where(near <= cap, near, np.inf)
     return [int(c) for c in present if _is_thin(index == c, distance_at, snap=snap)]
 
 
@@ -318,7 +316,8 @@ def _is_thin(inside: np.ndarray, distance_at: Callable[[np.ndarray, int], np.nda
     if inside.all():
         return False
     skeleton = skeletonize(inside)
-    half = np.sort(distance_at(skeleton, snap))
+    near = distance_at(skeleton, snap)
+    half = np.sort(near)
     if not len(half):
         return False
     low, high = half[(len(half) - 1) // 2], half[len(half) // 2]
@@ -326,7 +325,7 @@ def _is_thin(inside: np.ndarray, distance_at: Callable[[np.ndarray, int], np.nda
         return False
     if np.isinf(high):
         beyond = skeleton.copy()
-        beyond[skeleton] = np.isinf(distance_at(skeleton, snap))
+        beyond[skeleton] = np.isinf(near)
         high = distance_at(beyond, 2 * snap).min()
     width = float(np.mean([2 * low, 2 * high]))  # the median of the widths
     if width >= 2 * snap:
