@@ -118,3 +118,16 @@ def test_class_names_must_match_the_classes(tmp_path, ihc, capsys):
     assert main(["train", str(img_path), str(lab_path), "--out", str(out), "--steps", "1",
                  "--class-names", "stroma", "-q"]) == 0
     assert load_model(out).class_names == ("stroma", "class 2", "class 3")
+
+
+def test_class_names_given_with_spaces_are_told_how_to_write_them(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "img.tif", "strokes.tif", "--out", "m.pt", "--class-names", "background",
+              "membrane", "mitochondria"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'membrane mitochondria' was left over" in err
+    assert "--class-names background,membrane,mitochondria" in err
+    with pytest.raises(SystemExit):  # any other stray word is reported as before
+        main(["train", "img.tif", "strokes.tif", "--out", "m.pt", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err

@@ -623,7 +623,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``paintseg`` command; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        names = getattr(args, "class_names", None)
+        if names is not None and not any(e.startswith("-") for e in extra):
+            # "--class-names background membrane": the names after the first are left over
+            joined = ",".join([names, *extra])
+            parser.error(f"--class-names takes one comma-separated list; {' '.join(extra)!r} "
+                         f"was left over: write --class-names {joined}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "segment":
         return cmd_segment(args)
     if args.command == "info":
