@@ -285,3 +285,16 @@ def test_the_live_learning_rate_warms_up_falls_to_its_floor_and_stays():
     assert all(a >= b for a, b in zip(falling, falling[1:]))
     assert rates[LIVE_DECAY_STEPS // 2] == pytest.approx(3e-3 * (1 + LIVE_FLOOR) / 2, rel=0.02)
     assert rates[LIVE_DECAY_STEPS:] == pytest.approx([3e-3 * LIVE_FLOOR] * (2 * LIVE_DECAY_STEPS))
+
+
+def test_live_training_has_no_brightness_offset_unless_set(crop):
+    # strokes in a live session go on borders, where a brightness offset per patch blurs the
+    # border the strokes set; a set offset is kept
+    img, sem = crop
+    lab = strokes(sem, slice(0, 256))
+    for config, shift in ((TrainConfig(seed=0), 0.0),
+                          (TrainConfig(seed=0, intensity_shift=0.05), 0.05)):
+        s = LiveSession(img, lab, config=config, device="cpu", name="crop")
+        s.run(should_stop=lambda s=s: s.step >= 2)
+        assert s._run.shift == shift
+        assert s.model().provenance["training"][-1]["intensity_shift"] == shift

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +56,12 @@ MISSED_AFTER_STEPS = 100
 #: at the peak throughout, a new U-Net on hard strokes (phase-contrast cells) never fitted them.
 LIVE_DECAY_STEPS = 300
 LIVE_FLOOR = 0.1
+#: A live session trains without the brightness offset per patch
+#: (``TrainConfig.intensity_shift``, unless its config sets one): its strokes go where the
+#: model is wrong or unsure, on the borders, and the offset blurs the brightness at which
+#: those strokes put a border (correction rounds train without it too). With it, a live model
+#: on the cells3d stack drew the nuclei a pixel or two too wide (benchmarks/RESULTS.md).
+LIVE_INTENSITY_SHIFT = 0.0
 
 
 def live_learning_rate(peak: float, run_step: int) -> float:
@@ -126,7 +132,7 @@ class LiveSession:
     config : TrainConfig, optional
         Batch, patch, learning rate, EMA, seed; its budget is not used (the session trains
         until stopped) nor its validation (every stroke trains: the user judges the live
-        prediction).
+        prediction). Its brightness offset, unless set, is :data:`LIVE_INTENSITY_SHIFT`.
     device : str or torch.device
         Where to train and predict.
     class_names : mapping, optional
@@ -163,7 +169,10 @@ class LiveSession:
         self.dims = dims
         self._base = copy.deepcopy(base) if base is not None else None
         self._preset = preset
-        self._config = config or TrainConfig()
+        config = config or TrainConfig()
+        if config.intensity_shift is None:
+            config = replace(config, intensity_shift=LIVE_INTENSITY_SHIFT)
+        self._config = config
         self._device = resolve_device(device)
         self._names = dict(class_names or {})
         norm = base.normalization if base is not None else NormConfig()
