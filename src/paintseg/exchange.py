@@ -732,6 +732,10 @@ class PackageNetwork(nn.Module):
             raise InputError("this network was loaded for inference only (TorchScript)")
         return self.forward(x)[None]
 
+    def member_parameters(self) -> list[list[nn.Parameter]]:
+        """The weights of the one member (what ``TrainConfig.grad_clip`` clips as one)."""
+        return [list(self.parameters())]
+
     def to_device(self, device: str | torch.device) -> PackageNetwork:
         """Move the network to ``device`` and return it."""
         return self.to(torch.device(device))

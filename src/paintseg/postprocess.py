@@ -117,7 +117,7 @@ def snap_to_edges(
     present = np.flatnonzero(sizes)
     if snap == 0 or len(present) < 2:
         return index
-    classes = index.astype(np.min_scalar_type(present[-1]))
+    classes = _small_labels(index, present[-1])
     rows = _row_distance(classes)
     # each pixel's distance to another class, where it is at most the snap distance
     distance = _distance_up_to(classes, rows, cap=snap)
@@ -160,6 +160,12 @@ def _arg_max(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index[larger] = k
         np.maximum(top, probabilities[k], out=top)
     return index, top
+
+
+def _small_labels(index: np.ndarray, largest: int) -> np.ndarray:
+    """``index`` (its largest value ``largest``) in the smallest unsigned integer type that
+    holds it."""
+    return index.astype(np.min_scalar_type(largest))
 
 
 def _row_distance(classes: np.ndarray) -> np.ndarray:
@@ -291,7 +297,7 @@ def thin_classes(index: np.ndarray, *, snap: int = SNAP_PIXELS,
         raise ValueError(f"a 2D class map expected, got shape {index.shape}")
     present = np.flatnonzero(np.bincount(index.ravel()))
     if distance is None:
-        classes = index.astype(np.min_scalar_type(present[-1]))
+        classes = _small_labels(index, present[-1])
         rows = _row_distance(classes)
 
         def distance_at(mask, cap):

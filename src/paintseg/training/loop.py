@@ -239,8 +239,7 @@ class TrainingRun:
         self.best_state = copy.deepcopy({kk: v.detach().cpu()
                                          for kk, v in net.state_dict().items()})
         # the weights whose gradient is clipped as one (grad_clip): each member's
-        self.member_weights = (net.member_parameters() if hasattr(net, "member_parameters")
-                               else [list(net.parameters())])
+        self.member_weights = net.member_parameters()
         self.ema_net = copy.deepcopy(net) if cfg.ema > 0 else None
         # continuing a trained model: its own predictions on the unpainted pixels are a soft
         # target, so that new strokes change the result where they must and little elsewhere;
