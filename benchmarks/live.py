@@ -92,6 +92,10 @@ def run(name: str, seed: int, *, seconds: float, every: float, where: str, devic
         headless: float, score_every: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     task = dataset(name, rng, corrections=True)
+    # each method's later strokes from its own generator: the forest's strokes and curve do
+    # not depend on how many draws paintseg's strokes took, so runs of two paintseg
+    # variants on one seed meet the same forest
+    rng_ours, rng_theirs = (np.random.default_rng([seed, i]) for i in (1, 2))
     k, fz, truth = task.fix
     img = task.train[k][0]
     classes = len(task.names)
@@ -150,14 +154,14 @@ def run(name: str, seed: int, *, seconds: float, every: float, where: str, devic
         mine = pred.labels.reshape(truth.shape)
         theirs_pred = plane_of(fpreds[-1])
         if where == "errors":
-            add_corrections(plane_of(ours), mine, truth, painted=2 * amount, rng=rng,
+            add_corrections(plane_of(ours), mine, truth, painted=2 * amount, rng=rng_ours,
                             min_share=task.min_share, where="largest")
             add_corrections(plane_of(theirs), theirs_pred, truth, painted=2 * amount,
-                            rng=rng, min_share=task.min_share, where="largest")
+                            rng=rng_theirs, min_share=task.min_share, where="largest")
         else:
             uncertain_strokes(plane_of(ours), pred.uncertainty.reshape(truth.shape), truth,
-                              rng=rng, amount=amount)
-            uncertain_strokes(plane_of(theirs), plane_of(funsure[-1]), truth, rng=rng,
+                              rng=rng_ours, amount=amount)
+            uncertain_strokes(plane_of(theirs), plane_of(funsure[-1]), truth, rng=rng_theirs,
                               amount=amount)
         session.update_labels(ours)
         tick += every
