@@ -8,7 +8,9 @@ where it is most wrong (``--where errors``: each class's largest error regions, 
 sure (``--where uncertain``: the most uncertain tenth of the plane, each stroke with its true
 class), for ``--seconds`` in all. The forest gets the same protocol with its own predictions
 and uncertainty, refitted after each round of strokes (ilastik's live update; its fitting
-time is not counted). Both are scored at each tick (or every ``--score-every`` ticks) by the
+time is not counted). The first strokes are shared; each method's later strokes come from a
+generator of its own, seeded from the draw, so the forest's curve on a seed is the same
+whatever paintseg does. Both are scored at each tick (or every ``--score-every`` ticks) by the
 mean IoU of the object classes on the task's held-out images (:func:`interactive.dataset`),
 paintseg by a snapshot of its averaged weights segmented as ``paintseg segment`` does (with
 the default snap) and by its arg-max (what the live layer shows); the session is paused
