@@ -407,9 +407,11 @@ class TrainConfig:
         Half-width of a random offset added to each training patch's normalised intensities
         (uniform in ``[-intensity_shift, intensity_shift]``, one per patch and channel), whatever
         ``augment`` says; 0 turns it off. ``None`` (default): :data:`STROKES_INTENSITY_SHIFT`
-        when some training pixels are unpainted (strokes), 0 on dense labels and when
+        when some training pixels are unpainted (strokes), 0 on dense labels, when
         training continues a model anchored to its predictions (the starting model has
-        decided the brightness gap there). Strokes leave a gap in brightness between the
+        decided the brightness gap there) and in a live session
+        (:data:`paintseg.training.live.LIVE_INTENSITY_SHIFT`: its strokes lie on borders).
+        Strokes leave a gap in brightness between the
         classes; the offset puts the border in that gap (the haze of out-of-focus slices, dim
         objects) nearer its middle instead of where the network's start and batch order put
         it (docs/training.md, "Why the training defaults").

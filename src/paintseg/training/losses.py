@@ -134,7 +134,8 @@ def intensity_shift(config: TrainConfig, data: TrainingData, *, anchored: bool =
         :data:`~paintseg.config.STROKES_INTENSITY_SHIFT` for strokes (some pixel unpainted) on
         a run that is not anchored, and 0 for dense labels and for anchored runs (correction
         rounds: there the starting model has decided the unpainted gap, and the offset lowered
-        the rounds' gains).
+        the rounds' gains). A live session sets ``config.intensity_shift`` itself
+        (:data:`~paintseg.training.live.LIVE_INTENSITY_SHIFT`), so it never reaches this rule.
     """
     if config.intensity_shift is not None:
         return float(config.intensity_shift)
