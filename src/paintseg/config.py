@@ -411,10 +411,10 @@ class TrainConfig:
         training continues a model anchored to its predictions (the starting model has
         decided the brightness gap there) and in a live session
         (:data:`paintseg.training.live.LIVE_INTENSITY_SHIFT`: its strokes lie on borders).
-        Strokes leave a gap in brightness between the
-        classes; the offset puts the border in that gap (the haze of out-of-focus slices, dim
-        objects) nearer its middle instead of where the network's start and batch order put
-        it (docs/training.md, "Why the training defaults").
+        Strokes leave a gap in brightness between the classes; the offset puts the border in
+        that gap (the haze of out-of-focus slices, dim objects) nearer its middle instead of
+        where the network's start and batch order put it (docs/training.md, "Why the training
+        defaults").
     dice_weight : float
         Weight of the soft Dice term added to the cross-entropy.
     ema : float
