@@ -128,11 +128,13 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
     rdf = zipfile.ZipFile(tmp_path / "m3d.zip").read("rdf.yaml").decode()
     assert "id: z" in rdf and "halo: 8" in rdf  # one pooling cell along z (3D)
     assert "weights_torchscript.pt" in zipfile.ZipFile(tmp_path / "m3d.zip").namelist()
+    def written(run: str, what: str) -> np.ndarray:
+        return tifffile.imread(tmp_path / run / f"img_{what}.tif")
+
     for d, m in (("pkg", tmp_path / "m3d.zip"), ("pt", tmp_path / "m.pt")):
         assert main(["segment", str(tmp_path / "img.tif"), "--model", str(m), "--out",
                      str(tmp_path / d), "--probabilities", "-q"]) == 0
-    assert np.array_equal(tifffile.imread(tmp_path / "pkg" / "img_labels.tif"),
-                          tifffile.imread(tmp_path / "pt" / "img_labels.tif"))
+    assert np.array_equal(written("pkg", "labels"), written("pt", "labels"))
     # the same package as another tool would hold it (TorchScript, no paintseg record) runs
     # as a foreign 3D network with the same labels: bczyx, its scale_range, its halo
     import yaml
@@ -157,9 +159,6 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
     # and a voxel whose probability lies within that of the snap's confidence bar or of a tie
     # may go the other way (seen once in CI on a model of a 4 s run); the runs compared are
     # the CLI's own, their probabilities written beside the labels
-    def written(run: str, what: str) -> np.ndarray:
-        return tifffile.imread(tmp_path / run / f"img_{what}.tif")
-
     assert np.abs(written("foreign", "probabilities") - written("pt", "probabilities")).max() < 1e-5
     agree = np.mean(written("foreign", "labels") == written("pt", "labels"))
     assert agree >= 0.999, agree
