@@ -27,7 +27,7 @@ from paintseg.model import (
 
 
 @pytest.mark.parametrize("dims,shape", [(2, (37, 50)), (2, (1, 1)), (3, (5, 9, 17))])
-@pytest.mark.parametrize("norm", ["layer", "batch", "group", "none"])
+@pytest.mark.parametrize("norm", ["layer", "batch", "group", "none", "weight"])
 def test_any_size_forward(dims, shape, norm):
     cfg = ModelConfig(dims=dims, depth=2, base_features=4, classes=3, norm=norm)
     net = UNet(cfg).eval()
@@ -384,9 +384,10 @@ def test_one_member_keeps_the_parameter_names_of_earlier_checkpoints():
     assert "head.weight" in keys and not any(k.startswith("extra_members") for k in keys)
 
 
-@pytest.mark.parametrize("dims,shape,members", [(2, (37, 50), 3), (3, (5, 9, 17), 1)])
-def test_channels_last_on_the_cpu_gives_the_same_logits(tmp_path, dims, shape, members):
-    cfg = ModelConfig(dims=dims, depth=2, base_features=4, classes=3, norm="none",
+@pytest.mark.parametrize("dims,shape,members,norm", [
+    (2, (37, 50), 3, "none"), (3, (5, 9, 17), 1, "none"), (2, (37, 50), 1, "weight")])
+def test_channels_last_on_the_cpu_gives_the_same_logits(tmp_path, dims, shape, members, norm):
+    cfg = ModelConfig(dims=dims, depth=2, base_features=4, classes=3, norm=norm,
                       features=(1.0, 2.0), members=members)
     model = new_model(cfg, seed=0)
     net = model.network.eval()
@@ -475,3 +476,35 @@ def test_freed_memory_is_kept_for_the_next_allocation():
     block = 64 * 2**20
     assert seen["default"][0] >= block and seen["default"][1] < block, seen
     assert seen["keep"][0] < block and seen["keep"][1] >= block, seen
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_standardised_weights_are_scale_free(dims):
+    """``norm="weight"``: each 3x3 convolution uses its weights centred and scaled to unit
+    sum of squares per output channel, times its gain, so scaling or shifting the stored
+    weights changes nothing (tiling stays exact: test_tiling)."""
+    cfg = ModelConfig(dims=dims, depth=2, base_features=4, classes=3, norm="weight",
+                      features=(1.0, 2.0))
+    net = new_model(cfg, seed=0).network.eval()
+    shape = (70, 90) if dims == 2 else (12, 20, 26)
+    x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = net(x)
+        conv = net.down[0][0]
+        w = conv.weight.clone()
+        conv.weight.mul_(7.0).add_(0.3)  # per output channel: scaled and shifted
+        torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-4)
+        conv.weight.copy_(w)
+        conv.gain.mul_(2.0)  # the gain is what sets the scale
+        assert (net(x) - before).abs().max() > 1e-3
+        conv.gain.div_(2.0)
+
+
+def test_standardised_weights_keep_their_derivative_gain():
+    cfg = ModelConfig(dims=2, depth=2, base_features=4, norm="weight", features=(1.0,),
+                      derivative_gain=0.3)
+    model = new_model(cfg, seed=0)
+    with pytest.raises(ValueError, match="standardised weights"):
+        model.network.set_derivative_gain(1.0)
+    assert "8 base features" not in model.describe()
+    assert "4 base features, standardised weights" in model.describe()

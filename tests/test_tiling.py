@@ -193,10 +193,12 @@ def test_progress_and_stop():
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("norm", ["layer", "weight"])
 @pytest.mark.parametrize("dims,shape,tile", [(2, (70, 90), 16), (3, (12, 20, 26), 8)])
-def test_exact_with_filter_bank(dims, shape, tile):
-    """The fixed multiscale filters in front of the U-Net keep tiling exact."""
-    cfg = ModelConfig(dims=dims, depth=2, base_features=4, features=(1.0, 2.0))
+def test_exact_with_filter_bank(dims, shape, tile, norm):
+    """The fixed multiscale filters in front of the U-Net keep tiling exact, with per-pixel
+    layer norm and with standardised weights (no statistics of the input either)."""
+    cfg = ModelConfig(dims=dims, depth=2, base_features=4, features=(1.0, 2.0), norm=norm)
     net = new_model(cfg, seed=0).network
     img = np.random.default_rng(2).normal(size=(1, *shape)).astype(np.float32)
     halo = exact_halo(cfg)

@@ -783,10 +783,12 @@ def test_many_classes_from_strokes_train_one_u_net(real_pair):
     for k in (2, 3, 6):
         cfg = preset_config("auto", dims=2, in_channels=1, classes=k)
         assert cfg.members == (3 if k == 2 else 1)
+        # the one U-Net standardises its convolutions' weights; the three averaged do not
+        assert cfg.norm == ("none" if k == 2 else "weight")
         assert (cfg.base_features, cfg.activation, cfg.features) == (
             8, "leaky_relu", (1.0, 2.0, 4.0, 8.0))
     dense = preset_config("auto", dims=2, in_channels=1, classes=3, labels_kind="instances")
-    assert (dense.members, dense.base_features) == (1, 16)
+    assert (dense.members, dense.base_features, dense.norm) == (1, 16, "none")
     assert preset_config("auto", dims=3, in_channels=1, classes=2).members == 1
     assert preset_config("accurate", dims=2, in_channels=1, classes=2).members == 1
 
@@ -797,6 +799,11 @@ def test_many_classes_from_strokes_train_one_u_net(real_pair):
     for lab, classes, name in ((two, 2, "3 averaged 2D U-Nets"), (three, 3, "2D U-Net")):
         data, model = prepare_training([(img, lab)], base=None, dims=2, in_channels=1, seed=0)
         assert len(data.class_values) == classes and model.config.network_name == name
+    # a class added to the three averaged U-Nets: the first goes on alone with its own
+    # plain convolutions (its trained weights are kept)
+    _, two_model = prepare_training([(img, two)], base=None, dims=2, in_channels=1, seed=0)
+    _, grown = prepare_training([(img, three)], base=two_model, dims=2, in_channels=1, seed=0)
+    assert (grown.config.members, grown.config.norm) == (1, "none")
 
 
 def test_a_run_records_how_densely_it_was_painted(real_pair):
@@ -1255,7 +1262,8 @@ def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes
     """Nuclei strokes: brightness alone tells them from the background, the derivative
     channels are damped x0.1. Outline strokes (a thin class between bright nuclei and dark
     background): brightness does not; x0.3 for two classes (outlines and the rest: 3 averaged
-    U-Nets), x1 for three (one U-Net), and x1 with every pixel painted."""
+    U-Nets), x1 for three (one U-Net), and x1 with every pixel painted. One U-Net has
+    standardised weights, three averaged plain ones."""
     from paintseg.training import (
         BRIGHTNESS_SEPARATES,
         brightness_separability,
@@ -1293,3 +1301,5 @@ def test_a_new_unet_damps_its_derivatives_where_brightness_separates_the_strokes
         assert painted_share(data) == 1.0 and len(data.class_values) == lab.max(), name
         assert scribbled.config.members == members, name
         assert scribbled.config.derivative_gain == gain, name
+        # one U-Net standardises its weights (two classes painted densely too)
+        assert scribbled.config.norm == ("weight" if members == 1 else "none"), name

@@ -22,7 +22,7 @@ __all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "SegmentSet
 
 T = TypeVar("T")
 
-NORMS = ("layer", "batch", "group", "none")
+NORMS = ("layer", "batch", "group", "none", "weight")
 UPSAMPLINGS = ("transpose", "upsample")
 ACTIVATIONS = ("relu", "leaky_relu")
 
@@ -93,7 +93,9 @@ class ModelConfig:
         ``"layer"`` (per-pixel normalisation over channels: independent of tile size, batch
         and patch content, so tiled inference can reproduce untiled inference exactly),
         ``"batch"``, ``"group"`` (statistics over the whole tile: tiled output then depends on
-        the tile) or ``"none"``.
+        the tile), ``"none"`` or ``"weight"`` (no normalisation layer; each 3x3 convolution's
+        weights standardised per output channel, times a learnt gain: like ``"none"``, tiles
+        reproduce the whole image).
     upsampling : str
         ``"transpose"`` (2x transposed convolution) or ``"upsample"`` (nearest + 1x1 conv).
     features : tuple of float

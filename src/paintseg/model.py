@@ -170,7 +170,8 @@ class PaintsegModel:
                 *_card_lines(card)])
         lines = [
             f"{c.network_name}, {c.in_channels} input channel(s), {c.classes} classes, "
-            f"depth {c.depth}, {c.base_features} base features, {c.norm} norm"
+            f"depth {c.depth}, {c.base_features} base features, "
+            + ("standardised weights" if c.norm == "weight" else f"{c.norm} norm")
             + (", leaky ReLU" if c.activation == "leaky_relu" else ""),
             "classes: "
             + ", ".join(f"{v}={n}" for v, n in zip(self.class_values, self.class_names)),

@@ -46,6 +46,32 @@ class ChannelNorm(nn.Module):
         return y.permute(inv)
 
 
+class _WSConv(nn.Module):
+    """A 3x3 (3x3x3) convolution with scaled weight standardisation (Brock et al., 2021):
+    each output channel's weights are centred and scaled to unit fan-in variance before use,
+    times a learnt gain. Like no normalisation layer, it uses no statistics of the input, so
+    tiles reproduce the whole image; unlike one, it keeps activations from growing with
+    training."""
+
+    def __init__(self, cin: int, cout: int, dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+        w = torch.empty(cout, cin, *([3] * dims))
+        nn.init.kaiming_normal_(w, nonlinearity="relu")
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.gain = nn.Parameter(torch.full((cout, *([1] * (dims + 1))), math.sqrt(2.0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        axes = tuple(range(1, w.ndim))
+        w = w - w.mean(axes, keepdim=True)
+        # each output channel's weights: unit sum of squares (variance 1 / fan-in), times a gain
+        w = w * torch.rsqrt(w.square().sum(axes, keepdim=True) + 1e-4) * self.gain
+        conv = F.conv2d if self.dims == 2 else F.conv3d
+        return conv(x, w, self.bias, padding=1)
+
+
 def _norm(kind: str, channels: int, dims: int) -> nn.Module:
     if kind == "layer":
         return ChannelNorm(channels)
@@ -257,10 +283,11 @@ def preferred_layout(config: ModelConfig, device: torch.device) -> torch.memory_
     """The memory layout a network of ``config`` runs fastest in on ``device``.
 
     Channels-last (``torch.channels_last``, ``channels_last_3d`` in 3D) for a network without
-    normalisation layers on the CPU and on CUDA, the default layout otherwise (Apple MPS
-    included). The timings behind it: docs/inference.md, "Memory layout".
+    normalisation layers (``norm`` ``"none"`` or ``"weight"``) on the CPU and on CUDA, the
+    default layout otherwise (Apple MPS included). The timings behind it:
+    docs/inference.md, "Memory layout".
     """
-    if config.norm != "none" or device.type not in ("cpu", "cuda"):
+    if config.norm not in ("none", "weight") or device.type not in ("cpu", "cuda"):
         return torch.contiguous_format
     return torch.channels_last if config.dims == 2 else torch.channels_last_3d
 
@@ -272,8 +299,12 @@ def _activation(name: str) -> nn.Module:
 class _Block(nn.Sequential):
     def __init__(self, cin: int, cout: int, dims: int, norm: str,
                  activation: str = "relu") -> None:
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        bias = norm == "none"
+        if norm == "weight":
+            def conv(i: int, o: int, *_: Any, **__: Any) -> nn.Module:
+                return _WSConv(i, o, dims)
+        else:
+            conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        bias = norm in ("none", "weight")
         super().__init__(
             conv(cin, cout, 3, padding=1, bias=bias),
             _norm(norm, cout, dims),
@@ -322,9 +353,14 @@ class UNet(nn.Module):
     def set_derivative_gain(self, gain: float) -> None:
         """Give the filter bank derivative gain ``gain``, with the first layer of every member
         rescaled on the derivative channels so that the network computes the same function
-        (what changes is how fast training moves the weights on those channels)."""
+        (what changes is how fast training moves the weights on those channels). Not for
+        ``norm="weight"``, whose standardisation would undo the rescaling."""
         if self.filters is None or not gain > 0:
             raise ValueError(f"a filter bank and a gain > 0 expected, got {gain}")
+        if self.config.norm == "weight":
+            # standardised weights: rescaling some of a layer's inputs' weights is undone
+            raise ValueError("the derivative gain of a network with standardised weights "
+                             "(norm 'weight') cannot change without changing its function")
         idx = self.filters.derivative_channels()
         with torch.no_grad():
             for member in (self, *self.extra_members):

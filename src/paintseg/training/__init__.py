@@ -71,6 +71,7 @@ from .presets import (
     STROKES_2D,
     STROKES_DERIVATIVE_GAIN,
     STROKES_ONE_MEMBER_FROM,
+    STROKES_ONE_MEMBER_NORM,
     preset_config,
 )
 from .targets import IGNORE, INSTANCE_CLASSES, INSTANCE_NAMES, instance_targets, scribble_targets
@@ -97,6 +98,7 @@ __all__ = [
     "STROKES_2D",
     "STROKES_DERIVATIVE_GAIN",
     "STROKES_ONE_MEMBER_FROM",
+    "STROKES_ONE_MEMBER_NORM",
     "BRIGHTNESS_SEPARATES",
     "preset_config",
     "classes_to_continue",

@@ -21,6 +21,7 @@ from .losses import _NEW_OUTPUT_LAYER
 from .presets import (
     BRIGHTNESS_SEPARATES,
     STROKES_DERIVATIVE_GAIN,
+    STROKES_ONE_MEMBER_NORM,
     _strokes_2d,
     members_for_classes,
     preset_config,
@@ -149,7 +150,9 @@ def model_for_training(
     three or more painted classes (:func:`preset_config`), and scribbles that cover their
     planes (dense labels: :func:`painted_share` at least :data:`~paintseg.config.DENSE_SHARE`;
     one U-Net instead of three averaged then, more steps a second to learn shape and texture
-    from every pixel). Two classes of strokes keep three averaged U-Nets damped x0.3; when a
+    from every pixel). One U-Net standardises its convolutions' weights
+    (:data:`~.presets.STROKES_ONE_MEMBER_NORM`). Two classes of strokes keep three averaged
+    U-Nets damped x0.3, with plain convolutions; when a
     class added to such a model leaves its first U-Net to go on alone (:func:`adapt_model`),
     that U-Net goes on at full strength too (:meth:`~paintseg.network.UNet.set_derivative_gain`:
     the same function, its first layer rescaled)."""
@@ -168,7 +171,8 @@ def model_for_training(
                             classes=len(data.class_values), labels_kind=labels_kind)
         if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
             gain, members = _strokes_gain(data, members=cfg.members)
-            cfg = dataclasses.replace(cfg, derivative_gain=gain, members=members)
+            cfg = dataclasses.replace(cfg, derivative_gain=gain, members=members,
+                                      norm=STROKES_ONE_MEMBER_NORM if members == 1 else cfg.norm)
         model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
                           seed=seed)
     if labels_kind == "instances":

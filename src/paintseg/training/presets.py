@@ -54,6 +54,16 @@ STROKES_2D: dict[str, dict[str, Any]] = {
 # two classes lost on 6 of 8 (mean -0.012; cells3d -0.03/-0.01), where the average's
 # steadiness is worth more than the steps (benchmarks/RESULTS.md, "One U-Net for many classes").
 STROKES_ONE_MEMBER_FROM = 3
+# One U-Net (these classes, or every pixel of its planes painted: prepare.model_for_training)
+# standardises its 3x3 convolutions' weights (``norm="weight"``): without normalisation
+# layers the small U-Nets' logits grow into the thousands on some data, and a step's gradient
+# with them. Paired, 60 s, 10 draws of strokes: 3-class EM 0.478 -> 0.503 (ahead on 8),
+# five EM classes 0.286 -> 0.302 (worst draw 0.191 -> 0.258), phase-contrast boundaries
+# 0.281 -> 0.281; dense labels, 2 draws: 3-class EM 0.563 -> 0.679, membranes 0.671 -> 0.709,
+# cells 0.717 -> 0.720 (benchmarks/RESULTS.md, "Standardised weights for one U-Net"). Three
+# averaged U-Nets keep plain convolutions: on phase-contrast cells they gained on 2 draws of
+# 4 and lost on 2.
+STROKES_ONE_MEMBER_NORM = "weight"
 # 3D: the filter bank pads a patch by 3 sigma on every side (sigma 16: a 32^3 patch became
 # 128^3), so filter scales stop at 4; base 8. A step on 4 patches of 32^3 takes ~0.3 s on
 # 2 CPU cores (was 4.4 s with the 2D preset on 16 patches).
@@ -68,8 +78,9 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     """Architecture of a new model: ``"fast"``, ``"accurate"`` or ``"auto"`` (= fast).
 
     For strokes, the 2D fast preset damps the filter bank's derivative channels (x0.1),
-    averages 3 U-Nets of base 8 with leaky ReLUs (one U-Net of base 8 from
-    :data:`STROKES_ONE_MEMBER_FROM` classes on) and stops its filter scales at sigma 8
+    averages 3 U-Nets of base 8 with leaky ReLUs (one U-Net of base 8 with standardised
+    convolution weights from :data:`STROKES_ONE_MEMBER_FROM` classes on:
+    :data:`STROKES_ONE_MEMBER_NORM`) and stops its filter scales at sigma 8
     (:data:`STROKES_2D`).
     ``labels_kind="instances"`` (dense labels) keeps one U-Net of base 16 with the derivative
     channels at full strength and scales up to sigma 16. The 3D fast preset keeps its
@@ -88,6 +99,8 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     arch.update(strokes)
     if "members" in strokes:
         arch["members"] = members_for_classes(strokes["members"], classes=classes)
+        if arch["members"] == 1:
+            arch["norm"] = STROKES_ONE_MEMBER_NORM
     return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
 
 
