@@ -455,3 +455,25 @@ def test_another_tools_package_with_mean_and_std_scaling(tmp_path: Path):
     want = np.load(tmp_path / "src" / "out.npy")[0]
     got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True)
     assert np.abs(got.probabilities - want).max() < 1e-4
+
+
+def test_a_network_with_standardised_weights_travels_in_its_package(tmp_path: Path):
+    """The one U-Net a new model trains from 3 or more classes of strokes standardises its
+    weights (``norm="weight"``): its package passes bioimageio's test in every weight format
+    written and loads back to the same probabilities."""
+    from paintseg.config import ModelConfig
+    from paintseg.model import new_model
+
+    cfg = ModelConfig(dims=2, depth=2, base_features=4, classes=3, norm="weight",
+                      features=(1.0, 2.0), activation="leaky_relu")
+    model = new_model(cfg, seed=0)
+    notes: list[str] = []
+    out = export_package(model, tmp_path / "ws.zip", sample=_sample(), notes=notes)
+    names = zipfile.ZipFile(out).namelist()
+    assert "weights_torchscript.pt" in names and "weights.onnx" in names, notes
+    back = load_package(out)
+    assert back.config.norm == "weight"
+    img = _sample()[0, :96, :96]
+    a, b = (segment(img, m, axes="YX", device="cpu", return_probabilities=True).probabilities
+            for m in (model, back))
+    np.testing.assert_allclose(a, b, atol=1e-5)

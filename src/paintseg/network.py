@@ -48,10 +48,10 @@ class ChannelNorm(nn.Module):
 
 class _WSConv(nn.Module):
     """A 3x3 (3x3x3) convolution with scaled weight standardisation (Brock et al., 2021):
-    each output channel's weights are centred and scaled to unit fan-in variance before use,
-    times a learnt gain. Like no normalisation layer, it uses no statistics of the input, so
-    tiles reproduce the whole image; unlike one, it keeps activations from growing with
-    training."""
+    each output channel's weights are centred and scaled to unit sum of squares (variance
+    1 / fan-in) before use, times a learnt gain. Like a plain convolution it uses no
+    statistics of the input, so tiles reproduce the whole image; unlike one, the scale of its
+    output follows its gain, not the size its weights grow to in training."""
 
     def __init__(self, cin: int, cout: int, dims: int) -> None:
         super().__init__()

@@ -155,7 +155,7 @@ def model_for_training(
     U-Nets damped x0.3, with plain convolutions; when a
     class added to such a model leaves its first U-Net to go on alone (:func:`adapt_model`),
     that U-Net goes on at full strength too (:meth:`~paintseg.network.UNet.set_derivative_gain`:
-    the same function, its first layer rescaled)."""
+    the same function, its first layer rescaled), with its trained plain convolutions."""
     if base is not None:
         model = adapt_model(base, data.class_values, data.class_names, seed=seed)
         if (model.config.members < base.config.members and model.config.derivative_gain != 1
