@@ -128,6 +128,7 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
     rdf = zipfile.ZipFile(tmp_path / "m3d.zip").read("rdf.yaml").decode()
     assert "id: z" in rdf and "halo: 8" in rdf  # one pooling cell along z (3D)
     assert "weights_torchscript.pt" in zipfile.ZipFile(tmp_path / "m3d.zip").namelist()
+
     def written(run: str, what: str) -> np.ndarray:
         return tifffile.imread(tmp_path / run / f"img_{what}.tif")
 

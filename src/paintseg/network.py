@@ -296,20 +296,23 @@ def _activation(name: str) -> nn.Module:
     return nn.LeakyReLU(0.1, inplace=True) if name == "leaky_relu" else nn.ReLU(inplace=True)
 
 
+def _conv3(cin: int, cout: int, dims: int, norm: str) -> nn.Module:
+    """A same-padded 3x3 (3x3x3) convolution for a block of ``norm``: with standardised
+    weights for ``"weight"``, with a bias where no normalisation layer follows it."""
+    if norm == "weight":
+        return _WSConv(cin, cout, dims)
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    return conv(cin, cout, 3, padding=1, bias=norm == "none")
+
+
 class _Block(nn.Sequential):
     def __init__(self, cin: int, cout: int, dims: int, norm: str,
                  activation: str = "relu") -> None:
-        if norm == "weight":
-            def conv(i: int, o: int, *_: Any, **__: Any) -> nn.Module:
-                return _WSConv(i, o, dims)
-        else:
-            conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        bias = norm in ("none", "weight")
         super().__init__(
-            conv(cin, cout, 3, padding=1, bias=bias),
+            _conv3(cin, cout, dims, norm),
             _norm(norm, cout, dims),
             _activation(activation),
-            conv(cout, cout, 3, padding=1, bias=bias),
+            _conv3(cout, cout, dims, norm),
             _norm(norm, cout, dims),
             _activation(activation),
         )

@@ -21,8 +21,8 @@ from .losses import _NEW_OUTPUT_LAYER
 from .presets import (
     BRIGHTNESS_SEPARATES,
     STROKES_DERIVATIVE_GAIN,
-    STROKES_ONE_MEMBER_NORM,
     _strokes_2d,
+    _strokes_members,
     members_for_classes,
     preset_config,
 )
@@ -171,8 +171,7 @@ def model_for_training(
                             classes=len(data.class_values), labels_kind=labels_kind)
         if "derivative_gain" in _strokes_2d(preset, dims=data.dims, labels_kind=labels_kind):
             gain, members = _strokes_gain(data, members=cfg.members)
-            cfg = dataclasses.replace(cfg, derivative_gain=gain, members=members,
-                                      norm=STROKES_ONE_MEMBER_NORM if members == 1 else cfg.norm)
+            cfg = _strokes_members(dataclasses.replace(cfg, derivative_gain=gain), members)
         model = new_model(cfg, class_values=data.class_values, class_names=data.class_names,
                           seed=seed)
     if labels_kind == "instances":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..config import ModelConfig
@@ -97,11 +98,17 @@ def preset_config(preset: str, *, dims: int, in_channels: int, classes: int,
     arch = dict((PRESETS_3D if dims == 3 else PRESETS)[preset])
     strokes = _strokes_2d(preset, dims=dims, labels_kind=labels_kind)
     arch.update(strokes)
+    cfg = ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
     if "members" in strokes:
-        arch["members"] = members_for_classes(strokes["members"], classes=classes)
-        if arch["members"] == 1:
-            arch["norm"] = STROKES_ONE_MEMBER_NORM
-    return ModelConfig(dims=dims, in_channels=in_channels, classes=classes, **arch)
+        cfg = _strokes_members(cfg, members_for_classes(strokes["members"], classes=classes))
+    return cfg
+
+
+def _strokes_members(config: ModelConfig, members: int) -> ModelConfig:
+    """``config`` (a new 2D fast U-Net for strokes) with ``members`` averaged U-Nets; one
+    U-Net standardises its convolutions' weights (:data:`STROKES_ONE_MEMBER_NORM`)."""
+    norm = STROKES_ONE_MEMBER_NORM if members == 1 else config.norm
+    return dataclasses.replace(config, members=members, norm=norm)
 
 
 def members_for_classes(members: int, *, classes: int) -> int:
