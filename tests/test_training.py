@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from paintseg.cli import main
 from paintseg.config import ModelConfig, TrainConfig
-from paintseg.errors import InputError
+from paintseg.errors import InputError, PaintsegError
 from paintseg.model import load_model, new_model
 from paintseg.training import (
     EventKind,
@@ -167,23 +167,74 @@ def test_targets():
     assert t[2, 3] == 2 and t[2, 4] == 2  # the shared edge is boundary on both sides
 
 
-def test_training_lowers_the_loss_on_real_data(real_pair):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_lowers_the_loss_on_real_data(real_pair, precision):
+    """In float32 and with the U-Nets' layers in bfloat16 (the default on CPUs with bfloat16
+    matrix units), whose weights stay float32 and whose loss is measured in float32 here."""
     img, gt = real_pair
     lab = strokes(gt)
     before = lab.copy()
     data = prepare_data([(img, lab)], dims=2, seed=0, validation_fraction=0)
-    model = tiny(class_values=data.class_values)
+    model = new_model(ModelConfig(depth=2, base_features=8, features=(1.0, 2.0)), seed=0,
+                      class_values=data.class_values)
 
     loss_now = fixed_batch_loss(model, *_sample_batch(data, 8, (64, 64),
                                                        np.random.default_rng(123)))
 
     start = loss_now()
-    events = list(iter_train(model, data, TrainConfig(steps=40, seed=0, patch_size=64),
+    events = list(iter_train(model, data, TrainConfig(steps=40, seed=0, patch_size=64,
+                                                      precision=precision),
                              device="cpu", step_every=0))
     assert events[-1].kind is EventKind.DONE and events[-1].step == 40
     assert loss_now() < 0.8 * start
     np.testing.assert_array_equal(lab, before)  # painted labels never modified
     assert model.provenance["training"][-1]["steps"] == 40
+    assert model.provenance["training"][-1]["precision"] == precision
+    assert {p.dtype for p in model.network.parameters()} == {torch.float32}
+
+
+def test_precision_is_checked_and_auto_follows_the_cpu(monkeypatch):
+    """``auto`` trains in bfloat16 only on a CPU with bfloat16 matrix units; a wrong value
+    or bfloat16 on Apple's GPU is refused with a message that names it."""
+    import paintseg.devices as devices
+
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, "
+                                         "got 'half'"):
+        TrainConfig(precision="half")
+    cpu = torch.device("cpu")
+    assert isinstance(devices.cpu_has_bf16_units(), bool)
+    for units, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda units=units: units)
+        assert devices.training_autocast(cpu, "auto") is expected
+        assert devices.training_autocast(cpu, "float32") is None
+        assert devices.training_autocast(cpu, "bfloat16") is torch.bfloat16
+        assert devices.training_autocast(torch.device("mps"), "auto") is None
+    with pytest.raises(PaintsegError, match="bfloat16 is not supported on mps"):
+        devices.training_autocast(torch.device("mps"), "bfloat16")
+
+
+def test_members_run_in_bfloat16_behind_a_float32_filter_bank(real_pair):
+    """Under ``autocast`` the members' layers compute in bfloat16, the filter bank in float32,
+    and the logits come back float32, near the float32 ones."""
+    img, _ = real_pair
+    for cfg in (ModelConfig(depth=2, base_features=8, features=(1.0, 4.0), members=3,
+                            norm="none", activation="leaky_relu"),
+                ModelConfig(depth=2, base_features=8, features=(1.0, 4.0), norm="weight",
+                            classes=3)):
+        net = new_model(cfg, seed=0).network.eval()
+        x = torch.from_numpy(((img[:64, :96] - img.mean()) / img.std()).astype(np.float32))
+        x = x[None, None]
+        seen: list = []
+        for layer in (net.filters, net.head):
+            layer.register_forward_hook(lambda m, i, o, s=seen: s.append((m, o.dtype)) and None)
+        with torch.no_grad():
+            half = net.member_logits(x, autocast=torch.bfloat16)
+            assert seen == [(net.filters, torch.float32), (net.head, torch.bfloat16)]
+            full = net.member_logits(x)
+        assert half.dtype == torch.float32 and half.shape == full.shape
+        assert not torch.equal(half, full)
+        scale = full.abs().max()
+        assert (half - full).abs().max() < 0.05 * scale
 
 
 def test_seeded_runs_are_identical(real_pair):
@@ -386,7 +437,8 @@ def test_each_member_fits_the_targets_on_its_own(real_pair):
         model = new_model(ModelConfig(depth=2, base_features=8, members=members),
                           class_values=data.class_values, seed=0)
         start = {k: v.clone() for k, v in model.network.state_dict().items()}
-        list(iter_train(model, data, TrainConfig(steps=5, seed=0, patch_size=64, ema=0.0),
+        list(iter_train(model, data, TrainConfig(steps=5, seed=0, patch_size=64, ema=0.0,
+                                                precision="float32"),
                         device="cpu"))
         trained.append(model.network.state_dict())
     one, three = trained
@@ -851,9 +903,9 @@ def test_intensity_shift_reaches_the_network(real_pair, monkeypatch):
         inputs = []
         members = model.network._members
 
-        def spy(x, members=members, inputs=inputs):
+        def spy(x, members=members, inputs=inputs, **kw):
             inputs.append(x.detach().clone())
-            return members(x)
+            return members(x, **kw)
 
         monkeypatch.setattr(model.network, "_members", spy)
         list(iter_train(model, data, TrainConfig(steps=1, seed=0, patch_size=64,
@@ -989,6 +1041,17 @@ def test_cli_takes_a_smoothness_weight(tmp_path, nuclei2d_path, strokes_path, ca
                  "--steps", "1", "--smoothness", "-1"]) != 0
     assert "smoothness must be >= 0, got -1" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_cli_takes_a_precision(tmp_path, nuclei2d_path, strokes_path, capsys):
+    out = tmp_path / "m.pt"
+    assert main(["train", str(nuclei2d_path), str(strokes_path), "--out", str(out),
+                 "--steps", "2", "--precision", "float32", "--quiet"]) == 0
+    assert load_model(out).provenance["training"][-1]["precision"] == "float32"
+    with pytest.raises(SystemExit):
+        main(["train", str(nuclei2d_path), str(strokes_path), "--out", str(out), "--steps", "1",
+              "--precision", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_bad_intensity_shift(tmp_path, nuclei2d_path, strokes_path, capsys):

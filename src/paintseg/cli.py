@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .config import (
     DEFAULT_BLOCK_BYTES,
+    PRECISIONS,
     SNAP_PIXELS,
     STROKES_INTENSITY_SHIFT,
     SegmentSettings,
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "the image's edges, e.g. 8 for thin vessels on a flat background "
                          "(default 0: none; docs/beyond-nuclei.md)")
     tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    tr.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="number type of the networks' layers while training (default auto: "
+                         "bfloat16 on a CPU with bfloat16 matrix units, Intel AMX, float32 "
+                         "elsewhere)")
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--validation-fraction", type=float, default=0.15)
     tr.add_argument("--axes", default=None, help="axes of the images, e.g. ZYX or YXC")
@@ -384,7 +389,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, patch_size=args.patch_size,
                              learning_rate=args.learning_rate, augment=args.augment,
                              intensity_shift=args.intensity_shift,
-                             smoothness=args.smoothness,
+                             smoothness=args.smoothness, precision=args.precision,
                              validation_fraction=args.validation_fraction, seed=args.seed)
         device = resolve_device(args.device)
         out = Path(args.out)

@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 __all__ = ["ModelConfig", "NormConfig", "TileConfig", "TrainConfig", "SegmentSettings",
            "to_json", "from_json", "DEFAULT_BLOCK_BYTES", "SNAP_PIXELS", "DENSE_SHARE", "OUTPUTS",
-           "FORMATS"]
+           "FORMATS", "PRECISIONS"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,9 @@ SNAP_PIXELS = 8
 #: that hold paint have at least this share of their pixels painted
 #: (:func:`paintseg.training.painted_share`).
 DENSE_SHARE = 0.9
+
+#: Number types a training step may run its U-Nets in (:attr:`TrainConfig.precision`).
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 #: The axes letters paintseg knows: time, depth, channels, rows, columns.
 AXES = "TZCYX"
@@ -442,6 +445,14 @@ class TrainConfig:
         scaled down to it (0: no limit): for one U-Net this limit, for averaged U-Nets the
         limit over their number (each member's share of the loss), so that each trains as it
         would alone. Why: docs/training.md, "Why the training defaults".
+    precision : str
+        Number type of the U-Nets' layers in a training step: ``"float32"``, ``"bfloat16"``
+        (under :func:`torch.autocast`; the filter bank, the losses, the optimiser and the
+        weights stay float32) or ``"auto"`` (default): bfloat16 on a CPU with bfloat16 matrix
+        units (:func:`~paintseg.devices.cpu_has_bf16_units`: Intel AMX), where a step takes
+        about three quarters of the time, float32 elsewhere. Validation, the kept weights and
+        segmentation are float32 whatever it says. Why: docs/training.md, "Why the training
+        defaults".
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).
     """
@@ -461,6 +472,7 @@ class TrainConfig:
     anchor: float = 1.0
     smoothness: float = 0.0
     grad_clip: float = 1.0
+    precision: str = "auto"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -492,6 +504,9 @@ class TrainConfig:
             raise ConfigError(f"gradient clip must be >= 0, got {self.grad_clip}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {self.precision!r}")
 
     @property
     def budget(self) -> tuple[float | None, int | None]:

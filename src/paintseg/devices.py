@@ -13,7 +13,7 @@ import torch
 from .errors import PaintsegError
 
 __all__ = ["resolve_device", "describe_device", "memory_available", "amp_dtype", "flush_denormals",
-           "keep_freed_memory", "glibc"]
+           "keep_freed_memory", "glibc", "cpu_has_bf16_units", "training_autocast"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -87,6 +87,40 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX: ``amx_bf16`` among
+    the flags of Linux's ``/proc/cpuinfo``). False where that cannot be read (other systems)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def training_autocast(device: torch.device, precision: str) -> torch.dtype | None:
+    """The number type a training step runs its U-Nets in on ``device``
+    (:attr:`~paintseg.config.TrainConfig.precision`); None for float32.
+
+    ``"auto"`` is bfloat16 on a CPU with bfloat16 matrix units (:func:`cpu_has_bf16_units`)
+    and float32 elsewhere (GPUs included: not measured there yet). ``"bfloat16"`` on a CUDA
+    device without bfloat16 support, or on Apple MPS, raises
+    :class:`~paintseg.errors.PaintsegError`.
+    """
+    if precision == "float32" or (precision == "auto" and not (
+            device.type == "cpu" and cpu_has_bf16_units())):
+        return None
+    if precision not in ("auto", "bfloat16"):
+        raise ValueError(f"unknown precision {precision!r}")
+    if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        raise PaintsegError(f"training in bfloat16 is not supported on {describe_device(device)}; "
+                          "use precision float32")
+    return torch.bfloat16
 
 
 _flushing = threading.local()  # per thread: how many flush_denormals blocks are open

@@ -725,12 +725,18 @@ class PackageNetwork(nn.Module):
         self.halo = halo
         self.filters = None
 
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, x: torch.Tensor, *,
+                      autocast: torch.dtype | None = None) -> torch.Tensor:
         """:meth:`forward` as the one member paintseg's training fits (a network loaded
-        with ``trainable=True``: its architecture with the state dict)."""
+        with ``trainable=True``: its architecture with the state dict), float32; with
+        ``autocast``, the module runs under :func:`torch.autocast` in that type."""
         if not self.trainable:
             raise InputError("this network was loaded for inference only (TorchScript)")
-        return self.forward(x)[None]
+        if autocast is None:
+            return self.forward(x)[None]
+        with torch.autocast(x.device.type, dtype=autocast):
+            y = self.module(x)
+        return self.log_probabilities(y)[None]
 
     def member_parameters(self) -> list[list[nn.Parameter]]:
         """The weights of the one member (what ``TrainConfig.grad_clip`` clips as one)."""

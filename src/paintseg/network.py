@@ -386,10 +386,16 @@ class UNet(nn.Module):
             return torch.channels_last_3d
         return torch.contiguous_format
 
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Each member's logits, ``(members, N, classes, *spatial)``: what training fits, each
-        member to the targets on its own."""
-        return torch.stack(self._members(x))
+    def member_logits(self, x: torch.Tensor, *,
+                      autocast: torch.dtype | None = None) -> torch.Tensor:
+        """Each member's logits, ``(members, N, classes, *spatial)``, float32: what training
+        fits, each member to the targets on its own.
+
+        With ``autocast`` (``torch.bfloat16``), the members' layers run in that type under
+        :func:`torch.autocast` on ``x``'s device; the filter bank stays in float32 (its
+        responses are differences of nearby smoothed values, which 8 bits of mantissa would
+        round away)."""
+        return torch.stack(self._members(x, autocast=autocast))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._members(x)
@@ -398,7 +404,8 @@ class UNet(nn.Module):
         # the log of the members' mean class probabilities: its softmax is their average
         return torch.logsumexp(torch.log_softmax(torch.stack(out), 2), 0) - math.log(len(out))
 
-    def _members(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _members(self, x: torch.Tensor, *,
+                 autocast: torch.dtype | None = None) -> list[torch.Tensor]:
         cfg = self.config
         if x.ndim != cfg.dims + 2:
             raise ValueError(
@@ -420,7 +427,12 @@ class UNet(nn.Module):
         layout = self._layout()
         if layout is not torch.contiguous_format:
             x = x.contiguous(memory_format=layout)
-        out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
+        if autocast is None:
+            out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
+        else:
+            with torch.autocast(x.device.type, dtype=autocast):
+                out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
+            out = [o.float() for o in out]
         if any(pads):
             crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
             out = [o[crop] for o in out]

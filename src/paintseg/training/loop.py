@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import SMOOTHNESS_RAMP_STEPS, TrainConfig
-from ..devices import flush_denormals, keep_freed_memory, resolve_device
+from ..devices import flush_denormals, keep_freed_memory, resolve_device, training_autocast
 from ..errors import InputError
 from ..model import PaintsegModel
 from .augment import _augment, _shift_intensity
@@ -227,6 +227,8 @@ class TrainingRun:
         self.net = net = model.network.to_device(dev)
         net.train()
         self.weights = self._class_weights(data)
+        # the U-Nets' layers in bfloat16 where the CPU multiplies it in hardware
+        self.autocast = training_autocast(dev, cfg.precision)
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate,
                                      weight_decay=cfg.weight_decay)
         self.val, held = _val_batches(data, self.size, np.random.default_rng(
@@ -299,7 +301,7 @@ class TrainingRun:
         # the patch as it is, so the anchor keeps what the start predicts on the image
         shown = _shift_intensity(xb, gen, self.shift) if self.shift > 0 else xb
         # each member of the network fits the targets on its own (one member: the U-Net)
-        members = net.member_logits(shown)
+        members = net.member_logits(shown, autocast=self.autocast)
         painted_loss = sum(masked_loss(logits, yb, class_weights=self.weights,
                                        dice_weight=cfg.dice_weight)
                            for logits in members) / len(members)
@@ -371,6 +373,7 @@ class TrainingRun:
             "intensity_shift": self.shift,
             "smoothness": self.config.smoothness,
             "grad_clip": self.config.grad_clip,
+            "precision": "float32" if self.autocast is None else "bfloat16",
             "validation_iou": (round(self.history[self.best_step][0], 4)
                                if self.best_step in self.history else None),
         }
