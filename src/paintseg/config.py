@@ -449,9 +449,9 @@ class TrainConfig:
         Number type of the U-Nets' layers in a training step: ``"float32"``, ``"bfloat16"``
         (under :func:`torch.autocast`; the filter bank, the losses, the optimiser and the
         weights stay float32) or ``"auto"`` (default): bfloat16 on a CPU with bfloat16 matrix
-        units (:func:`~paintseg.devices.cpu_has_bf16_units`: Intel AMX), where a step takes
-        about three quarters of the time, float32 elsewhere. Validation, the kept weights and
-        segmentation are float32 whatever it says. Why: docs/training.md, "Why the training
+        units (:func:`~paintseg.devices.cpu_has_bf16_units`: Intel AMX), float32 elsewhere.
+        Validation, the kept weights and segmentation are float32 whatever it says; the run's
+        training record names the type used. Why: docs/training.md, "Why the training
         defaults".
     seed : int or None
         Seed of sampling, augmentation and new weights (deterministic on the CPU).

@@ -118,8 +118,8 @@ def training_autocast(device: torch.device, precision: str) -> torch.dtype | Non
     if precision not in ("auto", "bfloat16"):
         raise ValueError(f"unknown precision {precision!r}")
     if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-        raise PaintsegError(f"training in bfloat16 is not supported on {describe_device(device)}; "
-                          "use precision float32")
+        raise PaintsegError(f"training in bfloat16 is not supported on "
+                            f"{describe_device(device)}; use precision float32")
     return torch.bfloat16
 
 
