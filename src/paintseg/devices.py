@@ -112,10 +112,11 @@ def training_autocast(device: torch.device, precision: str) -> torch.dtype | Non
     device without bfloat16 support, or on Apple MPS, raises
     :class:`~paintseg.errors.PaintsegError`.
     """
-    if precision == "float32" or (precision == "auto" and not (
-            device.type == "cpu" and cpu_has_bf16_units())):
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
+    if precision == "float32":
         return None
-    if precision not in ("auto", "bfloat16"):
+    if precision != "bfloat16":
         raise ValueError(f"unknown precision {precision!r}")
     if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
         raise PaintsegError(f"training in bfloat16 is not supported on "

@@ -45,6 +45,7 @@ from torch import nn
 from .config import ModelConfig, NormConfig, from_json
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_path
+from .network import autocast_context
 
 __all__ = ["export_package", "load_package", "is_package", "check_package", "require_extra",
            "sample_array",
@@ -732,9 +733,7 @@ class PackageNetwork(nn.Module):
         ``autocast``, the module runs under :func:`torch.autocast` in that type."""
         if not self.trainable:
             raise InputError("this network was loaded for inference only (TorchScript)")
-        if autocast is None:
-            return self.forward(x)[None]
-        with torch.autocast(x.device.type, dtype=autocast):
+        with autocast_context(x, autocast):
             y = self.module(x)
         return self.log_probabilities(y)[None]
 

@@ -7,6 +7,7 @@ own: a BioImage.IO package exported by paintseg ships it as the architecture sou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -20,7 +21,7 @@ from torch import nn
 if TYPE_CHECKING:  # never imported at run time: the file must stand alone
     from .config import ModelConfig
 
-__all__ = ["ChannelNorm", "FeatureMemo", "FilterBank", "UNet", "ExportedUNet",
+__all__ = ["ChannelNorm", "FeatureMemo", "FilterBank", "UNet", "ExportedUNet", "autocast_context",
            "preferred_layout"]
 
 
@@ -427,17 +428,21 @@ class UNet(nn.Module):
         layout = self._layout()
         if layout is not torch.contiguous_format:
             x = x.contiguous(memory_format=layout)
-        if autocast is None:
+        with autocast_context(x, autocast):
             out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
-        else:
-            with torch.autocast(x.device.type, dtype=autocast):
-                out = [_body_forward(self, x), *(m(x) for m in self.extra_members)]
+        if autocast is not None:
             out = [o.float() for o in out]
         if any(pads):
             crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
             out = [o[crop] for o in out]
         # logits in the default layout, whatever the layers ran in (a few channels: cheap)
         return [o.contiguous() for o in out]
+
+
+def autocast_context(x: torch.Tensor, dtype: torch.dtype | None) -> Any:
+    """:func:`torch.autocast` to ``dtype`` on ``x``'s device; no context for None (float32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type,
+                                                                           dtype=dtype)
 
 
 def _build_body(module: nn.Module, cin: int, config: ModelConfig) -> None:
