@@ -3,15 +3,18 @@
 For each input, in one process: a model as a user gets it (a new fast-preset U-Net trained
 from simulated strokes for ``--seconds``; the bundled ``nuclei`` starter, with instances),
 then ``paintseg segment``'s own path (:func:`paintseg.batch.segment_file`: reading,
-normalisation, tiled inference, snap or watershed, atomic writing of the labels TIFF), timed
-against the floor: the network's forward pass in fp32 (filter bank and U-Nets) on each whole
-plane (a 3D model: the whole volume), nothing else, measured before and after it (the mean
-is the floor). The same path is run again under :mod:`cProfile` for each stage's share of
-the time (the profiler slows the Python parts: that run's total is shown apart). A second
-run of the same file with the path as it was before this benchmark existed (commit b3825ff's
-snap: the watershed flooded from every pixel of the plane, every class tested for thin lines
-with distance transforms of its own; batches of up to 4 Mpx on the CPU) gives the speed-up as
-a ratio in the same process, and the share of pixels whose labels agree.
+normalisation, tiled inference, snap or watershed, atomic writing of the labels TIFF) in
+float32 and in the default precision (mixed where the device has it: CUDA, a CPU with
+bfloat16 units), timed against the floor: the network's forward pass in fp32 (filter bank
+and U-Nets) on each whole plane (a 3D model: the whole volume), nothing else, measured before
+and after them (the mean is the floor), and the same floor in the mixed type; the default's
+labels are compared with float32's. The default's path is run again under :mod:`cProfile`
+for each stage's share of the time (the profiler slows the Python parts: that run's total is
+shown apart). A last run of the same file with the path as it was before this benchmark
+existed (commit b3825ff's snap: the watershed flooded from every pixel of the plane, every
+class tested for thin lines with distance transforms of its own; batches of up to 4 Mpx on
+the CPU; float32), also profiled, gives the speed-up as a ratio in the same process, and the
+share of pixels whose labels agree with float32's now.
 
 Inputs (``--data``): ``em``, a 32x768x1024 EM stack (the ``vnc-sstem`` sections of
 ``../shared/datasets``, forwards then backwards), membranes painted; ``phase``, 10 phase-contrast
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import pstats
 import tempfile
 import time
@@ -48,8 +52,13 @@ from scipy import ndimage as ndi
 
 from paintseg import inference, postprocess
 from paintseg.batch import Job, segment_file
-from paintseg.config import SegmentSettings, TrainConfig
-from paintseg.devices import describe_device, flush_denormals, resolve_device
+from paintseg.config import SegmentSettings, TileConfig, TrainConfig
+from paintseg.devices import (
+    describe_device,
+    flush_denormals,
+    inference_autocast,
+    resolve_device,
+)
 from paintseg.inference import default_snap
 from paintseg.io import RawArray
 from paintseg.model import load_model
@@ -116,11 +125,12 @@ def inputs(names: list[str], *, planes: int = 64, side: int | None = None
     return out
 
 
-def floor_seconds(model, stack: np.ndarray, device: torch.device) -> float:
-    """The network's forward pass (fp32) on each whole plane (a 3D model: on the whole
-    volume), normalised with the model's percentiles of the whole stack, nothing else; with
-    denormals flushed, as paintseg runs it, after one plane (a 3D model: a corner of the
-    volume) unmeasured."""
+def floor_seconds(model, stack: np.ndarray, device: torch.device,
+                  dtype: torch.dtype | None = None) -> float:
+    """The network's forward pass (its U-Nets' layers in ``dtype``, None: fp32) on each whole
+    plane (a 3D model: on the whole volume), normalised with the model's percentiles of the
+    whole stack, nothing else; with denormals flushed, as paintseg runs it, after one plane
+    (a 3D model: a corner of the volume) unmeasured."""
     lo, hi = percentile_range(stack[np.newaxis].astype(np.float32), model.normalization)
     net = model.network.to_device(device).eval()
     dims = model.config.dims
@@ -128,7 +138,7 @@ def floor_seconds(model, stack: np.ndarray, device: torch.device) -> float:
 
     def forward(part: np.ndarray) -> None:
         x = torch.from_numpy(((part - lo[0]) / (hi[0] - lo[0])).astype(np.float32))
-        net(x[None, None].to(device))
+        net(x[None, None].to(device), autocast=dtype)
 
     with torch.inference_mode(), flush_denormals():
         forward(parts[0] if dims == 2 else parts[0][:32, :256, :256])
@@ -152,6 +162,15 @@ STAGES = {
     "instances": [postprocess.instances_from_probabilities],
     "writing": [RawArray.__setitem__, RawArray.flush, tifffile.TiffWriter.write],
 }
+
+
+def timed(model, path: Path, out: Path, settings: SegmentSettings, device: torch.device
+          ) -> tuple[float, np.ndarray]:
+    """Seconds of ``paintseg segment``'s path on ``path``, and the labels it wrote."""
+    t = time.perf_counter()
+    result = segment_file(Job(path, Path(path.name)), model, out_dir=out, settings=settings,
+                          device=device, overwrite=True)
+    return time.perf_counter() - t, tifffile.imread(result.labels)
 
 
 def profiled(model, path: Path, out: Path, settings: SegmentSettings, device: torch.device
@@ -256,29 +275,37 @@ def main() -> None:
             print(f"\n{name}: trained {done.step} steps in {args.seconds:g} s "
                   f"({done.step / args.seconds:.1f} steps/s)")
             settings = SegmentSettings(axes="ZYX")
+        auto = inference_autocast(device, "auto")
+        mixed = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(auto)
+        fp32 = dataclasses.replace(settings, tiles=TileConfig(precision="float32"))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.tif"
             tifffile.imwrite(path, stack)
-            # the floor before and after an unprofiled run (the ratio: machines drift), then
-            # the profiled run for the stages' shares (cProfile slows the Python parts)
+
+            # the floors before and after the unprofiled runs (their mean: machines drift),
+            # then the profiled run of the default for the stages' shares (cProfile slows
+            # the Python parts)
             floors = [floor_seconds(model, stack, device)]
-            t = time.perf_counter()
-            segment_file(Job(path, Path(path.name)), model, out_dir=Path(tmp) / "plain",
-                         settings=settings, device=device, overwrite=True)
-            plain = time.perf_counter() - t
+            floors16 = [floor_seconds(model, stack, device, auto)] if mixed else []
+            seconds32, labels32 = timed(model, path, Path(tmp) / "fp32", fp32, device)
+            seconds, labels = (timed(model, path, Path(tmp) / "plain", settings, device)
+                               if mixed else (seconds32, labels32))
             floors.append(floor_seconds(model, stack, device))
+            if mixed:
+                floors16.append(floor_seconds(model, stack, device, auto))
             floor = float(np.mean(floors))
-            total, shares, labels = profiled(model, path, Path(tmp) / "out", settings, device)
+            total, shares, _ = profiled(model, path, Path(tmp) / "out", settings, device)
             before = None
             if not args.no_before:
-                # the path as it was before: the snap of b3825ff, CPU batches of up to 4 Mpx
+                # the path as it was before: the snap of b3825ff, CPU batches of up to 4 Mpx,
+                # float32
                 saved = postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS
                 postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = snap_before, 4e6
                 try:
-                    before = profiled(model, path, Path(tmp) / "before", settings, device)
+                    before = profiled(model, path, Path(tmp) / "before", fp32, device)
                 finally:
                     postprocess.snap_to_edges, inference._CPU_BATCH_PIXELS = saved
-                same = float(np.mean(before[2] == labels))
+                same = float(np.mean(before[2] == labels32))
         mpx = stack.size / 1e6
         output = ("instances" if strokes is None else "not snapped (3D)"
                   if model.config.dims == 3 else f"snap {default_snap(model)}")
@@ -286,9 +313,17 @@ def main() -> None:
               f"{output}")
         print(f"  floor (network, whole planes)    {floor:6.1f} s  {mpx / floor:5.2f} Mpx/s  "
               f"(before and after: {floors[0]:.1f} s, {floors[1]:.1f} s)")
-        print(f"  end to end (segment_file)        {plain:6.1f} s  {mpx / plain:5.2f} Mpx/s  "
-              f"{plain / floor:4.2f}x the floor")
-        print(f"  under cProfile, for the shares   {total:6.1f} s  {total / floor:4.2f}x the floor")
+        print(f"  end to end, float32              {seconds32:6.1f} s  "
+              f"{mpx / seconds32:5.2f} Mpx/s  {seconds32 / floor:4.2f}x the floor")
+        if mixed:
+            floor16 = float(np.mean(floors16))
+            print(f"  floor in {mixed:<8}                {floor16:6.1f} s  "
+                  f"{mpx / floor16:5.2f} Mpx/s  {floor16 / floor:4.2f}x the float32 floor")
+            print(f"  end to end, default ({mixed})  {seconds:6.1f} s  {mpx / seconds:5.2f} "
+                  f"Mpx/s  {seconds / floor:4.2f}x the float32 floor, {seconds / floor16:4.2f}x "
+                  f"its own; {seconds / seconds32:4.2f}x float32 end to end, labels equal on "
+                  f"{100 * np.mean(labels == labels32):.3f}% of pixels")
+        print(f"  default under cProfile, for the shares {total:6.1f} s")
         for stage, s in shares.items():
             if s > 0:
                 print(f"    {stage:<14} {s:6.1f} s  {100 * s / total:4.0f}%")
@@ -296,12 +331,10 @@ def main() -> None:
         print(f"    {'other':<14} {other:6.1f} s  {100 * other / total:4.0f}%")
         if before is None:
             continue
-        snap = (f", the snap {shares['snap'] / before[1]['snap']:.2f}x"
-                if before[1]["snap"] else "")
-        nets = [s["U-Nets"] + s["filter bank"] for s in (shares, before[1])]
-        print(f"  before (the snap of b3825ff, CPU batches of 4 Mpx): {before[0]:.1f} s; "
-              f"now {total / before[0]:.2f}x end to end, the networks "
-              f"{nets[0] / nets[1]:.2f}x{snap}; labels equal on {100 * same:.4f}% of pixels")
+        print(f"  before (the snap of b3825ff, CPU batches of 4 Mpx, float32; profiled): "
+              f"{before[0]:.1f} s; now {total / before[0]:.2f}x; labels equal to float32's "
+              f"now on {100 * same:.4f}% of pixels")
+
 
 if __name__ == "__main__":
     main()

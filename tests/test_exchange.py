@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("bioimageio.core")
 
 from paintseg.cli import main  # noqa: E402
+from paintseg.config import TileConfig  # noqa: E402
 from paintseg.errors import CheckpointError, InputError  # noqa: E402
 from paintseg.exchange import (  # noqa: E402
     bundled_sample,
@@ -84,6 +85,7 @@ def test_the_torchscript_reproduces_paintsegs_probabilities(starter_package: Pat
     with torch.no_grad():
         theirs = scripted(torch.from_numpy((x - lo) / (hi - lo + 1e-6)).float()).numpy()[0]
     ours = segment(x[0, 0], load_model("nuclei"), axes="YX", device="cpu",
+                   tiles=TileConfig(precision="float32"),  # TorchScript runs in float32
                    return_probabilities=True).probabilities
     assert theirs.shape == ours.shape
     assert np.abs(theirs - ours).max() < 1e-4
@@ -134,7 +136,8 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
 
     for d, m in (("pkg", tmp_path / "m3d.zip"), ("pt", tmp_path / "m.pt")):
         assert main(["segment", str(tmp_path / "img.tif"), "--model", str(m), "--out",
-                     str(tmp_path / d), "--probabilities", "-q"]) == 0
+                     str(tmp_path / d), "--probabilities", "--precision", "float32",
+                     "-q"]) == 0
     assert np.array_equal(written("pkg", "labels"), written("pt", "labels"))
     # the same package as another tool would hold it (TorchScript, no paintseg record) runs
     # as a foreign 3D network with the same labels: bczyx, its scale_range, its halo
@@ -155,8 +158,9 @@ def test_a_freshly_trained_3d_model_exports_and_fine_tunes_from_its_package(tmp_
     other = load_model(foreign)
     assert other.provenance["bioimageio"]["foreign"] and other.config.dims == 3
     assert main(["segment", str(tmp_path / "img.tif"), "--model", str(foreign), "--out",
-                 str(tmp_path / "foreign"), "--probabilities", "-q"]) == 0
-    # TorchScript and eager float sums differ in the last bit (1e-7): the probabilities agree,
+                 str(tmp_path / "foreign"), "--probabilities", "--precision", "float32",
+                 "-q"]) == 0
+    # TorchScript and eager float32 sums differ in the last bit (1e-7): the probabilities agree,
     # and a voxel whose probability lies within that of the snap's confidence bar or of a tie
     # may go the other way (seen once in CI on a model of a 4 s run); the runs compared are
     # the CLI's own, their probabilities written beside the labels
@@ -289,14 +293,14 @@ def test_another_tools_package_segments_through_paintseg(tmp_path: Path, weights
     model = load_model(pkg)
     assert model.class_names == ("rest", "cell", "edge")
     assert model.normalization.low == 2.0 and model.normalization.high == 98.0
-    from paintseg.config import TileConfig
     from paintseg.inference import resolve_tiles
 
     tiled = resolve_tiles((512, 512), model, TileConfig(tile=128))
     assert tiled.halo == 4  # the package's declared halo
     x = np.load(tmp_path / "src" / "in.npy")
     want = np.load(tmp_path / "src" / "out.npy")[0]
-    got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True)
+    got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True,
+                  tiles=TileConfig(precision="float32"))  # as the package's own output
     assert np.abs(got.probabilities - want).max() < 1e-4
     tifffile.imwrite(tmp_path / "img.tif", x[0, 0])
     assert main(["segment", str(tmp_path / "img.tif"), "--model", str(pkg), "--out",
@@ -454,7 +458,8 @@ def test_another_tools_package_with_mean_and_std_scaling(tmp_path: Path):
     assert "mean and standard deviation" in model.describe()
     x = np.load(tmp_path / "src" / "in.npy")
     want = np.load(tmp_path / "src" / "out.npy")[0]
-    got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True)
+    got = segment(x[0, 0], model, axes="YX", device="cpu", return_probabilities=True,
+                  tiles=TileConfig(precision="float32"))  # as the package's own output
     assert np.abs(got.probabilities - want).max() < 1e-4
 
 

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="working memory for inference, e.g. 2G (default: a quarter of free "
                      "memory, at most 8G)")
     seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    seg.add_argument("--precision", default="auto", choices=PRECISIONS,
+                     help="number type of the U-Nets' layers: auto (default) is mixed precision "
+                     "on a CUDA GPU and on a CPU with bfloat16 units (Intel AMX), float32 "
+                     "elsewhere and with --tile-mode exact")
     seg.add_argument("--block", type=_parse_size, default=DEFAULT_BLOCK_BYTES, metavar="SIZE",
                      help="a stack larger than this is segmented in blocks (of slices for a 2D "
                      "model, of Z planes with halos for a 3D model) when its instance output "
@@ -261,7 +265,7 @@ def segment_settings(args: argparse.Namespace) -> SegmentSettings:
     """The :class:`~paintseg.config.SegmentSettings` that ``paintseg segment``'s options ask
     for (the napari Segment tab builds the same object from its form)."""
     tiles = TileConfig(tile=args.tile, mode=args.tile_mode, memory_budget=args.memory,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, precision=args.precision)
     return SegmentSettings(
         output=args.output, min_size=args.min_size, snap=args.snap, diameter=args.diameter,
         background_class=None if args.background_class < 0 else args.background_class,

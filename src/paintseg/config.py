@@ -41,7 +41,8 @@ SNAP_PIXELS = 8
 #: (:func:`paintseg.training.painted_share`).
 DENSE_SHARE = 0.9
 
-#: Number types a training step may run its U-Nets in (:attr:`TrainConfig.precision`).
+#: Number types the U-Nets may run in, in training (:attr:`TrainConfig.precision`) and in
+#: segmentation (:attr:`TileConfig.precision`).
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 #: The axes letters paintseg knows: time, depth, channels, rows, columns.
@@ -243,6 +244,11 @@ class TileConfig:
     memory_budget : int or None
         Bytes of working memory inference may use for activations; ``None`` takes a quarter
         of the available memory (of the GPU when running on one), at most 8 GiB.
+    precision : str
+        Number type of the U-Nets' layers (the filter bank, the probabilities and the
+        blending stay float32; see :func:`paintseg.devices.inference_autocast`): ``"auto"``
+        (default) is mixed precision on a CUDA device and on a CPU with bfloat16 matrix units
+        (Intel AMX), float32 elsewhere and in ``"exact"`` mode; ``"float32"``; ``"bfloat16"``.
     """
 
     tile: int | None = None
@@ -250,6 +256,7 @@ class TileConfig:
     mode: str = "blend"
     batch_size: int | None = None
     memory_budget: int | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tile is not None:
@@ -262,6 +269,9 @@ class TileConfig:
             _check_int("batch_size", self.batch_size, 1)
         if self.memory_budget is not None:
             _check_int("memory_budget", self.memory_budget, 1)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {self.precision!r}")
 
 
 @dataclass(frozen=True)

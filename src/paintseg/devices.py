@@ -13,7 +13,8 @@ import torch
 from .errors import PaintsegError
 
 __all__ = ["resolve_device", "describe_device", "memory_available", "amp_dtype", "flush_denormals",
-           "keep_freed_memory", "glibc", "cpu_has_bf16_units", "training_autocast"]
+           "keep_freed_memory", "glibc", "cpu_has_bf16_units", "training_autocast",
+           "inference_autocast"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -83,7 +84,8 @@ def memory_available(device: torch.device) -> int:
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision type for inference: bf16 or fp16 on CUDA, none (float32) elsewhere."""
+    """The mixed-precision type of a CUDA device (bf16 where it has it, else fp16); None
+    (float32) elsewhere."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -114,12 +116,38 @@ def training_autocast(device: torch.device, precision: str) -> torch.dtype | Non
     """
     if precision == "auto":
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
+    return _explicit_precision(device, precision, "training")
+
+
+def inference_autocast(device: torch.device, precision: str, *,
+                       exact: bool = False) -> torch.dtype | None:
+    """The number type segmentation runs its U-Nets in on ``device``
+    (:attr:`~paintseg.config.TileConfig.precision`); None for float32.
+
+    ``"auto"`` is float32 for ``exact`` tiling (its output equals untiled inference in
+    float32); otherwise :func:`amp_dtype` on a CUDA device, bfloat16 on a CPU with bfloat16
+    matrix units (:func:`cpu_has_bf16_units`) and float32 elsewhere (Apple MPS included).
+    ``"bfloat16"`` on a CUDA device without bfloat16 support, or on Apple MPS, raises
+    :class:`~paintseg.errors.PaintsegError`.
+    """
+    if precision == "auto":
+        if exact:
+            return None
+        if device.type == "cuda":
+            return amp_dtype(device)
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
+    return _explicit_precision(device, precision, "segmentation")
+
+
+def _explicit_precision(device: torch.device, precision: str, task: str
+                        ) -> torch.dtype | None:
+    """The type of ``precision`` ``"float32"`` (None) or ``"bfloat16"`` on ``device``."""
     if precision == "float32":
         return None
     if precision != "bfloat16":
         raise ValueError(f"unknown precision {precision!r}")
     if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-        raise PaintsegError(f"training in bfloat16 is not supported on "
+        raise PaintsegError(f"{task} in bfloat16 is not supported on "
                             f"{describe_device(device)}; use precision float32")
     return torch.bfloat16
 

@@ -745,8 +745,12 @@ class PackageNetwork(nn.Module):
         """Move the network to ``device`` and return it."""
         return self.to(torch.device(device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.log_probabilities(self.module(x))
+    def forward(self, x: torch.Tensor, *, autocast: torch.dtype | None = None) -> torch.Tensor:
+        """Log-probabilities (float32) of ``x``; with ``autocast``, the module runs under
+        :func:`torch.autocast` in that type."""
+        with autocast_context(x, autocast):
+            y = self.module(x)
+        return self.log_probabilities(y)
 
     def log_probabilities(self, y: Any) -> torch.Tensor:
         """What :meth:`forward` returns, from the module's own output ``y`` (a tensor, or a

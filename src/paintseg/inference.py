@@ -23,8 +23,8 @@ import torch
 
 from .config import DENSE_SHARE, OUTPUTS, SNAP_PIXELS, ModelConfig, SegmentSettings, TileConfig
 from .devices import (
-    amp_dtype,
     flush_denormals,
+    inference_autocast,
     keep_freed_memory,
     memory_available,
     resolve_device,
@@ -293,7 +293,7 @@ def resolve_tiles(
     shape = tuple(int(v) for v in labels_shape)
     spatial = shape[len(shape) - cfg.dims:]
     budget = tiles.memory_budget or _auto_budget(dev)
-    half = amp_dtype(dev) is not None
+    half = inference_autocast(dev, tiles.precision, exact=tiles.mode == "exact") is not None
     tile, halo, batch = choose_tiling(spatial, cfg, tiles, budget=budget, half=half)
     if tiles.mode == "blend" and tile >= max(spatial):
         halo = 0  # one window over the image: exactly the plain forward pass
@@ -315,11 +315,11 @@ def _fill_batch(window_px: float, budget_px: float) -> int:
 
 
 def _make_predictor(
-    network: torch.nn.Module, device: torch.device
+    network: torch.nn.Module, device: torch.device, dtype: torch.dtype | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Probabilities of ``network`` (already on ``device`` by :meth:`UNet.to_device`, in the
-    memory layout that suits it there) for a batch of windows."""
-    dtype = amp_dtype(device)
+    """Probabilities (float32) of ``network`` (already on ``device`` by
+    :meth:`UNet.to_device`, in the memory layout that suits it there) for a batch of windows,
+    its layers in ``dtype`` (None: float32) behind a float32 filter bank."""
     dims = network.config.dims  # type: ignore[attr-defined]
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -328,11 +328,7 @@ def _make_predictor(
         extra = x.ndim - 2 - dims
         xin = x.reshape(shape[0], shape[1], *shape[2 + extra :]) if extra else x
         with torch.inference_mode(), flush_denormals():
-            if dtype is not None:
-                with torch.autocast(device.type, dtype=dtype):
-                    logits = network(xin)
-            else:
-                logits = network(xin)
+            logits = network(xin, autocast=dtype)
             probs = torch.softmax(logits.float(), dim=1)
         if extra:
             probs = probs.reshape(shape[0], probs.shape[1], *shape[2:])
@@ -641,7 +637,8 @@ def segment(
 
         predict_tiled(
             view,
-            _make_predictor(net, dev),
+            _make_predictor(net, dev, inference_autocast(dev, fixed.precision,
+                                                         exact=fixed.mode == "exact")),
             classes=cfg.classes,
             plan=plan,
             batch_size=batch,

@@ -398,8 +398,10 @@ class UNet(nn.Module):
         round away)."""
         return torch.stack(self._members(x, autocast=autocast))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._members(x)
+    def forward(self, x: torch.Tensor, *, autocast: torch.dtype | None = None) -> torch.Tensor:
+        """Logits ``(N, classes, *spatial)``, float32 (with several members, the log of their
+        mean class probabilities); ``autocast`` as in :meth:`member_logits`."""
+        out = self._members(x, autocast=autocast)
         if len(out) == 1:
             return out[0]
         # the log of the members' mean class probabilities: its softmax is their average
