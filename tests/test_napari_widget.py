@@ -123,6 +123,7 @@ def test_layer_choices_follow_the_layer_list(viewer_widget):
 def test_segment_with_starter_model_updates_one_layer(viewer_widget):
     viewer, w = viewer_widget
     assert w.model_source == "nuclei" and "2D U-Net" in w.model_panel.info.text()
+    assert "; U-Nets in " in w.model_panel.device_info.text()  # as paintseg info says
     assert not w.segment_tab.stop_btn.isEnabled() and w.segment_tab.segment_btn.isEnabled()
     w.segment_tab.segment_btn.click()
     # one job at a time

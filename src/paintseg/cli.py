@@ -277,7 +277,7 @@ def segment_settings(args: argparse.Namespace) -> SegmentSettings:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .batch import collect_inputs, segment_file, write_report
     from .config import ModelConfig
-    from .devices import describe_device, resolve_device
+    from .devices import describe_device, inference_autocast, resolve_device, type_name
     from .errors import PaintsegError
     from .inference import scale_for
     from .io import check_output_folder, read_image
@@ -287,6 +287,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         settings = segment_settings(args)
+        precision = type_name(inference_autocast(device, args.precision,
+                                                 exact=args.tile_mode == "exact"))
         jobs = collect_inputs(args.inputs, pattern=args.pattern)
         out_dir = check_output_folder(args.out)
         if args.model == "new":
@@ -304,7 +306,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
     auto = " (auto)" if args.device == "auto" else ""
-    say(f"paintseg: device {describe_device(device)}{auto}")
+    say(f"paintseg: device {describe_device(device)}{auto}; U-Nets in {precision}")
     results = []
     t0 = time.perf_counter()
 
@@ -369,7 +371,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .devices import describe_device, resolve_device
+    from .devices import describe_device, resolve_device, training_autocast, type_name
     from .errors import PaintsegError
     from .io import check_output_folder, read_image
     from .model import load_model, save_model
@@ -442,7 +444,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (PaintsegError, ValueError, OSError) as exc:
         print(f"paintseg: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
-    say(f"paintseg: training on {describe_device(device)}: {model.config.network_name} depth "
+    say(f"paintseg: training on {describe_device(device)} in "
+        f"{type_name(training_autocast(device, args.precision))}: "
+        f"{model.config.network_name} depth "
         f"{model.config.depth}, base {model.config.base_features}; classes "
         f"{list(data.class_values)}; painted pixels {data.counts.tolist()}")
     for note in data.notes:
@@ -597,7 +601,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .devices import describe_device, resolve_device
+    from .devices import describe_device, describe_precision, resolve_device
     from .errors import PaintsegError
     from .model import load_model
 
@@ -612,7 +616,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     dev = resolve_device("auto")
     print(f"paintseg {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
-    print(f"device (auto): {describe_device(dev)}")
+    print(f"device (auto): {describe_device(dev)}; {describe_precision(dev)}")
     print(f"CUDA build: {torch.version.cuda or 'no'}; CPU threads: {torch.get_num_threads()}")
     from .model import bundled_models
 

@@ -14,7 +14,7 @@ from .errors import PaintsegError
 
 __all__ = ["resolve_device", "describe_device", "memory_available", "amp_dtype", "flush_denormals",
            "keep_freed_memory", "glibc", "cpu_has_bf16_units", "training_autocast",
-           "inference_autocast"]
+           "inference_autocast", "type_name", "describe_precision"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -137,6 +137,19 @@ def inference_autocast(device: torch.device, precision: str, *,
             return amp_dtype(device)
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
     return _explicit_precision(device, precision, "segmentation")
+
+
+def type_name(dtype: torch.dtype | None) -> str:
+    """``"float32"`` for None (no autocast), else the type's name (``"bfloat16"``)."""
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def describe_precision(device: torch.device) -> str:
+    """The number types the U-Nets run in on ``device`` by default (precision ``"auto"``),
+    e.g. ``"U-Nets in bfloat16"`` or ``"U-Nets in bfloat16 to segment, float32 to train"``."""
+    seg = type_name(inference_autocast(device, "auto"))
+    train = type_name(training_autocast(device, "auto"))
+    return f"U-Nets in {seg}" if seg == train else f"U-Nets in {seg} to segment, {train} to train"
 
 
 def _explicit_precision(device: torch.device, precision: str, task: str

@@ -156,10 +156,11 @@ class ModelPanel(QGroupBox):
         self.show_device()
 
     def show_device(self) -> None:
-        from ..devices import describe_device, resolve_device
+        from ..devices import describe_device, describe_precision, resolve_device
 
         try:
-            text = describe_device(resolve_device(self.device.currentText()))
+            dev = resolve_device(self.device.currentText())
+            text = f"{describe_device(dev)}; {describe_precision(dev)}"
         except Exception as exc:  # noqa: BLE001 - shown to the user
             text = str(exc)
         self.device_info.setText(text)
