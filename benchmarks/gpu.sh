@@ -7,8 +7,9 @@
 #
 #   1. end_to_end.py: segment_file of a fast-preset model trained 10 s from strokes on a
 #      64x2048x2048 stack (issue 41's GPU stack), of a 3D fast-preset model on 64x512x512 and
-#      of the starter on 2048^2, each against the network's fp32 forward pass alone, with the
-#      training steps per second;
+#      of the starter on 2048^2, in float32 and in the default mixed precision, each against
+#      the network's forward pass alone in both, with the labels' agreement and the training
+#      steps per second (without the run of the old CPU path, --no-before);
 #   2. inference.py: tiled inference against the plain forward pass (and MONAI if present).
 # ../shared does not travel to that machine: the EM and phase-contrast inputs are not run.
 set -uo pipefail
@@ -26,5 +27,5 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/env.log"
 
 timeout 330 $PY benchmarks/end_to_end.py --device cuda --seconds 10 \
-    --data mosaic nuclei3d starter --planes 64 2>&1 | tee "$OUT/end_to_end.log"
+    --data mosaic nuclei3d starter --planes 64 --no-before 2>&1 | tee "$OUT/end_to_end.log"
 timeout 150 $PY benchmarks/inference.py --device cuda --repeat 2 2>&1 | tee "$OUT/inference.log"
