@@ -91,9 +91,10 @@ def test_the_segment_form_is_the_clis_settings(viewer_widget):
     form["snap"].value = 0
     form["diameter"].value = 25.5
     form["tiles"].value = 256
+    form["precision"].value = "float32"
     cli = segment_settings(build_parser().parse_args(
         [*base, "--output", "semantic", "--min-size", "12", "--snap", "0", "--diameter", "25.5",
-         "--tile", "256"]))
+         "--tile", "256", "--precision", "float32"]))
     assert tab.settings() == cli
     assert tab.settings().snap == 0 and isinstance(tab.settings().snap, int)
     assert form["snap"].native.text() == "0 px" and form["tiles"].native.suffix() == ""
@@ -313,10 +314,12 @@ def test_corrected_instances_fine_tune_the_starter(open_widget):
     assert w.train_tab.form["continue_model"].value  # the default for corrected instances
     w.train_tab.form["time_budget"].value = 0
     w.train_tab.form["steps"].value = 20
+    w.train_tab.form["precision"].value = "float32"  # the CLI's --precision
     w.train_tab.train_btn.click()
     assert w.jobs.wait(120_000)  # training, then the automatic Segment
     assert w.model_source == "nuclei (trained)"
     assert w.model.provenance["training"][-1]["anchor"] == 0.0  # nothing unpainted to hold
+    assert w.model.provenance["training"][-1]["precision"] == "float32"
     np.testing.assert_array_equal(seg.data, corrected)
     assert "slice32 segmentation [2]" in viewer.layers  # the new result, in a new layer
 
@@ -661,6 +664,10 @@ def test_live_mode_learns_while_the_user_paints(viewer_widget, gt2d, qtbot):
     assert w.jobs.wait(60_000)
     assert w.model_source == "live U-Net (trained)" and not live.toggle.isChecked()
     assert w.model.provenance["training"][-1]["live"] is True
+    from paintseg.devices import cpu_has_bf16_units  # the Train tab's precision: auto
+
+    auto = "bfloat16" if cpu_has_bf16_units() else "float32"
+    assert w.model.provenance["training"][-1]["precision"] == auto
     assert w.segment_tab.segment_btn.isEnabled()
     np.testing.assert_array_equal(lab.data, painted)  # the strokes are untouched
     assert w.segment()

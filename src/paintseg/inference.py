@@ -293,7 +293,7 @@ def resolve_tiles(
     shape = tuple(int(v) for v in labels_shape)
     spatial = shape[len(shape) - cfg.dims:]
     budget = tiles.memory_budget or _auto_budget(dev)
-    half = inference_autocast(dev, tiles.precision, exact=tiles.mode == "exact") is not None
+    half = _autocast(tiles, dev) is not None
     tile, halo, batch = choose_tiling(spatial, cfg, tiles, budget=budget, half=half)
     if tiles.mode == "blend" and tile >= max(spatial):
         halo = 0  # one window over the image: exactly the plain forward pass
@@ -307,6 +307,11 @@ def resolve_tiles(
             budget_px = min(budget_px, _CPU_BATCH_PIXELS)
         batch = _fill_batch(float(np.prod(_plan(shape, cfg, fixed).window)), budget_px)
     return dataclasses.replace(fixed, batch_size=batch)
+
+
+def _autocast(tiles: TileConfig, device: torch.device) -> torch.dtype | None:
+    """The type the U-Nets run in for ``tiles`` on ``device`` (None: float32)."""
+    return inference_autocast(device, tiles.precision, exact=tiles.mode == "exact")
 
 
 def _fill_batch(window_px: float, budget_px: float) -> int:
@@ -637,8 +642,7 @@ def segment(
 
         predict_tiled(
             view,
-            _make_predictor(net, dev, inference_autocast(dev, fixed.precision,
-                                                         exact=fixed.mode == "exact")),
+            _make_predictor(net, dev, _autocast(fixed, dev)),
             classes=cfg.classes,
             plan=plan,
             batch_size=batch,

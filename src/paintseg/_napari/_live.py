@@ -138,6 +138,7 @@ class LiveControl(QWidget):
 
     def start(self) -> bool:
         """Start training live on the Train tab's image and labels; True if started."""
+        from ..config import TrainConfig
         from ..devices import resolve_device
         from ..training import EventKind, TrainEvent, collapse_text
         from ..training.live import LiveSession
@@ -163,6 +164,7 @@ class LiveControl(QWidget):
             # the session trains a copy of the base model, made here (no torch on the GUI
             # thread, see _jobs.py)
             live = LiveSession(img, lab, base=base, dims=dims, preset=preset, device=device,
+                               config=TrainConfig(precision=form["precision"]),
                                class_names=names, name=f"'{labels_name}'")
             report(_Started(live))
             last = [0.0]

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
 
-from ..config import TrainConfig
+from ..config import PRECISIONS, TrainConfig
 from ._choices import LayerChoice
 from ._forms import Field, build_form
 from ._jobs import Note
@@ -40,6 +40,11 @@ TRAIN_FIELDS = (
     Field("time_budget", "Time budget", high=24 * 3600, special="no limit", none_at_low=True,
           suffix="s", default=60),
     Field("steps", "Steps", high=10**6, special="no limit", none_at_low=True),
+    Field("precision", "Precision", kind="choice", choices=PRECISIONS,
+          tooltip="Number type of the U-Nets' layers in training steps, here and in Live "
+                  "(the CLI's --precision): auto is bfloat16 on a CPU with bfloat16 units "
+                  "(Intel AMX), float32 elsewhere; validation and the kept weights are "
+                  "float32"),
     Field("continue_model", "", kind="bool", text="Continue from the current model",
           default=True,
           tooltip="On: train the current model further; where you did not paint, it is held "
@@ -243,7 +248,8 @@ class TrainTab(QWidget):
             image, labels_layer, img, lab, base, dims, form = self.painted_input()
             if form["time_budget"] is None and form["steps"] is None:
                 raise UserError("Set a time budget or a number of steps.")
-            config = TrainConfig(time_budget=form["time_budget"], steps=form["steps"])
+            config = TrainConfig(time_budget=form["time_budget"], steps=form["steps"],
+                                 precision=form["precision"])
             kind = form["labels_kind"]
             device = resolve_device(s.device)
             preset = mp.preset.currentText()
