@@ -181,6 +181,21 @@ def test_segment_says_and_takes_its_precision(tmp_path, nuclei2d_path, capsys):
     assert "invalid choice: 'half'" in capsys.readouterr().err
 
 
+def test_a_closed_output_pipe_ends_quietly(monkeypatch):
+    """``paintseg info | head -1``: when what reads the output goes away, the command stops
+    without a traceback (here the reading end of a pipe is closed before it writes)."""
+    import io
+    import os
+
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    out = io.TextIOWrapper(io.FileIO(write_fd, "w"), line_buffering=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["info"]) == 2
+    out.write("nothing is raised once stdout goes nowhere\n")
+    out.close()
+
+
 def test_new_model_warns(tmp_path, nuclei2d_path, capsys):
     assert main(["segment", str(nuclei2d_path), "--model", "new", "--out", str(tmp_path)]) == 0
     assert "UNTRAINED" in capsys.readouterr().err

@@ -645,6 +645,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--class-names takes one comma-separated list; {' '.join(extra)!r} "
                          f"was left over: write --class-names {joined}")
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return _run(parser, args)
+    except BrokenPipeError:
+        # what reads the output went away (`paintseg info | head`): stop without a traceback,
+        # and without another at exit when Python flushes stdout
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FATAL
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The command ``args`` asks for."""
     if args.command == "segment":
         return cmd_segment(args)
     if args.command == "info":
