@@ -451,6 +451,13 @@ def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp
     w.load_model(str(bad))
     assert w.jobs.wait(60_000)
     assert "bad.pt" in w.status.text() and w.model_source == "nuclei"  # the old model stays
+    # a job asked for from code while another runs (the buttons are disabled then)
+    w.segment_tab.segment_btn.click()
+    assert not w.train_tab.train()
+    assert w.status.text() == ("Cannot train now: segment is still running (Stop it, or wait "
+                               "for it to end).")
+    assert w.jobs.wait(60_000)
+    viewer.layers.remove("nuclei2d segmentation")
     # a 3D model on a 2D image
     w.model_panel.dims.setCurrentText("3D")
     w.model_panel.new_btn.click()

@@ -69,9 +69,11 @@ class _Relay(QObject):
 
 
 class JobRunner(QObject):
-    """Runs one job at a time; ``busy_changed(bool)`` tells the widget to lock its buttons."""
+    """Runs one job at a time; ``busy_changed(bool)`` tells the widget to lock its buttons,
+    ``refused(asked, running)`` that a job was asked for while another runs."""
 
     busy_changed = Signal(bool)
+    refused = Signal(str, str)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -115,8 +117,10 @@ class JobRunner(QObject):
         on_done: Callable[[Any], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> bool:
-        """Start ``func`` in a worker thread; False (nothing started) if a job is running."""
+        """Start ``func`` in a worker thread; False (nothing started, :attr:`refused` emitted)
+        if a job is running."""
         if self.busy:
+            self.refused.emit(name, self.name or "")
             return False
         self._stop.clear()
         self._on_progress = on_progress

@@ -86,6 +86,10 @@ class Session(QObject):
         self.source = ""
         self.bundled = False
         self.device = "auto"  # the Model panel's choice
+        # a job asked for from code (a button would be disabled) while another runs
+        jobs.refused.connect(lambda asked, running: self.notify(
+            f"Cannot {asked} now: {running} is still running (Stop it, or wait for it to "
+            "end).", "warning"))
 
     def set_model(self, model: Any, source: str, *, bundled: bool = False) -> None:
         """Make ``model`` (named ``source``) the current model and tell the panels."""
