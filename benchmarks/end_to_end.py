@@ -58,6 +58,7 @@ from paintseg.devices import (
     flush_denormals,
     inference_autocast,
     resolve_device,
+    type_name,
 )
 from paintseg.inference import default_snap
 from paintseg.io import RawArray
@@ -276,7 +277,7 @@ def main() -> None:
                   f"({done.step / args.seconds:.1f} steps/s)")
             settings = SegmentSettings(axes="ZYX")
         auto = inference_autocast(device, "auto")
-        mixed = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(auto)
+        mixed = None if auto is None else type_name(auto)
         fp32 = dataclasses.replace(settings, tiles=TileConfig(precision="float32"))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.tif"

@@ -454,8 +454,8 @@ def test_errors_are_notifications_and_the_widget_stays_usable(viewer_widget, tmp
     # a job asked for from code while another runs (the buttons are disabled then)
     w.segment_tab.segment_btn.click()
     assert not w.train_tab.train()
-    assert w.status.text() == ("Cannot train now: segment is still running (Stop it, or wait "
-                               "for it to end).")
+    assert w.status.text() == ("Cannot train now: the segment job is still running (Stop it, "
+                               "or wait for it to end).")
     assert w.jobs.wait(60_000)
     viewer.layers.remove("nuclei2d segmentation")
     # a 3D model on a 2D image

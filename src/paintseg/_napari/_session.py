@@ -49,6 +49,11 @@ def message(exc: BaseException) -> str:
     return f"Unexpected error ({type(exc).__name__}: {exc}); details are in the log."
 
 
+#: What a job (by its :class:`~._jobs.JobRunner` name) does, where its name is not a verb.
+_VERBS = {"new": "create a U-Net", "batch": "run a batch", "live": "train live",
+          "prepare": "start"}
+
+
 def run_stop_row(jobs: JobRunner, run_text: str, run: Callable[[], Any],
                  stop_text: str = "Stop") -> tuple[QPushButton, QPushButton, QHBoxLayout]:
     """A panel's action button beside a Stop button that stops the running job."""
@@ -88,8 +93,8 @@ class Session(QObject):
         self.device = "auto"  # the Model panel's choice
         # a job asked for from code (a button would be disabled) while another runs
         jobs.refused.connect(lambda asked, running: self.notify(
-            f"Cannot {asked} now: {running} is still running (Stop it, or wait for it to "
-            "end).", "warning"))
+            f"Cannot {_VERBS.get(asked, asked)} now: the {running} job is still running (Stop "
+            "it, or wait for it to end).", "warning"))
 
     def set_model(self, model: Any, source: str, *, bundled: bool = False) -> None:
         """Make ``model`` (named ``source``) the current model and tell the panels."""
