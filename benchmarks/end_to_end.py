@@ -56,7 +56,6 @@ from paintseg.config import SegmentSettings, TileConfig, TrainConfig
 from paintseg.devices import (
     describe_device,
     flush_denormals,
-    inference_autocast,
     resolve_device,
     type_name,
 )
@@ -276,7 +275,7 @@ def main() -> None:
             print(f"\n{name}: trained {done.step} steps in {args.seconds:g} s "
                   f"({done.step / args.seconds:.1f} steps/s)")
             settings = SegmentSettings(axes="ZYX")
-        auto = inference_autocast(device, "auto")
+        auto = inference.autocast_type(settings.tiles, device)
         mixed = None if auto is None else type_name(auto)
         fp32 = dataclasses.replace(settings, tiles=TileConfig(precision="float32"))
         with tempfile.TemporaryDirectory() as tmp:

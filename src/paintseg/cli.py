@@ -277,9 +277,9 @@ def segment_settings(args: argparse.Namespace) -> SegmentSettings:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .batch import collect_inputs, segment_file, write_report
     from .config import ModelConfig
-    from .devices import describe_device, inference_autocast, resolve_device, type_name
+    from .devices import describe_device, resolve_device, type_name
     from .errors import PaintsegError
-    from .inference import scale_for
+    from .inference import autocast_type, scale_for
     from .io import check_output_folder, read_image
     from .model import load_model, new_model
 
@@ -287,8 +287,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         settings = segment_settings(args)
-        precision = type_name(inference_autocast(device, args.precision,
-                                                 exact=args.tile_mode == "exact"))
+        precision = type_name(autocast_type(settings.tiles, device))
         jobs = collect_inputs(args.inputs, pattern=args.pattern)
         out_dir = check_output_folder(args.out)
         if args.model == "new":

@@ -68,6 +68,12 @@ OUTPUTS = ("auto", "semantic", "instances")
 FORMATS = ("tiff", "zarr")
 
 
+def _check_precision(value: Any) -> None:
+    """Refuse a precision that is not one of :data:`PRECISIONS`."""
+    if value not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+
+
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -269,9 +275,7 @@ class TileConfig:
             _check_int("batch_size", self.batch_size, 1)
         if self.memory_budget is not None:
             _check_int("memory_budget", self.memory_budget, 1)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                              f"got {self.precision!r}")
+        _check_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -514,9 +518,7 @@ class TrainConfig:
             raise ConfigError(f"gradient clip must be >= 0, got {self.grad_clip}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                              f"got {self.precision!r}")
+        _check_precision(self.precision)
 
     @property
     def budget(self) -> tuple[float | None, int | None]:

@@ -115,7 +115,7 @@ def training_autocast(device: torch.device, precision: str) -> torch.dtype | Non
     :class:`~paintseg.errors.PaintsegError`.
     """
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
+        return _cpu_units_type(device)
     return _explicit_precision(device, precision, "training")
 
 
@@ -133,9 +133,7 @@ def inference_autocast(device: torch.device, precision: str, *,
     if precision == "auto":
         if exact:
             return None
-        if device.type == "cuda":
-            return amp_dtype(device)
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
+        return amp_dtype(device) if device.type == "cuda" else _cpu_units_type(device)
     return _explicit_precision(device, precision, "segmentation")
 
 
@@ -150,6 +148,11 @@ def describe_precision(device: torch.device) -> str:
     seg = type_name(inference_autocast(device, "auto"))
     train = type_name(training_autocast(device, "auto"))
     return f"U-Nets in {seg}" if seg == train else f"U-Nets in {seg} to segment, {train} to train"
+
+
+def _cpu_units_type(device: torch.device) -> torch.dtype | None:
+    """bfloat16 on a CPU with bfloat16 matrix units, else None (float32)."""
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else None
 
 
 def _explicit_precision(device: torch.device, precision: str, task: str

@@ -733,9 +733,7 @@ class PackageNetwork(nn.Module):
         ``autocast``, the module runs under :func:`torch.autocast` in that type."""
         if not self.trainable:
             raise InputError("this network was loaded for inference only (TorchScript)")
-        with autocast_context(x, autocast):
-            y = self.module(x)
-        return self.log_probabilities(y)[None]
+        return self.forward(x, autocast=autocast)[None]
 
     def member_parameters(self) -> list[list[nn.Parameter]]:
         """The weights of the one member (what ``TrainConfig.grad_clip`` clips as one)."""

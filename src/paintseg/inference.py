@@ -42,6 +42,7 @@ __all__ = [
     "SegmentResult",
     "AxesView",
     "choose_tiling",
+    "autocast_type",
     "resolve_tiles",
     "output_axes",
     "output_spec",
@@ -293,7 +294,7 @@ def resolve_tiles(
     shape = tuple(int(v) for v in labels_shape)
     spatial = shape[len(shape) - cfg.dims:]
     budget = tiles.memory_budget or _auto_budget(dev)
-    half = _autocast(tiles, dev) is not None
+    half = autocast_type(tiles, dev) is not None
     tile, halo, batch = choose_tiling(spatial, cfg, tiles, budget=budget, half=half)
     if tiles.mode == "blend" and tile >= max(spatial):
         halo = 0  # one window over the image: exactly the plain forward pass
@@ -309,8 +310,9 @@ def resolve_tiles(
     return dataclasses.replace(fixed, batch_size=batch)
 
 
-def _autocast(tiles: TileConfig, device: torch.device) -> torch.dtype | None:
-    """The type the U-Nets run in for ``tiles`` on ``device`` (None: float32)."""
+def autocast_type(tiles: TileConfig, device: torch.device) -> torch.dtype | None:
+    """The type the U-Nets run in with ``tiles`` (its precision and mode) on ``device``
+    (None: float32; :func:`paintseg.devices.inference_autocast`)."""
     return inference_autocast(device, tiles.precision, exact=tiles.mode == "exact")
 
 
@@ -642,7 +644,7 @@ def segment(
 
         predict_tiled(
             view,
-            _make_predictor(net, dev, _autocast(fixed, dev)),
+            _make_predictor(net, dev, autocast_type(fixed, dev)),
             classes=cfg.classes,
             plan=plan,
             batch_size=batch,

@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 from ..config import SMOOTHNESS_RAMP_STEPS, TrainConfig
-from ..devices import flush_denormals, keep_freed_memory, resolve_device, training_autocast
+from ..devices import (
+    flush_denormals,
+    keep_freed_memory,
+    resolve_device,
+    training_autocast,
+    type_name,
+)
 from ..errors import InputError
 from ..model import PaintsegModel
 from .augment import _augment, _shift_intensity
@@ -373,7 +379,7 @@ class TrainingRun:
             "intensity_shift": self.shift,
             "smoothness": self.config.smoothness,
             "grad_clip": self.config.grad_clip,
-            "precision": "float32" if self.autocast is None else "bfloat16",
+            "precision": type_name(self.autocast),
             "validation_iou": (round(self.history[self.best_step][0], 4)
                                if self.best_step in self.history else None),
         }
