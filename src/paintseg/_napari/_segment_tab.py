@@ -41,9 +41,9 @@ SEGMENT_FIELDS = (
                   "rescale the image to the size they learned)"),
     Field("precision", "Precision", kind="choice", choices=PRECISIONS, default="auto",
           tooltip="Number type of the U-Nets' layers (the CLI's --precision): auto is "
-                  "bfloat16 on a CUDA GPU and on a CPU with bfloat16 units (Intel AMX), "
-                  "faster, with labels equal to float32's on about 99.98% of pixels; float32 "
-                  "elsewhere"),
+                  "mixed precision on a CUDA GPU (bfloat16, or float16 where the GPU lacks "
+                  "bfloat16) and bfloat16 on a CPU with bfloat16 units (Intel AMX), faster, "
+                  "with labels nearly all equal to float32's; float32 elsewhere"),
     Field("probabilities", "", kind="bool", text="Show class probabilities"),
 )
 
